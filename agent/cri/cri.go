@@ -1,0 +1,162 @@
+// Package cri connects to the node's container runtime through the CRI v1 API
+// over its unix socket: it finds the socket when none is configured and checks
+// that a runtime really answers before any pull starts, so a missing or dead
+// socket fails a pass within seconds with an error naming the path.
+package cri
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// knownSockets are the usual CRI socket paths, in the order Detect tries them.
+var knownSockets = []string{
+	"/run/containerd/containerd.sock",     // containerd
+	"/run/crio/crio.sock",                 // CRI-O
+	"/var/run/crio/crio.sock",             // CRI-O, older layouts where /var/run is not a link
+	"/run/k3s/containerd/containerd.sock", // k3s and rke2 (embedded containerd)
+	"/run/cri-dockerd.sock",               // cri-dockerd
+	"/var/run/cri-dockerd.sock",
+}
+
+// DefaultTimeout bounds Dial's liveness check when no timeout is given.
+const DefaultTimeout = 5 * time.Second
+
+// maxMsgSize allows large ListImages answers (nodes with thousands of images);
+// the kubelet uses the same bound.
+const maxMsgSize = 16 * 1024 * 1024
+
+// Candidates returns the socket paths Detect tries, under hostRoot (the host's
+// root file system as mounted in the pod; "" or "/" for none).
+func Candidates(hostRoot string) []string {
+	out := make([]string, len(knownSockets))
+	for i, p := range knownSockets {
+		out[i] = underRoot(hostRoot, p)
+	}
+	return out
+}
+
+func underRoot(root, p string) string {
+	if root == "" || root == "/" {
+		return p
+	}
+	return filepath.Join(root, p)
+}
+
+// Detect returns the first candidate path that is a unix socket. The error
+// lists every path tried and what was found there.
+func Detect(hostRoot string) (string, error) {
+	var tried []string
+	for _, p := range Candidates(hostRoot) {
+		fi, err := os.Stat(p)
+		switch {
+		case err == nil && fi.Mode().Type() == fs.ModeSocket:
+			return p, nil
+		case err == nil:
+			tried = append(tried, p+" (not a socket)")
+		case errors.Is(err, fs.ErrNotExist):
+			tried = append(tried, p+" (missing)")
+		default:
+			tried = append(tried, fmt.Sprintf("%s (%v)", p, err))
+		}
+	}
+	return "", fmt.Errorf("no CRI socket found; tried %s", strings.Join(tried, ", "))
+}
+
+// SocketPath returns the file system path of an endpoint given as a path or a
+// unix:// URL.
+func SocketPath(endpoint string) (string, error) {
+	p := endpoint
+	if rest, ok := strings.CutPrefix(endpoint, "unix://"); ok {
+		p = rest
+	} else if strings.Contains(endpoint, "://") {
+		return "", fmt.Errorf("CRI endpoint %q: only unix sockets are supported", endpoint)
+	}
+	if p == "" {
+		return "", fmt.Errorf("CRI endpoint %q: empty socket path", endpoint)
+	}
+	return filepath.Abs(p)
+}
+
+// Client is a connection to a CRI runtime that answered Version.
+type Client struct {
+	Path           string // socket path
+	Images         runtimeapi.ImageServiceClient
+	Runtime        runtimeapi.RuntimeServiceClient
+	RuntimeName    string // e.g. "containerd", "cri-o"
+	RuntimeVersion string
+	conn           *grpc.ClientConn
+}
+
+// Close closes the connection.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Dial connects to the runtime at endpoint (a path or a unix:// URL) and calls
+// RuntimeService.Version within timeout (DefaultTimeout when zero), so a
+// missing socket, a socket nobody listens on or a runtime that does not answer
+// is an error naming the path.
+func Dial(ctx context.Context, endpoint string, timeout time.Duration) (*Client, error) {
+	if timeout <= 0 {
+		timeout = DefaultTimeout
+	}
+	path, err := SocketPath(endpoint)
+	if err != nil {
+		return nil, err
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("CRI socket %s: %w", path, err)
+	}
+	if fi.Mode().Type() != fs.ModeSocket {
+		return nil, fmt.Errorf("CRI socket %s: not a unix socket (mode %s)", path, fi.Mode())
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	// A plain connect first tells "nobody listens" (a stale socket file left by
+	// a stopped runtime) apart from a runtime that accepts but does not answer.
+	var d net.Dialer
+	probe, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("CRI socket %s exists but nobody listens on it (is the runtime running?): %w", path, err)
+		}
+		return nil, fmt.Errorf("CRI socket %s: connect: %w", path, err)
+	}
+	probe.Close()
+
+	conn, err := grpc.NewClient("passthrough:///"+path,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, "unix", addr)
+		}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsgSize)),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("CRI socket %s: %w", path, err)
+	}
+	c := &Client{
+		Path:    path,
+		Images:  runtimeapi.NewImageServiceClient(conn),
+		Runtime: runtimeapi.NewRuntimeServiceClient(conn),
+		conn:    conn,
+	}
+	v, err := c.Runtime.Version(ctx, &runtimeapi.VersionRequest{})
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("CRI socket %s: runtime did not answer Version within %s: %w", path, timeout, err)
+	}
+	c.RuntimeName, c.RuntimeVersion = v.GetRuntimeName(), v.GetRuntimeVersion()
+	return c, nil
+}
