@@ -1,0 +1,293 @@
+package nodelabel
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	utilnet "k8s.io/apimachinery/pkg/util/net"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/retry"
+)
+
+// Defaults used when the corresponding Labeler field is zero.
+const (
+	DefaultWriteTimeout = 30 * time.Second
+	DefaultMaxCacheAge  = time.Minute
+)
+
+// DefaultBackoff spaces retries of one API call: 0.2s, 0.4s, 0.8s, 1.6s, 3.2s
+// (about 6s of waiting in total), well inside DefaultWriteTimeout.
+var DefaultBackoff = wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.1, Steps: 6}
+
+// Labeler maintains one instance's label and list annotation on one Node.
+//
+// Every pass calls Begin with the digest of the list it is about to fetch, then
+// Set with the outcome. Writes are JSON merge patches that name only this
+// instance's two keys, so all other labels and annotations (and other
+// instances) are left alone, and they are only sent when the node's values
+// differ from the wanted ones.
+//
+// Writes never run on the caller's context: each write gets WriteTimeout of
+// its own, detached from the caller's cancellation, so a pass that ran out of
+// time or a SIGTERM still records `failed`.
+//
+// A Labeler is safe for concurrent use; calls are serialized.
+type Labeler struct {
+	Client   kubernetes.Interface
+	Node     string
+	Instance string
+	// WriteTimeout bounds one write, retries included. Default DefaultWriteTimeout.
+	WriteTimeout time.Duration
+	// Backoff spaces retries of transient API errors. Default DefaultBackoff.
+	Backoff *wait.Backoff
+	// MaxCacheAge is how long the node state learned from the last read or
+	// write is trusted before the node is read again, so that a label someone
+	// else removed or changed is put back within a pass or two without a GET on
+	// every call. Default DefaultMaxCacheAge.
+	MaxCacheAge time.Duration
+
+	mu  sync.Mutex
+	now func() time.Time // for tests
+	// known is the last seen state of this instance's keys on the node.
+	known   *observed
+	knownAt time.Time
+	// noGet is set after a GET was forbidden (RBAC granting patch only): the
+	// cache learned from patch responses is then trusted without expiry.
+	noGet bool
+}
+
+// observed is this instance's view of the node: the label and annotation
+// values, and whether they exist at all (an empty value is not an absent key).
+type observed struct {
+	label, digest       string
+	hasLabel, hasDigest bool
+	// unknown: the node could not be read, so every operation writes.
+	unknown bool
+}
+
+func (l *Labeler) clock() time.Time {
+	if l.now != nil {
+		return l.now()
+	}
+	return time.Now()
+}
+
+func (l *Labeler) check() error {
+	if l.Client == nil {
+		return errors.New("node labeler: no Kubernetes client")
+	}
+	if l.Node == "" {
+		return errors.New("node labeler: no node name (set --node-name or NODE_NAME)")
+	}
+	return ValidateInstance(l.Instance)
+}
+
+// Begin is called when a pass starts for the list with digest listDigest. When
+// the node's label describes another list (or no list), the label is removed
+// and the annotation set to listDigest in one patch, so the node never keeps
+// `succeeded` for a list other than the current one. When the annotation
+// already holds listDigest, nothing is written: a restarted agent keeps the
+// label it wrote for the same list until the new pass decides.
+func (l *Labeler) Begin(ctx context.Context, listDigest string) error {
+	if err := l.check(); err != nil {
+		return err
+	}
+	if listDigest == "" {
+		return errors.New("node labeler: empty list digest")
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ctx, cancel := l.writeContext(ctx)
+	defer cancel()
+	cur, err := l.current(ctx)
+	if err != nil {
+		return err
+	}
+	if !cur.unknown && cur.hasDigest && cur.digest == listDigest {
+		return nil
+	}
+	return l.patch(ctx, nil, &listDigest, "start list "+listDigest)
+}
+
+// Set records state for the list with digest listDigest, unless the node
+// already says exactly that.
+func (l *Labeler) Set(ctx context.Context, listDigest string, state State) error {
+	if err := l.check(); err != nil {
+		return err
+	}
+	if !state.Valid() {
+		return fmt.Errorf("node labeler: invalid state %q (want %q or %q)", state, Succeeded, Failed)
+	}
+	if listDigest == "" {
+		return errors.New("node labeler: empty list digest")
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ctx, cancel := l.writeContext(ctx)
+	defer cancel()
+	cur, err := l.current(ctx)
+	if err != nil {
+		return err
+	}
+	if !cur.unknown && cur.hasLabel && cur.label == string(state) && cur.hasDigest && cur.digest == listDigest {
+		return nil
+	}
+	value := string(state)
+	return l.patch(ctx, &value, &listDigest, "set "+value)
+}
+
+// Remove deletes this instance's label and annotation from the node, for
+// uninstall and cleanup. Removing what is not there writes nothing.
+func (l *Labeler) Remove(ctx context.Context) error {
+	if err := l.check(); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ctx, cancel := l.writeContext(ctx)
+	defer cancel()
+	cur, err := l.current(ctx)
+	if err != nil {
+		return err
+	}
+	if !cur.unknown && !cur.hasLabel && !cur.hasDigest {
+		return nil
+	}
+	return l.patch(ctx, nil, nil, "remove")
+}
+
+// writeContext detaches from the caller's cancellation and deadline (but
+// keeps its values) and applies the write budget.
+func (l *Labeler) writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	timeout := l.WriteTimeout
+	if timeout <= 0 {
+		timeout = DefaultWriteTimeout
+	}
+	return context.WithTimeout(context.WithoutCancel(ctx), timeout)
+}
+
+// current returns the known state, reading the node when the cache is empty or
+// too old.
+func (l *Labeler) current(ctx context.Context) (observed, error) {
+	maxAge := l.MaxCacheAge
+	if maxAge <= 0 {
+		maxAge = DefaultMaxCacheAge
+	}
+	if l.known != nil && (l.noGet || l.clock().Sub(l.knownAt) < maxAge) {
+		return *l.known, nil
+	}
+	var node *corev1.Node
+	err := l.retry(ctx, func() error {
+		var err error
+		node, err = l.Client.CoreV1().Nodes().Get(ctx, l.Node, metav1.GetOptions{})
+		return err
+	})
+	switch {
+	case err == nil:
+		l.remember(node)
+		return *l.known, nil
+	case apierrors.IsForbidden(err):
+		// Least-privilege RBAC may grant patch only. Fall back to writing
+		// unconditionally once; the patch response then seeds the cache.
+		l.noGet = true
+		if l.known != nil {
+			return *l.known, nil
+		}
+		return observed{unknown: true}, nil
+	default:
+		return observed{}, l.describe("read node", err)
+	}
+}
+
+func (l *Labeler) remember(node *corev1.Node) {
+	label, hasLabel := node.Labels[Key(l.Instance)]
+	digest, hasDigest := node.Annotations[AnnotationKey(l.Instance)]
+	l.known = &observed{label: label, digest: digest, hasLabel: hasLabel, hasDigest: hasDigest}
+	l.knownAt = l.clock()
+}
+
+// patch sends one JSON merge patch naming only this instance's keys; a nil
+// value deletes the key.
+func (l *Labeler) patch(ctx context.Context, label, digest *string, what string) error {
+	body, err := json.Marshal(map[string]any{
+		"metadata": map[string]any{
+			"labels":      map[string]*string{Key(l.Instance): label},
+			"annotations": map[string]*string{AnnotationKey(l.Instance): digest},
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("node %s: encode patch: %w", l.Node, err)
+	}
+	var node *corev1.Node
+	err = l.retry(ctx, func() error {
+		var err error
+		node, err = l.Client.CoreV1().Nodes().Patch(ctx, l.Node, types.MergePatchType, body, metav1.PatchOptions{})
+		return err
+	})
+	if err != nil {
+		// The node's state is unknown now; read it again next time.
+		l.known = nil
+		return l.describe(fmt.Sprintf("label %s: %s", Key(l.Instance), what), err)
+	}
+	l.remember(node)
+	return nil
+}
+
+func (l *Labeler) retry(ctx context.Context, fn func() error) error {
+	return retryTransient(ctx, l.Backoff, fn)
+}
+
+// retryTransient runs fn until it succeeds, fails permanently, or ctx ends.
+// The requests made by fn must use ctx, so that they fail fast once the write
+// budget is spent.
+func retryTransient(ctx context.Context, b *wait.Backoff, fn func() error) error {
+	backoff := DefaultBackoff
+	if b != nil {
+		backoff = *b
+	}
+	return retry.OnError(backoff, func(err error) bool {
+		return ctx.Err() == nil && Transient(err)
+	}, fn)
+}
+
+// Transient reports whether an API error is worth retrying.
+func Transient(err error) bool {
+	switch {
+	case apierrors.IsConflict(err),
+		apierrors.IsServerTimeout(err),
+		apierrors.IsTimeout(err),
+		apierrors.IsTooManyRequests(err),
+		apierrors.IsInternalError(err),
+		apierrors.IsServiceUnavailable(err),
+		apierrors.IsUnexpectedServerError(err),
+		utilnet.IsConnectionRefused(err),
+		utilnet.IsConnectionReset(err),
+		utilnet.IsProbableEOF(err):
+		return true
+	}
+	return false
+}
+
+// describe wraps err with what was done and, for the errors a user can fix,
+// how to fix them.
+func (l *Labeler) describe(what string, err error) error {
+	switch {
+	case apierrors.IsForbidden(err):
+		return fmt.Errorf("node %s: %s: forbidden: the agent's ServiceAccount needs get and patch on nodes "+
+			"(ClusterRole rules for the core API group, resource nodes): %w", l.Node, what, err)
+	case apierrors.IsNotFound(err):
+		return fmt.Errorf("node %s: %s: node not found (is --node-name / NODE_NAME the node the pod runs on?): %w",
+			l.Node, what, err)
+	default:
+		return fmt.Errorf("node %s: %s: %w", l.Node, what, err)
+	}
+}

@@ -1,0 +1,445 @@
+package nodelabel
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/fake"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	k8stesting "k8s.io/client-go/testing"
+)
+
+const (
+	nodeName = "node-1"
+	instance = "my-images"
+	digestA  = "aaaa1111"
+	digestB  = "bbbb2222"
+)
+
+// fastBackoff keeps retry tests quick; the schedule itself is client-go's.
+var fastBackoff = wait.Backoff{Duration: time.Millisecond, Factor: 1, Steps: 5}
+
+func newNode(labels, annotations map[string]string) *corev1.Node {
+	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName, Labels: labels, Annotations: annotations}}
+}
+
+func newLabeler(client kubernetes.Interface) *Labeler {
+	return &Labeler{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
+}
+
+// getNode reads the node from the fake's store, so that the read is not
+// counted among the labeler's actions.
+func getNode(t *testing.T, client *fake.Clientset) *corev1.Node {
+	t.Helper()
+	obj, err := client.Tracker().Get(schema.GroupVersionResource{Version: "v1", Resource: "nodes"}, "", nodeName)
+	if err != nil {
+		t.Fatalf("get node: %v", err)
+	}
+	return obj.(*corev1.Node)
+}
+
+func countVerb(client *fake.Clientset, verb string) int {
+	n := 0
+	for _, a := range client.Actions() {
+		if a.GetVerb() == verb && a.GetResource().Resource == "nodes" {
+			n++
+		}
+	}
+	return n
+}
+
+// wantKeys checks this instance's label and annotation; "" means absent.
+func wantKeys(t *testing.T, node *corev1.Node, label, digest string) {
+	t.Helper()
+	gotLabel, hasLabel := node.Labels[Key(instance)]
+	if (label == "") == hasLabel || gotLabel != label {
+		t.Errorf("label %s = %q (present %v), want %q", Key(instance), gotLabel, hasLabel, label)
+	}
+	gotDigest, hasDigest := node.Annotations[AnnotationKey(instance)]
+	if (digest == "") == hasDigest || gotDigest != digest {
+		t.Errorf("annotation %s = %q (present %v), want %q", AnnotationKey(instance), gotDigest, hasDigest, digest)
+	}
+}
+
+func TestSetAddsReplacesAndKeepsOthers(t *testing.T) {
+	others := map[string]string{
+		"kubernetes.io/hostname":              nodeName,
+		"image-prefetcher.stackrox.io/other":  "succeeded",
+		"node-role.kubernetes.io/worker":      "",
+		"image-prefetcher.stackrox.io/other2": "failed",
+	}
+	otherAnn := map[string]string{
+		"list.image-prefetcher.stackrox.io/other": "cccc",
+		"node.alpha.kubernetes.io/ttl":            "0",
+	}
+	client := fake.NewClientset(newNode(copyMap(others), copyMap(otherAnn)))
+	l := newLabeler(client)
+	ctx := context.Background()
+
+	if err := l.Begin(ctx, digestA); err != nil {
+		t.Fatal(err)
+	}
+	wantKeys(t, getNode(t, client), "", digestA)
+	if err := l.Set(ctx, digestA, Failed); err != nil {
+		t.Fatal(err)
+	}
+	wantKeys(t, getNode(t, client), "failed", digestA)
+	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+		t.Fatal(err)
+	}
+	node := getNode(t, client)
+	wantKeys(t, node, "succeeded", digestA)
+	for k, v := range others {
+		if node.Labels[k] != v {
+			t.Errorf("label %s = %q, want %q kept", k, node.Labels[k], v)
+		}
+	}
+	for k, v := range otherAnn {
+		if node.Annotations[k] != v {
+			t.Errorf("annotation %s = %q, want %q kept", k, node.Annotations[k], v)
+		}
+	}
+	if len(node.Labels) != len(others)+1 || len(node.Annotations) != len(otherAnn)+1 {
+		t.Errorf("labels %v annotations %v: want only this instance's keys added", node.Labels, node.Annotations)
+	}
+	// One GET to learn the node, then one patch per change.
+	if got := countVerb(client, "get"); got != 1 {
+		t.Errorf("%d GETs, want 1", got)
+	}
+	if got := countVerb(client, "patch"); got != 3 {
+		t.Errorf("%d patches, want 3", got)
+	}
+}
+
+func TestPatchNamesOnlyThisInstance(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	l := newLabeler(client)
+	if err := l.Set(context.Background(), digestA, Failed); err != nil {
+		t.Fatal(err)
+	}
+	var patches []k8stesting.PatchAction
+	for _, a := range client.Actions() {
+		if p, ok := a.(k8stesting.PatchAction); ok {
+			patches = append(patches, p)
+		}
+	}
+	if len(patches) != 1 {
+		t.Fatalf("%d patches, want 1", len(patches))
+	}
+	if pt := patches[0].GetPatchType(); pt != types.MergePatchType {
+		t.Errorf("patch type %s, want %s", pt, types.MergePatchType)
+	}
+	want := `{"metadata":{"annotations":{"list.image-prefetcher.stackrox.io/my-images":"aaaa1111"},` +
+		`"labels":{"image-prefetcher.stackrox.io/my-images":"failed"}}}`
+	if got := string(patches[0].GetPatch()); got != want {
+		t.Errorf("patch %s, want %s", got, want)
+	}
+}
+
+func TestNoWriteWhenUnchanged(t *testing.T) {
+	client := fake.NewClientset(newNode(
+		map[string]string{Key(instance): "succeeded"},
+		map[string]string{AnnotationKey(instance): digestA}))
+	l := newLabeler(client)
+	ctx := context.Background()
+	for range 3 {
+		if err := l.Begin(ctx, digestA); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Set(ctx, digestA, Succeeded); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := countVerb(client, "patch"); got != 0 {
+		t.Errorf("%d patches in a steady state, want 0", got)
+	}
+	if got := countVerb(client, "get"); got != 1 {
+		t.Errorf("%d GETs, want 1 (the state is cached)", got)
+	}
+	wantKeys(t, getNode(t, client), "succeeded", digestA)
+}
+
+func TestBeginClearsStaleLabel(t *testing.T) {
+	client := fake.NewClientset(newNode(
+		map[string]string{Key(instance): "succeeded", Key("other"): "succeeded"},
+		map[string]string{AnnotationKey(instance): digestA}))
+	l := newLabeler(client)
+	if err := l.Begin(context.Background(), digestB); err != nil {
+		t.Fatal(err)
+	}
+	node := getNode(t, client)
+	wantKeys(t, node, "", digestB)
+	if node.Labels[Key("other")] != "succeeded" {
+		t.Errorf("other instance's label lost: %v", node.Labels)
+	}
+	if got := countVerb(client, "patch"); got != 1 {
+		t.Errorf("%d patches, want 1 (label removal and new digest together)", got)
+	}
+}
+
+func TestBeginClearsLabelWithoutAnnotation(t *testing.T) {
+	// A label written by an older agent (or by hand) says nothing about which
+	// list it describes, so it must not survive the start of a pass.
+	client := fake.NewClientset(newNode(map[string]string{Key(instance): "succeeded"}, nil))
+	if err := newLabeler(client).Begin(context.Background(), digestA); err != nil {
+		t.Fatal(err)
+	}
+	wantKeys(t, getNode(t, client), "", digestA)
+}
+
+func TestRemove(t *testing.T) {
+	client := fake.NewClientset(newNode(
+		map[string]string{Key(instance): "failed", "keep": "me"},
+		map[string]string{AnnotationKey(instance): digestA, "keep": "me"}))
+	l := newLabeler(client)
+	if err := l.Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	node := getNode(t, client)
+	wantKeys(t, node, "", "")
+	if node.Labels["keep"] != "me" || node.Annotations["keep"] != "me" {
+		t.Errorf("other keys lost: %v %v", node.Labels, node.Annotations)
+	}
+	// Removing again writes nothing.
+	if err := l.Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := countVerb(client, "patch"); got != 1 {
+		t.Errorf("%d patches, want 1", got)
+	}
+}
+
+func TestExternalChangeIsRepaired(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	now := time.Unix(1000, 0)
+	l := newLabeler(client)
+	l.now = func() time.Time { return now }
+	ctx := context.Background()
+	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+		t.Fatal(err)
+	}
+	// Someone removes the label behind the agent's back.
+	if _, err := client.CoreV1().Nodes().Patch(ctx, nodeName, types.MergePatchType,
+		[]byte(`{"metadata":{"labels":{"image-prefetcher.stackrox.io/my-images":null}}}`), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Within the cache age the agent trusts what it wrote ...
+	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+		t.Fatal(err)
+	}
+	wantKeys(t, getNode(t, client), "", digestA)
+	// ... and once it is older, it reads the node again and repairs it.
+	now = now.Add(DefaultMaxCacheAge)
+	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+		t.Fatal(err)
+	}
+	wantKeys(t, getNode(t, client), "succeeded", digestA)
+}
+
+// ctxClient fails node requests whose context is already done, like a real
+// client does; the fake clientset ignores contexts.
+type ctxClient struct {
+	*fake.Clientset
+	deadlines []time.Duration // remaining time of each request's context
+}
+
+func (c *ctxClient) CoreV1() typedcorev1.CoreV1Interface { return ctxCore{c.Clientset.CoreV1(), c} }
+
+type ctxCore struct {
+	typedcorev1.CoreV1Interface
+	c *ctxClient
+}
+
+func (cc ctxCore) Nodes() typedcorev1.NodeInterface {
+	return ctxNodes{cc.CoreV1Interface.Nodes(), cc.c}
+}
+func (cc ctxCore) Events(ns string) typedcorev1.EventInterface {
+	return ctxEvents{cc.CoreV1Interface.Events(ns), cc.c}
+}
+
+type ctxNodes struct {
+	typedcorev1.NodeInterface
+	c *ctxClient
+}
+
+func (c *ctxClient) check(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		return errors.New("request without a deadline")
+	}
+	c.deadlines = append(c.deadlines, time.Until(deadline))
+	return nil
+}
+
+func (n ctxNodes) Get(ctx context.Context, name string, opts metav1.GetOptions) (*corev1.Node, error) {
+	if err := n.c.check(ctx); err != nil {
+		return nil, err
+	}
+	return n.NodeInterface.Get(ctx, name, opts)
+}
+
+func (n ctxNodes) Patch(ctx context.Context, name string, pt types.PatchType, data []byte, opts metav1.PatchOptions,
+	sub ...string) (*corev1.Node, error) {
+	if err := n.c.check(ctx); err != nil {
+		return nil, err
+	}
+	return n.NodeInterface.Patch(ctx, name, pt, data, opts, sub...)
+}
+
+type ctxEvents struct {
+	typedcorev1.EventInterface
+	c *ctxClient
+}
+
+func (e ctxEvents) Create(ctx context.Context, ev *corev1.Event, opts metav1.CreateOptions) (*corev1.Event, error) {
+	if err := e.c.check(ctx); err != nil {
+		return nil, err
+	}
+	return e.EventInterface.Create(ctx, ev, opts)
+}
+
+func TestWriteDoesNotUsePassContext(t *testing.T) {
+	client := &ctxClient{Clientset: fake.NewClientset(newNode(
+		map[string]string{Key(instance): "succeeded"},
+		map[string]string{AnnotationKey(instance): digestA}))}
+	l := newLabeler(client)
+	l.WriteTimeout = time.Hour
+
+	// The pass ran out of time: its context expired before the label write.
+	expired, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel()
+	if err := l.Begin(expired, digestB); err != nil {
+		t.Fatalf("Begin on an expired context: %v", err)
+	}
+	// SIGTERM: the pass's context is cancelled.
+	cancelled, cancel2 := context.WithCancel(context.Background())
+	cancel2()
+	if err := l.Set(cancelled, digestB, Failed); err != nil {
+		t.Fatalf("Set on a cancelled context: %v", err)
+	}
+	wantKeys(t, getNode(t, client.Clientset), "failed", digestB)
+	if len(client.deadlines) == 0 {
+		t.Fatal("no requests seen")
+	}
+	for _, d := range client.deadlines {
+		if d <= 0 || d > time.Hour {
+			t.Errorf("request deadline %v away, want within the labeler's WriteTimeout", d)
+		}
+	}
+}
+
+func TestRetryOnTransientErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+	}{
+		{"conflict", apierrors.NewConflict(schema.GroupResource{Resource: "nodes"}, nodeName, errors.New("changed"))},
+		{"unavailable", apierrors.NewServiceUnavailable("etcd leader changed")},
+		{"too many requests", apierrors.NewTooManyRequests("slow down", 1)},
+		{"internal", apierrors.NewInternalError(errors.New("boom"))},
+		{"server timeout", apierrors.NewServerTimeout(schema.GroupResource{Resource: "nodes"}, "patch", 1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			client := fake.NewClientset(newNode(nil, nil))
+			failures := 0
+			client.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+				if failures < 2 {
+					failures++
+					return true, nil, tc.err
+				}
+				return false, nil, nil
+			})
+			if err := newLabeler(client).Set(context.Background(), digestA, Failed); err != nil {
+				t.Fatalf("Set: %v", err)
+			}
+			if got := countVerb(client, "patch"); got != 3 {
+				t.Errorf("%d patch attempts, want 3", got)
+			}
+			wantKeys(t, getNode(t, client), "failed", digestA)
+		})
+	}
+}
+
+func TestPermanentErrors(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	client.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, nodeName,
+			errors.New(`User "system:serviceaccount:x:y" cannot patch resource "nodes"`))
+	})
+	err := newLabeler(client).Set(context.Background(), digestA, Failed)
+	if err == nil || !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "ServiceAccount needs") {
+		t.Errorf("Set = %v, want a Forbidden error with an RBAC hint", err)
+	}
+	if got := countVerb(client, "patch"); got != 1 {
+		t.Errorf("%d patch attempts, want 1 (no retry on Forbidden)", got)
+	}
+
+	missing := fake.NewClientset()
+	err = (&Labeler{Client: missing, Node: "gone", Instance: instance}).Set(context.Background(), digestA, Failed)
+	if err == nil || !apierrors.IsNotFound(err) || !strings.Contains(err.Error(), "--node-name") {
+		t.Errorf("Set on a missing node = %v, want NotFound naming --node-name", err)
+	}
+}
+
+func TestGetForbiddenFallsBackToPatch(t *testing.T) {
+	// RBAC that grants patch but not get on nodes.
+	client := fake.NewClientset(newNode(map[string]string{"keep": "me"}, nil))
+	client.PrependReactor("get", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, nodeName, errors.New("no get"))
+	})
+	l := newLabeler(client)
+	ctx := context.Background()
+	for range 3 {
+		if err := l.Begin(ctx, digestA); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Set(ctx, digestA, Failed); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The first Begin writes blind, then patch responses keep the state known.
+	if got := countVerb(client, "patch"); got != 2 {
+		t.Errorf("%d patches, want 2", got)
+	}
+	wantKeys(t, getNode(t, client), "failed", digestA)
+}
+
+func TestInvalidInput(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	ctx := context.Background()
+	for name, err := range map[string]error{
+		"bad instance": (&Labeler{Client: client, Node: nodeName, Instance: "Bad_Name"}).Begin(ctx, digestA),
+		"no node":      (&Labeler{Client: client, Instance: instance}).Begin(ctx, digestA),
+		"no digest":    newLabeler(client).Begin(ctx, ""),
+		"bad state":    newLabeler(client).Set(ctx, digestA, "done"),
+	} {
+		if err == nil {
+			t.Errorf("%s: no error", name)
+		}
+	}
+	if n := len(client.Actions()); n != 0 {
+		t.Errorf("%d API calls for invalid input, want 0", n)
+	}
+}
+
+func copyMap(m map[string]string) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
