@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler and kubelet of one Kubernetes version from
+# the k8s.io/kubernetes Go module (through whatever GOPROXY is configured) into a cache directory outside the
+# checkout, keyed by version, so later runs and CI on the same machine reuse them.
+#
+#   e2e/build-kubernetes.sh [version]      # default: $K8S_VERSION or v1.35.4
+#   prints the bin directory on stdout when done
+set -euo pipefail
+K8S_VERSION=${1:-${K8S_VERSION:-v1.35.4}}
+CACHE=${IMAGE_PREFETCHER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetcher}
+DIR=$CACHE/kubernetes/$K8S_VERSION
+BIN=$DIR/bin
+MOD=$DIR/build
+CMDS=(kube-apiserver kubelet kube-controller-manager kube-scheduler)
+export GOFLAGS=-buildvcs=false GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+
+log() { echo "[$(date +%T)] build-kubernetes: $*" >&2; }
+
+minor=$(echo "$K8S_VERSION" | cut -d. -f2)
+staging=v0.${K8S_VERSION#v1.}
+
+missing=0
+for c in "${CMDS[@]}"; do [ -x "$BIN/$c" ] || missing=1; done
+if [ $missing = 0 ]; then echo "$BIN"; exit 0; fi
+
+mkdir -p "$MOD" "$BIN"
+if [ ! -f "$MOD/go.sum" ]; then
+  log "preparing build module for k8s.io/kubernetes $K8S_VERSION (staging modules $staging)"
+  kmod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
+  [ -f "$kmod" ] || { log "k8s.io/kubernetes@$K8S_VERSION is not available from the module proxy"; exit 1; }
+  {
+    printf 'module image-prefetcher.e2e/k8sbuild\n\ngo 1.24.0\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$K8S_VERSION"
+    # k8s.io/kubernetes maps its staging modules to ./staging/src/...; outside its repo they must be
+    # replaced by the published v0.Y.Z modules. A module the proxy refuses and that only tests import
+    # gets an empty stub.
+    for m in $(awk '/=> \.\/staging\/src\//{print $1}' "$kmod"); do
+      if go mod download -json "$m@$staging" >/dev/null 2>&1; then
+        printf '\t%s => %s %s\n' "$m" "$m" "$staging"
+      else
+        log "module $m@$staging refused; using an empty stub"
+        mkdir -p "$MOD/stubs/${m#k8s.io/}"
+        printf 'module %s\n\ngo 1.24.0\n' "$m" >"$MOD/stubs/${m#k8s.io/}/go.mod"
+        printf '\t%s => ./stubs/%s\n' "$m" "${m#k8s.io/}"
+      fi
+    done
+    printf ')\n'
+  } >"$MOD/go.mod"
+  cat >"$MOD/tools.go" <<'GO'
+//go:build tools
+
+package k8sbuild
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+)
+GO
+  # -e: test-only imports of stubbed modules must not stop the build
+  (cd "$MOD" && go mod tidy -e >"$MOD/tidy.log" 2>&1) || { log "go mod tidy failed: $(tail -5 "$MOD/tidy.log")"; exit 1; }
+fi
+
+ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+for c in "${CMDS[@]}"; do
+  [ -x "$BIN/$c" ] && continue
+  log "go build $c $K8S_VERSION"
+  t0=$SECONDS
+  # build to a temp name and rename, so an interrupted build never leaves a half-written binary in the cache
+  (cd "$MOD" && go build -trimpath -ldflags "$ldflags" -o "$BIN/.$c.tmp" "k8s.io/kubernetes/cmd/$c")
+  mv "$BIN/.$c.tmp" "$BIN/$c"
+  log "built $c in $((SECONDS - t0))s"
+done
+echo "$BIN"

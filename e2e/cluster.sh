@@ -1,0 +1,566 @@
+#!/usr/bin/env bash
+# The project's e2e environment: real components on this machine, no Docker. Needs root on Linux.
+#
+#   e2e/cluster.sh up [runtime|full]   # default full. runtime = containerd + runc + CNI + two registries +
+#                                      # test images; full = runtime + etcd + kube-apiserver +
+#                                      # kube-controller-manager + kube-scheduler + kubelet (one Ready node)
+#   e2e/cluster.sh down                # stop everything by recorded PID; leave no process, mount, bridge, cgroup
+#   e2e/cluster.sh status              # what runs, and what is left behind
+#   e2e/cluster.sh env                 # print the env file (source it, or let e2e/clusterenv read it)
+#   e2e/cluster.sh push-agent-image    # build + push the agent image to the local registry (make image-push)
+#
+# Settings (environment): IMAGE_PREFETCHER_E2E_STATE (default /var/tmp/image-prefetcher-e2e),
+# K8S_VERSION (default v1.35.4), IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image).
+# Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=${IMAGE_PREFETCHER_E2E_STATE:-/var/tmp/image-prefetcher-e2e}
+K8S_VERSION=${K8S_VERSION:-v1.35.4}
+NODE_NAME=${IMAGE_PREFETCHER_E2E_NODE_NAME:-e2e-node}
+AGENT_IMAGE_MODE=${IMAGE_PREFETCHER_E2E_AGENT_IMAGE:-auto}
+REGISTRY=127.0.0.1:5000
+AUTH_REGISTRY=127.0.0.1:5001
+AUTH_USER=e2e
+# The CNI bridge; its gateway address doubles as the node IP (the kubelet refuses a loopback node IP).
+BRIDGE=ipfe2e0
+POD_SUBNET=${IMAGE_PREFETCHER_E2E_POD_SUBNET:-10.88.0.0/24}
+NODE_IP=${POD_SUBNET%.*}.1
+PORTS=(5000 5001 2379 2380 6443 10250 10257 10259 10248)
+
+PIDS=$STATE/pids LOGS=$STATE/logs BIN=$STATE/bin PKI=$STATE/pki
+SOCK=$STATE/containerd/containerd.sock
+KUBECONFIG_ADMIN=$STATE/admin.kubeconfig
+ENV_FILE=$STATE/env.sh
+# Host paths that containerd 1.6, libcni and the kubelet create whatever their flags say. `up` records which
+# of them existed before; `down` removes only the ones it created.
+HOST_PATHS=(/run/containerd /var/lib/kubelet /var/log/containers /var/log/pods /var/lib/cni /run/netns /etc/cni /opt/cni)
+# Kernel settings the kubelet (and the CNI bridge) change; restored on down.
+SYSCTLS=(vm/overcommit_memory kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward)
+
+export GOFLAGS=${GOFLAGS:--buildvcs=false}
+[ -x /usr/local/go/bin/go ] && PATH=$PATH:/usr/local/go/bin
+T_START=$SECONDS
+
+log() { echo "[$(date +%T) +$((SECONDS - T_START))s] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes, by recorded PID only
+starttime() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+
+# alive <name>: the recorded PID runs and is the same process (same start time), not a reused PID
+alive() {
+  local f=$PIDS/$1.pid pid st
+  [ -f "$f" ] || return 1
+  read -r pid st <"$f" || return 1
+  [ -n "$pid" ] && [ "$(starttime "$pid")" = "$st" ]
+}
+
+start_bg() { # start_bg <name> <cmd...>
+  local name=$1; shift
+  mkdir -p "$PIDS" "$LOGS"
+  nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  local pid=$!
+  echo "$pid $(starttime $pid)" >"$PIDS/$name.pid"
+}
+
+stop_many() { # stop_many <name...>: SIGTERM all, wait up to 10 s for all, then SIGKILL the rest
+  local name pid st waiting
+  for name in "$@"; do
+    alive "$name" || continue
+    read -r pid st <"$PIDS/$name.pid"
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for _ in $(seq 100); do
+    waiting=0
+    for name in "$@"; do alive "$name" && waiting=1; done
+    [ $waiting = 0 ] && break
+    sleep 0.1
+  done
+  for name in "$@"; do
+    if alive "$name"; then
+      read -r pid st <"$PIDS/$name.pid"
+      log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sleep 0.2
+    fi
+    rm -f "$PIDS/$name.pid"
+  done
+}
+
+wait_for() { # wait_for <secs> <what> <log name|-> <cmd...>
+  local t=$1 what=$2 name=$3; shift 3
+  local end=$((SECONDS + t))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$name" != - ] && ! alive "$name"; then
+      tail -n 30 "$LOGS/$name.log" >&2 || true
+      die "$name exited while waiting for $what (log: $LOGS/$name.log)"
+    fi
+    if [ $SECONDS -ge $end ]; then
+      [ "$name" != - ] && tail -n 30 "$LOGS/$name.log" >&2
+      die "timeout after ${t}s waiting for $what${name:+ (log: $LOGS/$name.log)}"
+    fi
+    sleep 0.2
+  done
+}
+
+# ---------------------------------------------------------------- installing what is missing
+need_root() { [ "$(id -u)" = 0 ] || die "needs root (containerd, mounts, cgroups, bridge); run with sudo"; }
+
+install_packages() {
+  local missing=() pair cmd pkg
+  for pair in containerd:containerd ctr:containerd runc:runc docker-registry:docker-registry etcd:etcd-server \
+    htpasswd:apache2-utils /usr/lib/cni/bridge:containernetworking-plugins /usr/lib/cni/host-local:containernetworking-plugins \
+    ip:iproute2 ss:iproute2 openssl:openssl curl:curl make:make; do
+    cmd=${pair%%:*} pkg=${pair#*:}
+    if [[ $cmd == /* ]]; then [ -x "$cmd" ] && continue; else command -v "$cmd" >/dev/null && continue; fi
+    missing+=("$pkg")
+  done
+  # the runnable test images need a static busybox (Debian's busybox package is dynamically linked)
+  if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+  fi
+  command -v go >/dev/null || die "Go is not installed (need Go >= the version in go.mod, e.g. /usr/local/go)"
+}
+
+build_tools() {
+  mkdir -p "$BIN"
+  log "building the harness' Go programs (testimages, crireset)"
+  (cd "$ROOT" && go build -o "$BIN/" ./e2e/cmd/testimages ./e2e/cmd/crireset)
+}
+
+# ---------------------------------------------------------------- host state we must give back
+record_host() {
+  mkdir -p "$STATE"
+  [ -f "$STATE/host-before" ] && return 0 # keep the first record until down restores it
+  {
+    for p in "${HOST_PATHS[@]}"; do [ -e "$p" ] && echo "path $p"; done
+    for s in "${SYSCTLS[@]}"; do echo "sysctl $s $(cat /proc/sys/$s)"; done
+    for t in filter nat mangle; do
+      iptables -t $t -S 2>/dev/null | awk -v t=$t '$1=="-N"{print "chain " t " " $2}'
+    done
+  } >"$STATE/host-before"
+}
+
+restore_host() {
+  local f=$STATE/host-before
+  [ -f "$f" ] || return 0
+  local s v t c p
+  while read -r kind a b; do
+    [ "$kind" = sysctl ] && echo "$b" >"/proc/sys/$a" 2>/dev/null || true
+  done <"$f"
+  # iptables chains the kubelet creates (canaries, hints): remove those that were not there before
+  if command -v iptables >/dev/null; then
+    for t in filter nat mangle; do
+      for c in $(iptables -t $t -S 2>/dev/null | awk '$1=="-N"{print $2}'); do
+        grep -qx "chain $t $c" "$f" && continue
+        case $c in KUBE-*) iptables -t $t -F "$c" 2>/dev/null; iptables -t $t -X "$c" 2>/dev/null || true ;; esac
+      done
+    done
+  fi
+  for p in "${HOST_PATHS[@]}"; do
+    grep -qx "path $p" "$f" && continue
+    [ -e "$p" ] || continue
+    if grep -q " $p[/ ]" /proc/mounts; then log "not removing $p: something is mounted below it"; continue; fi
+    rm -rf --one-file-system "$p"
+  done
+  rm -f "$f"
+}
+
+# ---------------------------------------------------------------- registries and test images
+start_registries() {
+  local r=$STATE/registry
+  mkdir -p "$r/data" "$r/data-auth"
+  if [ ! -s "$r/password" ]; then
+    (umask 077; openssl rand -hex 16 >"$r/password")
+  fi
+  htpasswd -Bbn "$AUTH_USER" "$(cat "$r/password")" >"$r/htpasswd"
+  (umask 077; printf '{"auths":{"%s":{"auth":"%s"}}}\n' "$AUTH_REGISTRY" \
+    "$(printf '%s:%s' "$AUTH_USER" "$(cat "$r/password")" | base64 -w0)" >"$r/auth-dockerconfig.json")
+  for name in registry registry-auth; do
+    local addr=$REGISTRY data=$r/data auth=""
+    if [ $name = registry-auth ]; then
+      addr=$AUTH_REGISTRY data=$r/data-auth
+      auth="auth: {htpasswd: {realm: image-prefetcher-e2e, path: $r/htpasswd}}"
+    fi
+    cat >"$r/$name.yml" <<EOF
+version: 0.1
+log: {level: warn, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $data}, delete: {enabled: true}}
+http: {addr: $addr}
+$auth
+EOF
+    start_bg $name docker-registry serve "$r/$name.yml"
+  done
+  wait_for 20 "registry on $REGISTRY" registry curl -sf "http://$REGISTRY/v2/"
+  # 401 is the healthy answer of the auth registry to an anonymous request
+  wait_for 20 "registry on $AUTH_REGISTRY" registry-auth sh -c "curl -s -o /dev/null -w '%{http_code}' http://$AUTH_REGISTRY/v2/ | grep -qx 401"
+}
+
+push_test_images() {
+  log "pushing test images (deterministic; unchanged ones are skipped)"
+  "$BIN/testimages" --registry "$REGISTRY" --auth-registry "$AUTH_REGISTRY" --auth-user "$AUTH_USER" \
+    --auth-password-file "$STATE/registry/password" --out "$STATE/images.json"
+}
+
+# ---------------------------------------------------------------- containerd + CNI
+start_containerd() {
+  local c=$STATE/containerd cri='plugins."io.containerd.grpc.v1.cri"'
+  mkdir -p "$c/certs.d/$REGISTRY" "$c/certs.d/$AUTH_REGISTRY" "$STATE/cni/net.d" "$STATE/cni/ipam"
+  ln -sfn /usr/lib/cni "$STATE/cni/bin"
+  cat >"$c/config.toml" <<EOF
+version = 2
+root = "$c/root"
+state = "$c/state"
+# snapshotters the tests do not use (the v1 runtime must stay: the tasks service needs it)
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "$SOCK"
+[ttrpc]
+  address = "$SOCK.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$c/opt"
+[$cri]
+  # this VM has no CAP_SYS_RESOURCE: without this every pod sandbox fails
+  # ("failed to update /proc/self/oom_score_adj: Permission denied")
+  restrict_oom_score_adj = true
+  # pod network namespaces under our state dir instead of /run/netns
+  netns_mounts_under_state_dir = true
+  sandbox_image = "$REGISTRY/e2e/pause:latest"
+  [$cri.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [$cri.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [$cri.containerd.runtimes.runc.options]
+        Root = "$STATE/runc"
+  [$cri.cni]
+    bin_dir = "$STATE/cni/bin"
+    conf_dir = "$STATE/cni/net.d"
+  [$cri.registry]
+    config_path = "$c/certs.d"
+EOF
+  for r in $REGISTRY $AUTH_REGISTRY; do
+    printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$r" "$r" >"$c/certs.d/$r/hosts.toml"
+  done
+  cat >"$STATE/cni/net.d/10-image-prefetcher-e2e.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "image-prefetcher-e2e", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam", "ranges": [[{"subnet": "$POD_SUBNET"}]]}},
+  {"type": "loopback"}]}
+EOF
+  # the bridge exists before the first pod: its address is the node IP
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$NODE_IP/${POD_SUBNET#*/}" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+  fi
+  start_bg containerd containerd --config "$c/config.toml"
+  wait_for 20 "containerd on $SOCK" containerd ctr -a "$SOCK" version
+}
+
+# ---------------------------------------------------------------- Kubernetes
+gen_pki() {
+  if [ -f "$PKI/ca.crt" ] && openssl x509 -checkend 86400 -noout -in "$PKI/ca.crt" >/dev/null 2>&1; then return 0; fi
+  log "generating PKI"
+  rm -rf "$PKI"; mkdir -p "$PKI"
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -subj /CN=image-prefetcher-e2e-ca -days 365 -out ca.crt 2>/dev/null
+    printf '[ext]\nsubjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.0.0.1\nextendedKeyUsage=serverAuth\n' >server.cnf
+    printf '[ext]\nextendedKeyUsage=clientAuth\n' >client.cnf
+    cert() { # name subject extfile
+      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -extfile "$3" -extensions ext -out "$1.crt" 2>/dev/null
+      rm -f "$1.csr"
+    }
+    cert apiserver /CN=kube-apiserver server.cnf
+    cert admin "/O=system:masters/CN=e2e-admin" client.cnf
+    cert node "/O=system:nodes/CN=system:node:$NODE_NAME" client.cnf
+    cert controller-manager "/CN=system:kube-controller-manager" client.cnf
+    cert scheduler "/CN=system:kube-scheduler" client.cnf
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+kubeconfig() { # kubeconfig <file> <cert name>
+  (umask 077; cat >"$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: image-prefetcher-e2e
+  cluster:
+    server: https://127.0.0.1:6443
+    certificate-authority-data: $(base64 -w0 "$PKI/ca.crt")
+users:
+- name: $2
+  user:
+    client-certificate-data: $(base64 -w0 "$PKI/$2.crt")
+    client-key-data: $(base64 -w0 "$PKI/$2.key")
+contexts:
+- name: image-prefetcher-e2e
+  context: {cluster: image-prefetcher-e2e, user: $2}
+current-context: image-prefetcher-e2e
+EOF
+  )
+}
+
+api_get() { # api_get <path>: GET as admin
+  curl -sf --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "https://127.0.0.1:6443$1"
+}
+
+start_control_plane() {
+  local kb=$1
+  kubeconfig "$KUBECONFIG_ADMIN" admin
+  kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager
+  kubeconfig "$STATE/scheduler.kubeconfig" scheduler
+  kubeconfig "$STATE/node.kubeconfig" node
+  start_bg etcd etcd --name image-prefetcher-e2e --data-dir "$STATE/etcd" \
+    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster image-prefetcher-e2e=http://127.0.0.1:2380 --unsafe-no-fsync
+  wait_for 20 "etcd" etcd curl -sf http://127.0.0.1:2379/health
+  # --endpoint-reconciler-type=none: the apiserver may then advertise 127.0.0.1.
+  # The kubelet is reached on its InternalIP (the bridge address) with the admin client cert, so that
+  # `kubectl logs` and exec work without node DNS.
+  start_bg kube-apiserver "$kb/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
+    --bind-address=127.0.0.1 --secure-port=6443 --advertise-address=127.0.0.1 --endpoint-reconciler-type=none \
+    --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" --client-ca-file="$PKI/ca.crt" \
+    --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc --authorization-mode=Node,RBAC \
+    --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true --cert-dir="$STATE/apiserver-certs" \
+    --kubelet-client-certificate="$PKI/admin.crt" --kubelet-client-key="$PKI/admin.key" \
+    --kubelet-preferred-address-types=InternalIP
+  wait_for 90 "kube-apiserver /readyz" kube-apiserver sh -c "curl -sf --cacert '$PKI/ca.crt' https://127.0.0.1:6443/readyz | grep -qx ok"
+  start_bg kube-scheduler "$kb/kube-scheduler" --kubeconfig="$STATE/scheduler.kubeconfig" \
+    --authentication-kubeconfig="$STATE/scheduler.kubeconfig" --authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
+    --leader-elect=false --bind-address=127.0.0.1
+  # without the controller-manager: no default ServiceAccount, no DaemonSet pods
+  start_bg kube-controller-manager "$kb/kube-controller-manager" --kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --authentication-kubeconfig="$STATE/controller-manager.kubeconfig" --authorization-kubeconfig="$STATE/controller-manager.kubeconfig" \
+    --leader-elect=false --bind-address=127.0.0.1 --service-account-private-key-file="$PKI/sa.key" \
+    --root-ca-file="$PKI/ca.crt" --use-service-account-credentials=true \
+    --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
+    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller'
+}
+
+start_kubelet() {
+  local kb=$1 k=$STATE/kubelet
+  mkdir -p "$k/root" "$k/pki" "$k/pod-logs"
+  cat >"$k/config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $NODE_IP
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+authentication: {anonymous: {enabled: false}, webhook: {enabled: false}, x509: {clientCAFile: $PKI/ca.crt}}
+authorization: {mode: AlwaysAllow}
+# this VM is cgroup v1, which kubelets >= 1.35 refuse unless told otherwise
+failCgroupV1: false
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix://$SOCK
+failSwapOn: false
+podLogsDir: $k/pod-logs
+resolvConf: /etc/resolv.conf
+evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"}
+# image GC would remove prefetched images behind the tests' backs; a test of GC sets its own
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+rotateCertificates: false
+EOF
+  start_bg kubelet "$kb/kubelet" --config="$k/config.yaml" --kubeconfig="$STATE/node.kubeconfig" \
+    --root-dir="$k/root" --cert-dir="$k/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP"
+  wait_for 90 "node $NODE_NAME Ready" kubelet sh -c \
+    "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/nodes/$NODE_NAME | grep -q '\"type\":\"Ready\",\"status\":\"True\"'"
+  # pods need the default ServiceAccount, which the controller-manager creates
+  wait_for 60 "default ServiceAccount" kube-controller-manager sh -c \
+    "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/namespaces/default/serviceaccounts/default"
+}
+
+# ---------------------------------------------------------------- the agent image (built by the bundle's builder)
+# Hook for the agent's OCI image: the bundle's Makefile target `image-push` builds it without Docker and pushes
+# it to the given registry. IMAGE_PREFETCHER_E2E_AGENT_IMAGE: auto = push when the target exists (default),
+# 1 = required (fail if it cannot), 0 = skip. Also callable alone: `e2e/cluster.sh push-agent-image`.
+push_agent_image() {
+  case $AGENT_IMAGE_MODE in 0) return 0 ;; esac
+  if ! make -C "$ROOT" -n image-push REGISTRY="$REGISTRY" >/dev/null 2>&1; then
+    [ "$AGENT_IMAGE_MODE" = 1 ] && die "no 'make image-push' target in $ROOT/Makefile to build the agent image"
+    log "no 'make image-push' target yet: agent image not pushed"
+    return 0
+  fi
+  log "building and pushing the agent image: make image-push REGISTRY=$REGISTRY"
+  make -C "$ROOT" image-push REGISTRY="$REGISTRY" >"$LOGS/agent-image.log" 2>&1 ||
+    { tail -n 30 "$LOGS/agent-image.log" >&2; die "make image-push failed (log: $LOGS/agent-image.log)"; }
+  touch "$STATE/agent-image-pushed"
+}
+
+# ---------------------------------------------------------------- env file
+write_env() {
+  local mode=$1 kbin=${2:-}
+  {
+    echo "# image-prefetcher e2e environment ($mode), written by e2e/cluster.sh up at $(date -Is)"
+    echo "export IMAGE_PREFETCHER_E2E_MODE='$mode'"
+    echo "export IMAGE_PREFETCHER_E2E_STATE='$STATE'"
+    echo "export IMAGE_PREFETCHER_E2E_CRI_SOCKET='$SOCK'"
+    echo "export IMAGE_PREFETCHER_E2E_CRI_ENDPOINT='unix://$SOCK'"
+    echo "export IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE='k8s.io'"
+    echo "export IMAGE_PREFETCHER_E2E_REGISTRY='$REGISTRY'"
+    echo "export IMAGE_PREFETCHER_E2E_AUTH_REGISTRY='$AUTH_REGISTRY'"
+    echo "export IMAGE_PREFETCHER_E2E_AUTH_USER='$AUTH_USER'"
+    echo "export IMAGE_PREFETCHER_E2E_AUTH_PASSWORD_FILE='$STATE/registry/password'"
+    echo "export IMAGE_PREFETCHER_E2E_AUTH_DOCKERCONFIG='$STATE/registry/auth-dockerconfig.json'"
+    echo "export IMAGE_PREFETCHER_E2E_IMAGES='$STATE/images.json'"
+    if [ "$mode" = full ]; then
+      echo "export KUBECONFIG='$KUBECONFIG_ADMIN'"
+      echo "export IMAGE_PREFETCHER_E2E_KUBECONFIG='$KUBECONFIG_ADMIN'"
+      echo "export IMAGE_PREFETCHER_E2E_APISERVER='https://127.0.0.1:6443'"
+      echo "export IMAGE_PREFETCHER_E2E_NODE_NAME='$NODE_NAME'"
+      echo "export IMAGE_PREFETCHER_E2E_NODE_IP='$NODE_IP'"
+      echo "export IMAGE_PREFETCHER_E2E_POD_LOGS_DIR='$STATE/kubelet/pod-logs'"
+      echo "export IMAGE_PREFETCHER_E2E_KUBE_VERSION='$K8S_VERSION'"
+      echo "export IMAGE_PREFETCHER_E2E_KUBE_BIN='$kbin'"
+      echo "export IMAGE_PREFETCHER_E2E_AGENT_IMAGE_PUSHED='$([ -f "$STATE/agent-image-pushed" ] && echo 1 || echo 0)'"
+    fi
+  } >"$ENV_FILE.tmp"
+  mv "$ENV_FILE.tmp" "$ENV_FILE"
+}
+
+# ---------------------------------------------------------------- commands
+up() {
+  local mode=${1:-full}
+  case $mode in runtime | full) ;; *) die "unknown mode '$mode' (runtime|full)" ;; esac
+  need_root
+  [ "$(uname -s)" = Linux ] || die "needs Linux"
+  if [ -d "$STATE" ]; then
+    local stale=()
+    for f in "$PIDS"/*.pid; do [ -f "$f" ] && alive "$(basename "$f" .pid)" && stale+=("$(basename "$f" .pid)"); done
+    [ ${#stale[@]} -gt 0 ] && log "stale environment from an earlier run (${stale[*]} still running): stopping it by its recorded PIDs"
+    down quiet || die "could not clean up the earlier environment; see above"
+  fi
+  local p busy
+  for p in "${PORTS[@]}"; do
+    busy=$(ss -Hltnp "sport = :$p" 2>/dev/null || true)
+    [ -z "$busy" ] || die "port $p is in use by a process this harness did not start: $busy"
+  done
+  install_packages
+  local kbin=""
+  if [ "$mode" = full ]; then
+    kbin=$(K8S_VERSION=$K8S_VERSION "$ROOT/e2e/build-kubernetes.sh") || die "building Kubernetes $K8S_VERSION failed"
+  fi
+  record_host
+  mkdir -p "$STATE"
+  echo "$mode" >"$STATE/mode"
+  # a fresh node and cluster every time; registry content (deterministic) and PKI are kept
+  rm -rf --one-file-system "$STATE/containerd/root" "$STATE/containerd/state" "$STATE/runc" "$STATE/etcd" \
+    "$STATE/kubelet" "$STATE/cni/ipam" "$STATE/agent-image-pushed" "$STATE/apiserver-certs"
+  build_tools
+  start_registries
+  push_test_images
+  start_containerd
+  if [ "$mode" = full ]; then
+    gen_pki
+    start_control_plane "$kbin"
+    start_kubelet "$kbin"
+    push_agent_image
+  fi
+  write_env "$mode" "$kbin"
+  log "environment ($mode) up in $((SECONDS - T_START))s; env file: $ENV_FILE  (e2e/cluster.sh env)"
+}
+
+# leftovers: print everything of ours still on the machine; exit status 1 when anything is
+leftovers() {
+  local found=0 f n
+  for f in "$PIDS"/*.pid; do
+    [ -f "$f" ] || continue
+    n=$(basename "$f" .pid)
+    alive "$n" && { echo "process: $n (pid $(cut -d' ' -f1 "$f"))"; found=1; }
+  done
+  # processes naming our state dir (e.g. containerd shims, which carry our socket path)
+  local cmd
+  for f in $(grep -lsF -- "$STATE/" /proc/[0-9]*/cmdline); do
+    n=${f#/proc/}; n=${n%/cmdline}
+    cmd=$(tr '\0' ' ' 2>/dev/null <"$f") || continue
+    case $cmd in "" | *cluster.sh* | grep\ *) continue ;; esac
+    echo "process: $(echo "$cmd" | cut -c1-120) (pid $n)"; found=1
+  done
+  while read -r _ mnt fstype _; do
+    case $mnt in "$STATE"/* | /run/containerd/* | /run/netns/cni-*) echo "mount: $mnt ($fstype)"; found=1 ;; esac
+  done </proc/mounts
+  ip link show "$BRIDGE" >/dev/null 2>&1 && { echo "bridge: $BRIDGE"; found=1; }
+  for f in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods /sys/fs/cgroup/kubepods.slice; do
+    [ -d "$f" ] && { echo "cgroup: $f"; found=1; }
+  done
+  return $found
+}
+
+down() {
+  local quiet=${1:-}
+  [ -d "$STATE" ] || { [ -n "$quiet" ] || log "nothing to stop ($STATE does not exist)"; return 0; }
+  # 1) the cluster first, so nothing recreates pods, then the kubelet
+  stop_many kube-controller-manager kube-scheduler kubelet
+  # 2) every pod sandbox through CRI, so containerd itself removes netns, CNI state, shm and rootfs mounts.
+  #    After a crash containerd may be gone while its shims and mounts live on: start it again to clean up.
+  if [ -f "$STATE/containerd/config.toml" ] && [ -d "$STATE/containerd/state" ]; then
+    if ! alive containerd; then
+      start_bg containerd containerd --config "$STATE/containerd/config.toml"
+      wait_for 20 "containerd (for cleanup)" containerd ctr -a "$SOCK" version
+    fi
+    if [ -x "$BIN/crireset" ]; then
+      "$BIN/crireset" --socket "$SOCK" || log "crireset failed; continuing"
+    fi
+  fi
+  # 3) the rest, by recorded PID
+  stop_many containerd kube-apiserver registry-auth registry
+  stop_many etcd
+  # 4) mounts left under our dirs (kubelet volume tmpfs, anything containerd did not get to), deepest first
+  local mnt
+  for mnt in $(awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount "$mnt" 2>/dev/null || umount -l "$mnt" || true
+  done
+  ip link del "$BRIDGE" 2>/dev/null || true
+  # 5) kubelet cgroups (cgroupfs driver: /kubepods under every v1 hierarchy), deepest first
+  for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+    [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  restore_host
+  rm -f "$ENV_FILE" "$STATE/mode"
+  local left
+  if left=$(leftovers); then
+    [ -n "$quiet" ] || log "down: nothing left behind"
+  else
+    log "down: left behind:"; echo "$left" >&2
+    return 1
+  fi
+}
+
+status() {
+  local mode n f
+  mode=$(cat "$STATE/mode" 2>/dev/null || echo none)
+  echo "state: $STATE  mode: $mode  env file: $([ -f "$ENV_FILE" ] && echo "$ENV_FILE" || echo "none (not up)")"
+  for n in registry registry-auth containerd etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do
+    f=$PIDS/$n.pid
+    if alive $n; then echo "  $n: running (pid $(cut -d' ' -f1 "$f"))";
+    elif [ -f "$f" ]; then echo "  $n: DEAD (recorded pid $(cut -d' ' -f1 "$f"); log $LOGS/$n.log)";
+    fi
+  done
+  if [ "$mode" = none ]; then
+    leftovers >/dev/null && echo "nothing of ours on the machine" || { echo "left behind:"; leftovers || true; }
+  fi
+}
+
+case ${1:-} in
+  up) shift; up "${1:-full}" ;;
+  down) need_root; down ;;
+  status) status ;;
+  env) [ -f "$ENV_FILE" ] && cat "$ENV_FILE" || die "no environment is up ($ENV_FILE missing): run e2e/cluster.sh up" ;;
+  push-agent-image) need_root; AGENT_IMAGE_MODE=1; push_agent_image; [ -f "$STATE/mode" ] && write_env "$(cat "$STATE/mode")" "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE" 2>/dev/null)" ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,320 @@
+// Package clusterenv gives Go tests the real environment that e2e/cluster.sh brings up: the containerd CRI
+// socket, the plain and basic-auth registries with their test images and, in full mode, a single-node
+// Kubernetes cluster.
+//
+// Tests call Require first. Without IMAGE_PREFETCHER_E2E the test is skipped (so `go test ./...` stays fast on
+// a laptop); with IMAGE_PREFETCHER_E2E=1 (CI) a missing or dead environment fails the test, so a broken
+// harness can never pass as a green run.
+package clusterenv
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// Mode is how much of the environment a test needs.
+type Mode string
+
+const (
+	// Runtime is containerd + runc + CNI + the two registries with the test images.
+	Runtime Mode = "runtime"
+	// Full is Runtime plus etcd, kube-apiserver, kube-controller-manager, kube-scheduler and a Ready kubelet.
+	Full Mode = "full"
+)
+
+const (
+	// EnableVar turns the e2e tests on; CI sets it to 1.
+	EnableVar = "IMAGE_PREFETCHER_E2E"
+	// StateVar overrides the harness' state directory (default DefaultState).
+	StateVar = "IMAGE_PREFETCHER_E2E_STATE"
+	// DefaultState is where e2e/cluster.sh keeps its state and env file by default.
+	DefaultState = "/var/tmp/image-prefetcher-e2e"
+)
+
+// Env is the environment as recorded in the env file written by `e2e/cluster.sh up`.
+type Env struct {
+	Mode  Mode
+	State string
+	// CRISocket is the containerd socket path (no scheme); CRIEndpoint is unix://CRISocket.
+	CRISocket, CRIEndpoint string
+	// ContainerdNamespace holds the images pulled through CRI (k8s.io).
+	ContainerdNamespace string
+	// Registry is the plain HTTP registry, AuthRegistry the one with basic auth (host:port).
+	Registry, AuthRegistry string
+	AuthUser               string
+	AuthPasswordFile       string
+	// AuthDockerConfig is a dockerconfigjson file with the right credentials for AuthRegistry.
+	AuthDockerConfig string
+	// ImagesFile is the catalogue of test images (JSON, see Images).
+	ImagesFile string
+
+	// Full mode only.
+	Kubeconfig, APIServer, NodeName, NodeIP, PodLogsDir, KubeVersion, KubeBin string
+	AgentImagePushed                                                         bool
+
+	vars map[string]string
+}
+
+// Image is one test image from the catalogue that e2e/cmd/testimages writes.
+type Image struct {
+	Ref         string   `json:"ref"`
+	DigestRef   string   `json:"digestRef"`
+	Digest      string   `json:"digest"`
+	Private     bool     `json:"private"`
+	Runnable    bool     `json:"runnable"`
+	LayersBytes int64    `json:"layersBytes"`
+	Layers      []string `json:"layers"`
+	Description string   `json:"description"`
+}
+
+// Require returns the environment for a test that needs mode, skipping or failing as the package doc says.
+func Require(t testing.TB, mode Mode) *Env {
+	t.Helper()
+	if os.Getenv(EnableVar) == "" {
+		t.Skipf("e2e test needs the real environment: run `e2e/cluster.sh up %s` as root, then set %s=1", modeArg(mode), EnableVar)
+	}
+	env, err := Load()
+	if err != nil {
+		t.Fatalf("%s is set but the e2e environment is not usable: %v\n(run `e2e/cluster.sh up %s` as root)", EnableVar, err, modeArg(mode))
+	}
+	if mode == Full && env.Mode != Full {
+		t.Fatalf("%s is set and this test needs the full cluster, but the environment at %s is %q (run `e2e/cluster.sh up`)", EnableVar, env.State, env.Mode)
+	}
+	if err := env.check(mode); err != nil {
+		t.Fatalf("%s is set but the e2e environment at %s does not answer: %v\n(see `e2e/cluster.sh status`; restart with `e2e/cluster.sh up %s`)", EnableVar, env.State, err, modeArg(mode))
+	}
+	return env
+}
+
+func modeArg(m Mode) string {
+	if m == Runtime {
+		return "runtime"
+	}
+	return "full"
+}
+
+// Load reads the env file of the state directory ($IMAGE_PREFETCHER_E2E_STATE or DefaultState).
+func Load() (*Env, error) {
+	state := os.Getenv(StateVar)
+	if state == "" {
+		state = DefaultState
+	}
+	return LoadFile(filepath.Join(state, "env.sh"))
+}
+
+// LoadFile reads an env file: lines `export NAME='value'` (values never contain quotes).
+func LoadFile(path string) (*Env, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read env file (written by `e2e/cluster.sh up`): %w", err)
+	}
+	defer f.Close()
+	vars := map[string]string{}
+	sc := bufio.NewScanner(f)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		name, value, ok := strings.Cut(strings.TrimPrefix(line, "export "), "=")
+		if !ok {
+			return nil, fmt.Errorf("%s:%d: not NAME=value: %q", path, n, line)
+		}
+		vars[name] = strings.Trim(value, `'"`)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	e := &Env{
+		Mode:                Mode(vars["IMAGE_PREFETCHER_E2E_MODE"]),
+		State:               vars["IMAGE_PREFETCHER_E2E_STATE"],
+		CRISocket:           vars["IMAGE_PREFETCHER_E2E_CRI_SOCKET"],
+		CRIEndpoint:         vars["IMAGE_PREFETCHER_E2E_CRI_ENDPOINT"],
+		ContainerdNamespace: vars["IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE"],
+		Registry:            vars["IMAGE_PREFETCHER_E2E_REGISTRY"],
+		AuthRegistry:        vars["IMAGE_PREFETCHER_E2E_AUTH_REGISTRY"],
+		AuthUser:            vars["IMAGE_PREFETCHER_E2E_AUTH_USER"],
+		AuthPasswordFile:    vars["IMAGE_PREFETCHER_E2E_AUTH_PASSWORD_FILE"],
+		AuthDockerConfig:    vars["IMAGE_PREFETCHER_E2E_AUTH_DOCKERCONFIG"],
+		ImagesFile:          vars["IMAGE_PREFETCHER_E2E_IMAGES"],
+		Kubeconfig:          vars["IMAGE_PREFETCHER_E2E_KUBECONFIG"],
+		APIServer:           vars["IMAGE_PREFETCHER_E2E_APISERVER"],
+		NodeName:            vars["IMAGE_PREFETCHER_E2E_NODE_NAME"],
+		NodeIP:              vars["IMAGE_PREFETCHER_E2E_NODE_IP"],
+		PodLogsDir:          vars["IMAGE_PREFETCHER_E2E_POD_LOGS_DIR"],
+		KubeVersion:         vars["IMAGE_PREFETCHER_E2E_KUBE_VERSION"],
+		KubeBin:             vars["IMAGE_PREFETCHER_E2E_KUBE_BIN"],
+		AgentImagePushed:    vars["IMAGE_PREFETCHER_E2E_AGENT_IMAGE_PUSHED"] == "1",
+		vars:                vars,
+	}
+	if e.Mode != Runtime && e.Mode != Full {
+		return nil, fmt.Errorf("%s: unknown mode %q", path, e.Mode)
+	}
+	for name, v := range map[string]string{"CRI socket": e.CRISocket, "registry": e.Registry, "auth registry": e.AuthRegistry} {
+		if v == "" {
+			return nil, fmt.Errorf("%s: no %s recorded", path, name)
+		}
+	}
+	if e.Mode == Full && e.Kubeconfig == "" {
+		return nil, fmt.Errorf("%s: full mode without a kubeconfig", path)
+	}
+	return e, nil
+}
+
+// Var returns any variable of the env file by its full name.
+func (e *Env) Var(name string) string { return e.vars[name] }
+
+// check proves that the recorded components answer: the CRI socket, the registries and, in full mode,
+// the API server's /readyz.
+func (e *Env) check(mode Mode) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rt, _, closeCRI, err := e.dialCRI()
+	if err != nil {
+		return err
+	}
+	defer closeCRI()
+	if _, err := rt.Version(ctx, &runtimeapi.VersionRequest{}); err != nil {
+		return fmt.Errorf("CRI Version on %s: %w", e.CRISocket, err)
+	}
+	for _, r := range []string{e.Registry, e.AuthRegistry} {
+		conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", r)
+		if err != nil {
+			return fmt.Errorf("registry %s: %w", r, err)
+		}
+		conn.Close()
+	}
+	if mode != Full {
+		return nil
+	}
+	cfg, err := e.RESTConfig()
+	if err != nil {
+		return err
+	}
+	rc, err := rest.HTTPClientFor(cfg)
+	if err != nil {
+		return fmt.Errorf("API client: %w", err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, cfg.Host+"/readyz", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := rc.Do(req)
+	if err != nil {
+		return fmt.Errorf("kube-apiserver /readyz: %w", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("kube-apiserver /readyz: %s", resp.Status)
+	}
+	return nil
+}
+
+// RESTConfig is the admin (system:masters) client configuration.
+func (e *Env) RESTConfig() (*rest.Config, error) {
+	if e.Kubeconfig == "" {
+		return nil, errors.New("no kubeconfig: the environment is not in full mode")
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", e.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig %s: %w", e.Kubeconfig, err)
+	}
+	return cfg, nil
+}
+
+// Clientset is an admin clientset; it fails the test when the kubeconfig cannot be used.
+func (e *Env) Clientset(t testing.TB) kubernetes.Interface {
+	t.Helper()
+	cfg, err := e.RESTConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatalf("clientset: %v", err)
+	}
+	return cs
+}
+
+func (e *Env) dialCRI() (runtimeapi.RuntimeServiceClient, runtimeapi.ImageServiceClient, func(), error) {
+	conn, err := grpc.NewClient("unix://"+e.CRISocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("connect CRI %s: %w", e.CRISocket, err)
+	}
+	return runtimeapi.NewRuntimeServiceClient(conn), runtimeapi.NewImageServiceClient(conn), func() { conn.Close() }, nil
+}
+
+// CRI returns runtime and image clients on the CRI socket, closed when the test ends.
+func (e *Env) CRI(t testing.TB) (runtimeapi.RuntimeServiceClient, runtimeapi.ImageServiceClient) {
+	t.Helper()
+	rt, img, closeFn, err := e.dialCRI()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(closeFn)
+	return rt, img
+}
+
+// AuthPassword is the auth registry's password.
+func (e *Env) AuthPassword(t testing.TB) string {
+	t.Helper()
+	b, err := os.ReadFile(e.AuthPasswordFile)
+	if err != nil {
+		t.Fatalf("read auth registry password: %v", err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// AuthConfig is the CRI AuthConfig with the right credentials for the auth registry.
+//
+// ServerAddress stays empty: containerd 1.6 parses it as a URL, so a bare "127.0.0.1:5001" is an error
+// ("first path segment in URL cannot contain colon") and "host:port" without a scheme silently drops the
+// credentials; a set value must look like "http://127.0.0.1:5001".
+func (e *Env) AuthConfig(t testing.TB) *runtimeapi.AuthConfig {
+	t.Helper()
+	return &runtimeapi.AuthConfig{Username: e.AuthUser, Password: e.AuthPassword(t)}
+}
+
+// Images returns the test image catalogue.
+func (e *Env) Images(t testing.TB) []Image {
+	t.Helper()
+	b, err := os.ReadFile(e.ImagesFile)
+	if err != nil {
+		t.Fatalf("read test image catalogue: %v", err)
+	}
+	var images []Image
+	if err := json.Unmarshal(b, &images); err != nil {
+		t.Fatalf("parse %s: %v", e.ImagesFile, err)
+	}
+	return images
+}
+
+// Image returns the catalogue entry with the given tagged reference, e.g. Image(t, "e2e/busybox:latest")
+// (the registry host may be left out for images on the plain registry).
+func (e *Env) Image(t testing.TB, ref string) Image {
+	t.Helper()
+	for _, img := range e.Images(t) {
+		if img.Ref == ref || img.Ref == e.Registry+"/"+ref || img.Ref == e.AuthRegistry+"/"+ref {
+			return img
+		}
+	}
+	t.Fatalf("no test image %q in %s", ref, e.ImagesFile)
+	return Image{}
+}

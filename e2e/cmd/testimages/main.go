@@ -1,0 +1,293 @@
+// Command testimages builds the e2e test images without Docker and pushes them to the local test registries.
+//
+// Every image is built from seeded, deterministic content (fixed file times, a PRNG seeded by the image name),
+// so the digests are the same on every run and a second run pushes nothing. The catalogue of what was pushed,
+// with digests and sizes, is written as JSON for the tests (see e2e/README.md for the list).
+package main
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"crypto/sha256"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"runtime"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+const mib = 1 << 20
+
+// epoch is the fixed modification time of every file in every layer: same content, same digest.
+var epoch = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// Image is one entry of the catalogue file the tests read.
+type Image struct {
+	// Ref is the tagged reference, e.g. 127.0.0.1:5000/e2e/random:4mib.
+	Ref string `json:"ref"`
+	// DigestRef is Ref's repository with the manifest digest (repo@sha256:...).
+	DigestRef string `json:"digestRef"`
+	Digest    string `json:"digest"`
+	// Private images are only on the auth registry.
+	Private bool `json:"private"`
+	// Runnable images have busybox and a default command.
+	Runnable bool `json:"runnable"`
+	// LayersBytes is the sum of the compressed layer sizes.
+	LayersBytes int64    `json:"layersBytes"`
+	Layers      []string `json:"layers"`
+	Description string   `json:"description"`
+}
+
+type spec struct {
+	repo, tag   string
+	private     bool
+	runnable    bool
+	layers      []v1.Layer
+	config      v1.Config
+	description string
+}
+
+func main() {
+	registry := flag.String("registry", "127.0.0.1:5000", "plain registry (host:port)")
+	authRegistry := flag.String("auth-registry", "127.0.0.1:5001", "registry with basic auth (host:port)")
+	authUser := flag.String("auth-user", "e2e", "user on the auth registry")
+	authPasswordFile := flag.String("auth-password-file", "", "file holding the auth registry's password")
+	busybox := flag.String("busybox", "/bin/busybox", "statically linked busybox binary to pack into the runnable images")
+	out := flag.String("out", "images.json", "where to write the catalogue of pushed images")
+	flag.Parse()
+	log.SetFlags(0)
+	log.SetPrefix("testimages: ")
+
+	password, err := os.ReadFile(*authPasswordFile)
+	if err != nil {
+		log.Fatalf("read auth password: %v", err)
+	}
+	auth := &authn.Basic{Username: *authUser, Password: strings.TrimSpace(string(password))}
+
+	specs, err := catalogue(*busybox)
+	if err != nil {
+		log.Fatal(err)
+	}
+	var images []Image
+	pushed := 0
+	for _, s := range specs {
+		host, opts := *registry, []remote.Option{remote.WithAuth(authn.Anonymous)}
+		if s.private {
+			host, opts = *authRegistry, []remote.Option{remote.WithAuth(auth)}
+		}
+		img, changed, err := push(host, s, opts)
+		if err != nil {
+			log.Fatal(err)
+		}
+		if changed {
+			pushed++
+		}
+		images = append(images, img)
+	}
+	data, err := json.MarshalIndent(images, "", "  ")
+	if err != nil {
+		log.Fatal(err)
+	}
+	if err := os.WriteFile(*out, append(data, '\n'), 0o644); err != nil {
+		log.Fatalf("write catalogue: %v", err)
+	}
+	log.Printf("%d images, %d pushed, %d already up to date; catalogue in %s", len(images), pushed, len(images)-pushed, *out)
+}
+
+// catalogue lists every test image. Names and tags are a contract with the tests and e2e/README.md.
+func catalogue(busyboxPath string) ([]spec, error) {
+	bb, err := busyboxLayer(busyboxPath)
+	if err != nil {
+		return nil, err
+	}
+	shell := v1.Config{Env: []string{"PATH=/bin"}, Cmd: []string{"/bin/sh"}}
+	specs := []spec{
+		{repo: "e2e/busybox", tag: "latest", runnable: true, layers: []v1.Layer{bb}, config: shell,
+			description: "Debian's busybox-static; runs /bin/sh"},
+		// The sandbox ("pause") image containerd starts for every pod: sleep forever; containerd stops
+		// sandboxes with SIGKILL, so no signal handling is needed.
+		{repo: "e2e/pause", tag: "latest", runnable: true, layers: []v1.Layer{bb},
+			config:      v1.Config{Env: []string{"PATH=/bin"}, Entrypoint: []string{"/bin/sleep"}, Cmd: []string{"inf"}},
+			description: "pod sandbox image (busybox sleep inf)"},
+	}
+	for _, size := range []int{4, 8, 12, 16, 20} {
+		tag := fmt.Sprintf("%dmib", size)
+		specs = append(specs, spec{repo: "e2e/random", tag: tag, layers: []v1.Layer{randomLayer("random-"+tag, size*mib)},
+			description: fmt.Sprintf("one layer of %d MiB seeded random data (not runnable)", size)})
+	}
+	for i := 0; i < 20; i++ {
+		tag := fmt.Sprintf("%02d", i)
+		specs = append(specs, spec{repo: "e2e/small", tag: tag, layers: []v1.Layer{randomLayer("small-"+tag, 256<<10)},
+			description: "one layer of 256 KiB seeded random data, for long lists"})
+	}
+	base := randomLayer("family-base", 10*mib)
+	for _, member := range []string{"a", "b", "c"} {
+		specs = append(specs, spec{repo: "e2e/family", tag: member, runnable: true,
+			layers: []v1.Layer{bb, base, randomLayer("family-"+member, 1*mib)}, config: shell,
+			description: "busybox + a shared 10 MiB base layer + its own 1 MiB layer"})
+	}
+	specs = append(specs, spec{repo: "e2e/private", tag: "latest", private: true, runnable: true,
+		layers: []v1.Layer{bb, randomLayer("private", 3*mib)}, config: shell,
+		description: "only on the auth registry: busybox + 3 MiB"})
+	return specs, nil
+}
+
+func push(host string, s spec, opts []remote.Option) (Image, bool, error) {
+	refText := fmt.Sprintf("%s/%s:%s", host, s.repo, s.tag)
+	ref, err := name.ParseReference(refText, name.Insecure)
+	if err != nil {
+		return Image{}, false, fmt.Errorf("parse %s: %w", refText, err)
+	}
+	img, err := build(s)
+	if err != nil {
+		return Image{}, false, fmt.Errorf("build %s: %w", refText, err)
+	}
+	digest, err := img.Digest()
+	if err != nil {
+		return Image{}, false, fmt.Errorf("digest %s: %w", refText, err)
+	}
+	entry := Image{Ref: refText, DigestRef: fmt.Sprintf("%s/%s@%s", host, s.repo, digest), Digest: digest.String(),
+		Private: s.private, Runnable: s.runnable, Description: s.description}
+	for _, l := range s.layers {
+		size, err := l.Size()
+		if err != nil {
+			return Image{}, false, fmt.Errorf("layer size %s: %w", refText, err)
+		}
+		d, err := l.Digest()
+		if err != nil {
+			return Image{}, false, fmt.Errorf("layer digest %s: %w", refText, err)
+		}
+		entry.LayersBytes += size
+		entry.Layers = append(entry.Layers, d.String())
+	}
+	// Deterministic content: when the tag already names this digest there is nothing to push.
+	if desc, err := remote.Head(ref, opts...); err == nil && desc.Digest == digest {
+		return entry, false, nil
+	}
+	if err := remote.Write(ref, img, opts...); err != nil {
+		return Image{}, false, fmt.Errorf("push %s: %w", refText, err)
+	}
+	log.Printf("pushed %s (%s)", refText, digest)
+	return entry, true, nil
+}
+
+func build(s spec) (v1.Image, error) {
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	img, err := mutate.AppendLayers(img, s.layers...)
+	if err != nil {
+		return nil, err
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return nil, err
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", runtime.GOARCH
+	cf.Created = v1.Time{Time: epoch}
+	cf.Config = s.config
+	return mutate.ConfigFile(img, cf)
+}
+
+// randomLayer is a layer holding one file of size bytes from a PRNG seeded by seed.
+func randomLayer(seed string, size int) v1.Layer {
+	rng := rand.NewChaCha8(sha256.Sum256([]byte(seed)))
+	data := make([]byte, size)
+	_, _ = rng.Read(data) // ChaCha8.Read never fails
+	return mustLayer([]file{{name: "data/" + seed + ".bin", mode: 0o644, body: data}})
+}
+
+// busyboxLayer packs a static busybox with a symlink per applet, /etc/passwd and /tmp.
+func busyboxLayer(path string) (v1.Layer, error) {
+	body, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read busybox (install Debian's busybox-static): %w", err)
+	}
+	listing, err := exec.Command(path, "--list").Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s --list: %w", path, err)
+	}
+	applets := strings.Fields(string(listing))
+	sort.Strings(applets)
+	files := []file{
+		{name: "bin/", dir: true, mode: 0o755},
+		{name: "bin/busybox", mode: 0o755, body: body},
+		{name: "etc/", dir: true, mode: 0o755},
+		{name: "etc/passwd", mode: 0o644, body: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")},
+		{name: "etc/group", mode: 0o644, body: []byte("root:x:0:\nnogroup:x:65534:\n")},
+		{name: "tmp/", dir: true, mode: 0o1777},
+		{name: "root/", dir: true, mode: 0o700},
+	}
+	for _, a := range applets {
+		if a != "busybox" && !strings.Contains(a, "/") {
+			files = append(files, file{name: "bin/" + a, link: "busybox", mode: 0o777})
+		}
+	}
+	return mustLayer(files), nil
+}
+
+type file struct {
+	name, link string
+	dir        bool
+	mode       int64
+	body       []byte
+}
+
+func mustLayer(files []file) v1.Layer {
+	var raw bytes.Buffer
+	tw := tar.NewWriter(&raw)
+	for _, f := range files {
+		h := &tar.Header{Name: f.name, Mode: f.mode, ModTime: epoch, Format: tar.FormatPAX}
+		switch {
+		case f.dir:
+			h.Typeflag = tar.TypeDir
+		case f.link != "":
+			h.Typeflag, h.Linkname = tar.TypeSymlink, f.link
+		default:
+			h.Typeflag, h.Size = tar.TypeReg, int64(len(f.body))
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			panic(err) // writing to memory cannot fail
+		}
+		if _, err := tw.Write(f.body); err != nil {
+			panic(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		panic(err)
+	}
+	// Compress once here (the data is random, so BestSpeed loses nothing) instead of on every read.
+	var gz bytes.Buffer
+	zw, _ := gzip.NewWriterLevel(&gz, gzip.BestSpeed)
+	if _, err := io.Copy(zw, &raw); err != nil {
+		panic(err)
+	}
+	if err := zw.Close(); err != nil {
+		panic(err)
+	}
+	blob := gz.Bytes()
+	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
+		return io.NopCloser(bytes.NewReader(blob)), nil
+	}, tarball.WithMediaType(types.OCILayer))
+	if err != nil {
+		panic(err)
+	}
+	return layer
+}
