@@ -23,10 +23,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
 // Mode is how much of the environment a test needs.
@@ -67,7 +67,7 @@ type Env struct {
 
 	// Full mode only.
 	Kubeconfig, APIServer, NodeName, NodeIP, PodLogsDir, KubeVersion, KubeBin string
-	AgentImagePushed                                                         bool
+	AgentImagePushed                                                          bool
 
 	vars map[string]string
 }
