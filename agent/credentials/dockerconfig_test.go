@@ -111,7 +111,7 @@ func TestParseDockerConfigBadEntriesKeepGoodOnes(t *testing.T) {
 		"arr.io": ["` + secret + `"],
 		"str.io": "` + secret + `",
 		"empty.io": {"email":"a@b"},
-		"bad key:port": {"username":"u","password":"` + secret + `"},
+		"badkey:port": {"username":"u","password":"` + secret + `"},
 		"*[.io": {"username":"u","password":"` + secret + `"}
 	}}`
 	c, err := ParseDockerConfig("pull-secret/.dockerconfigjson", []byte(data))
@@ -122,7 +122,7 @@ func TestParseDockerConfigBadEntriesKeepGoodOnes(t *testing.T) {
 	want := []string{
 		`pull-secret/.dockerconfigjson: auths["*[.io"]: bad registry key: bad glob`,
 		`pull-secret/.dockerconfigjson: auths["arr.io"]: want a JSON object, got an array`,
-		`pull-secret/.dockerconfigjson: auths["bad key:port"]: bad registry key: bad port "port"`,
+		`pull-secret/.dockerconfigjson: auths["badkey:port"]: bad registry key: bad port "port"`,
 		`pull-secret/.dockerconfigjson: auths["empty.io"]: no credentials`,
 		`pull-secret/.dockerconfigjson: auths["nocolon.io"].auth: decoded value is not user:password`,
 		`pull-secret/.dockerconfigjson: auths["num.io"].password: want a string, got a number`,

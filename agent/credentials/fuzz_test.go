@@ -13,7 +13,7 @@ import (
 const messageText = `not a docker config file (want a JSON object, got null): invalid JSON at byte offset
 auths: want a JSON object, got an array a string a number a boolean nothing an object credsStore credHelpers
 credential helpers are not supported, ignored bad registry key: empty host bad glob in host bad port empty label in
-host bad host missing port in address too many colons in address syntax error in pattern
+host bad host space or control character in host missing port in address too many colons in address syntax error in pattern
 decoded value is not user:password (no ':') no credentials (want username/password, auth, identitytoken or registrytoken)
 illegal base64 data at input byte username password identitytoken registrytoken`
 

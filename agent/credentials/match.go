@@ -72,6 +72,9 @@ func parsePattern(key string) (pattern, error) {
 	}
 	pt := pattern{labels: strings.Split(h, "."), port: port, path: p}
 	for _, l := range pt.labels {
+		if strings.ContainsFunc(l, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+			return pattern{}, fmt.Errorf("space or control character in host %q", h)
+		}
 		if l == "" {
 			return pattern{}, fmt.Errorf("empty label in host %q", h)
 		}

@@ -79,7 +79,7 @@ func TestPatternMatches(t *testing.T) {
 }
 
 func TestParsePatternErrors(t *testing.T) {
-	for _, key := range []string{"", "https://", "/path", "a..b", "[bad.io", "host:port", "host:12:34x", "reg.io:", ":5000"} {
+	for _, key := range []string{"", "https://", "/path", "a..b", "[bad.io", "host:port", "host:12:34x", "reg.io:", ":5000", "a b.io", "a\tb.io"} {
 		if _, err := parsePattern(key); err == nil && key != "reg.io:" {
 			t.Errorf("parsePattern(%q): no error", key)
 		}
