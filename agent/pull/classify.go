@@ -1,0 +1,105 @@
+package pull
+
+import (
+	"context"
+	"errors"
+	"regexp"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Permanent reports whether retrying cannot help: the registry has answered
+// and the answer will not change by itself.
+func (r Reason) Permanent() bool {
+	switch r {
+	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference:
+		return true
+	}
+	return false
+}
+
+// Classify returns the reason for a failed CRI call: by gRPC code first, and
+// for code Unknown (containerd reports registry errors that way) or errors
+// without a code, by the message text.
+func Classify(err error) Reason {
+	if err == nil {
+		return ReasonNone
+	}
+	if st, ok := status.FromError(err); ok {
+		switch st.Code() {
+		case codes.NotFound:
+			return ReasonNotFound
+		case codes.InvalidArgument:
+			return ReasonInvalidReference
+		case codes.Unauthenticated, codes.PermissionDenied:
+			return ReasonUnauthorized
+		case codes.Unavailable, codes.ResourceExhausted, codes.Aborted:
+			return ReasonUnavailable
+		case codes.DeadlineExceeded:
+			return ReasonTimeout
+		case codes.Canceled:
+			return ReasonCanceled
+		case codes.Unknown:
+			return classifyText(st.Message())
+		}
+		return ReasonUnknown
+	}
+	switch {
+	case errors.Is(err, context.Canceled):
+		return ReasonCanceled
+	case errors.Is(err, context.DeadlineExceeded):
+		return ReasonTimeout
+	}
+	return classifyText(err.Error())
+}
+
+// HTTP status codes as containerd and CRI-O quote them, e.g.
+// "unexpected status from HEAD request to https://h:5000/v2/...: 503",
+// "failed with status code [manifests]: 401 Unauthorized" or
+// "invalid status code from registry 403 (Forbidden)". The number must stand
+// alone so ports and addresses in the URL do not count.
+var httpStatus = regexp.MustCompile(`(?:unexpected status|status code|http status)\D.*?[: \[]([1-5]\d\d)(?:[^0-9.:]|$)`)
+
+// textRules are tried in order; the first match wins. Authorization comes
+// before "not found" because registries word denials as "repository does
+// not exist or may require authorization".
+var textRules = []struct {
+	reason  Reason
+	phrases []string
+}{
+	{ReasonInvalidReference, []string{"invalid reference format", "invalid reference", "repository name must be", "invalid checksum digest format"}},
+	{ReasonUnauthorized, []string{"401 unauthorized", "403 forbidden", "unauthorized", "forbidden", "authentication required",
+		"access denied", "pull access denied", "denied: ", "insufficient_scope", "no basic auth credentials", "authorization failed"}},
+	{ReasonServerError, []string{"500 internal server error", "502 bad gateway", "503 service unavailable", "504 gateway timeout",
+		"internal server error", "bad gateway", "gateway timeout", "toomanyrequests", "429 too many requests"}},
+	{ReasonNotFound, []string{"not found", "manifest unknown", "name unknown", "no such image", "does not exist"}},
+	{ReasonTimeout, []string{"i/o timeout", "deadline exceeded", "tls handshake timeout", "timeout awaiting response headers",
+		"timed out", "timeout"}},
+	{ReasonUnavailable, []string{"connection refused", "connection reset", "no such host", "network is unreachable",
+		"no route to host", "broken pipe", "unexpected eof", "server misbehaving", "transport is closing", "error reading from server"}},
+	{ReasonCanceled, []string{"context canceled"}},
+}
+
+func classifyText(msg string) Reason {
+	m := strings.ToLower(msg)
+	if sm := httpStatus.FindStringSubmatch(m); sm != nil {
+		switch code := sm[1]; {
+		case code == "401" || code == "403":
+			return ReasonUnauthorized
+		case code == "404":
+			return ReasonNotFound
+		case code == "429" || code[0] == '5':
+			return ReasonServerError
+		}
+	}
+	for _, rule := range textRules {
+		for _, p := range rule.phrases {
+			if strings.Contains(m, p) {
+				return rule.reason
+			}
+		}
+	}
+	return ReasonUnknown
+}

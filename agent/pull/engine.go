@@ -1,0 +1,276 @@
+// Package pull is the pull engine: it makes every image of a list present on
+// the node through the CRI ImageService, with bounded concurrency, growing
+// per-attempt timeouts and delays, classified errors (permanent ones end an
+// image at once), credentials tried in order, and an overall deadline.
+package pull
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/credentials"
+	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
+)
+
+// Engine pulls lists of images. Set the fields, then call Run; an Engine may
+// run several passes, one after another or at once.
+//
+// Attempts and credentials: an attempt is one step of Config's schedule (its
+// own timeout, a delay before it). Within an attempt the credentials from
+// Creds are tried in order; one that is refused (Unauthorized, or NotFound
+// when there are several credentials, since registries hide private
+// repositories behind 404s) is dropped and the next is tried at once, without
+// using up an attempt. A transient error ends the attempt; the next attempt
+// starts with the same credential. Every PullImage call is reported to the
+// Observer and counted in Result.Attempts.
+//
+// Each PullImage call goes through pullOnce with the client to use, so that
+// hedging (a second attempt on a fresh connection while a stalled one still
+// runs) can later be added around it without changing the rest.
+type Engine struct {
+	Images   runtimeapi.ImageServiceClient
+	Creds    credentials.Provider // nil: anonymous pulls
+	Observer Observer             // nil: nobody is told
+	Config
+}
+
+// Run pulls entries and returns one Result per entry, in the same order. It
+// returns when every image is done, the overall timeout has passed or ctx is
+// cancelled; images not done then fail with ReasonTimeout or ReasonCanceled.
+func (e *Engine) Run(ctx context.Context, entries []imagelist.Entry) []Result {
+	results := make([]Result, len(entries))
+	if err := e.Config.Validate(); err != nil {
+		for i, en := range entries {
+			results[i] = Result{Image: en.Ref, Line: en.Line, Outcome: OutcomeFailed, Reason: ReasonInvalidConfig, Err: err, Start: time.Now()}
+			e.imageFinished(results[i])
+		}
+		return results
+	}
+	pass := ctx
+	if e.OverallTimeout > 0 {
+		var cancel context.CancelFunc
+		pass, cancel = context.WithTimeout(ctx, e.OverallTimeout)
+		defer cancel()
+	}
+	var g errgroup.Group
+	if e.MaxParallel > 0 {
+		g.SetLimit(e.MaxParallel) // Go blocks: images start in list order
+	}
+	for i, en := range entries {
+		g.Go(func() error {
+			results[i] = e.image(ctx, pass, en)
+			e.imageFinished(results[i])
+			return nil
+		})
+	}
+	g.Wait() //nolint:errcheck // the goroutines return no errors
+	return results
+}
+
+// ReasonInvalidConfig marks results of a Run with an invalid Config.
+const ReasonInvalidConfig Reason = "InvalidConfig"
+
+// image makes one image present. parent is the caller's context, ctx the
+// pass's (parent plus the overall timeout).
+func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Result) {
+	r = Result{Image: en.Ref, Line: en.Line, Start: time.Now(), Outcome: OutcomeFailed}
+	defer func() { r.Duration = time.Since(r.Start) }()
+	fail := func(reason Reason, err error) Result {
+		r.Reason, r.Err = reason, fmt.Errorf("pull %s: %w", en.Ref, err)
+		return r
+	}
+	if ctx.Err() != nil {
+		return fail(stopReason(parent), ctx.Err())
+	}
+
+	if e.Policy != PolicyAlways {
+		img, err := e.status(ctx, en.Ref)
+		if img != nil {
+			r.Outcome = OutcomePresent
+			setImage(&r, img)
+			return r
+		}
+		if err != nil && ctx.Err() != nil {
+			return fail(stopReason(parent), fmt.Errorf("image status: %w", err))
+		}
+		// Any other status error: pull anyway; the pull reports the real problem.
+	}
+
+	creds, lookupErr := e.lookup(ctx, en.Ref)
+	tries := []*credentials.Credential{nil} // anonymous
+	if len(creds) > 0 {
+		tries = make([]*credentials.Credential, len(creds))
+		for i := range creds {
+			tries[i] = &creds[i]
+		}
+	}
+	cur := 0             // the first credential not refused
+	sawNotFound := false // a credential got past authentication
+	sched := e.scheduler()
+	var last error
+	var lastReason Reason
+	for {
+		step, ok := sched.next()
+		if !ok {
+			return fail(lastReason, fmt.Errorf("gave up after %d attempts: %w", e.MaxAttempts, withLookup(last, lookupErr)))
+		}
+		if step.Delay > 0 {
+			if err := sleep(ctx, step.Delay); err != nil {
+				if parent.Err() != nil {
+					return fail(stopReason(parent), err)
+				}
+				// Keep the last attempt's reason: it says what went wrong.
+				return fail(lastReason, fmt.Errorf("overall timeout ends before attempt %d: %w", step.Number, withLookup(last, lookupErr)))
+			}
+		}
+		for cur < len(tries) {
+			cred := tries[cur]
+			r.Attempts++
+			res, err := e.pullOnce(ctx, e.Images, en.Ref, cred, step.Timeout)
+			a := Attempt{Image: en.Ref, Number: r.Attempts, Start: res.start, Duration: res.duration, Timeout: step.Timeout, Err: err, Reason: Classify(err)}
+			if cred != nil {
+				a.Credential = cred.Source
+			}
+			if err == nil {
+				r.Outcome, r.ImageRef = OutcomePulled, res.imageRef
+				if img, _ := e.status(ctx, en.Ref); img != nil {
+					setImage(&r, img)
+				}
+				a.ImageRef, a.Size = r.ImageRef, r.Size
+				e.attemptFinished(a)
+				return r
+			}
+			e.attemptFinished(a)
+			last, lastReason = err, a.Reason
+			switch {
+			case parent.Err() != nil:
+				return fail(stopReason(parent), err)
+			case ctx.Err() != nil:
+				return fail(ReasonTimeout, fmt.Errorf("overall timeout: %w", withLookup(err, lookupErr)))
+			case a.Reason == ReasonInvalidReference:
+				return fail(a.Reason, err)
+			case cred != nil && (a.Reason == ReasonUnauthorized || (a.Reason == ReasonNotFound && len(tries) > 1)):
+				sawNotFound = sawNotFound || a.Reason == ReasonNotFound
+				cur++
+				continue // the next credential, at once
+			case a.Reason.Permanent():
+				return fail(a.Reason, withLookup(err, lookupErr))
+			}
+			break // transient: next attempt, same credential
+		}
+		if cur >= len(tries) {
+			reason := ReasonUnauthorized
+			if sawNotFound {
+				reason = ReasonNotFound
+			}
+			return fail(reason, fmt.Errorf("all %d credentials refused; last error: %w", len(tries), withLookup(last, lookupErr)))
+		}
+	}
+}
+
+// pullResult is what one PullImage call returned.
+type pullResult struct {
+	imageRef string
+	start    time.Time
+	duration time.Duration
+}
+
+// pullOnce makes one PullImage call with its own timeout.
+func (e *Engine) pullOnce(ctx context.Context, images runtimeapi.ImageServiceClient, ref string, cred *credentials.Credential, timeout time.Duration) (pullResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req := &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}
+	if cred != nil {
+		req.Auth = cred.Auth
+	}
+	res := pullResult{start: time.Now()}
+	resp, err := images.PullImage(ctx, req)
+	res.duration = time.Since(res.start)
+	if err != nil {
+		return res, err
+	}
+	res.imageRef = resp.GetImageRef()
+	return res, nil
+}
+
+// status asks the runtime for ref; a nil image with a nil error means absent.
+func (e *Engine) status(ctx context.Context, ref string) (*runtimeapi.Image, error) {
+	ctx, cancel := context.WithTimeout(ctx, e.InitialAttemptTimeout)
+	defer cancel()
+	resp, err := e.Images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetImage(), nil
+}
+
+func (e *Engine) lookup(ctx context.Context, ref string) ([]credentials.Credential, error) {
+	if e.Creds == nil {
+		return nil, nil
+	}
+	// Like the kubelet, a failing lookup does not stop the pull: the image may
+	// be public. Whatever was found is still used, and the error is kept for
+	// the result if the pull then fails.
+	creds, err := e.Creds.Lookup(ctx, ref)
+	if err != nil {
+		err = fmt.Errorf("credential lookup: %w", err)
+	}
+	return creds, err
+}
+
+func withLookup(err, lookupErr error) error {
+	if lookupErr == nil {
+		return err
+	}
+	return fmt.Errorf("%w (%v)", err, lookupErr)
+}
+
+func setImage(r *Result, img *runtimeapi.Image) {
+	if id := img.GetId(); id != "" {
+		r.ImageRef = id
+	}
+	r.RepoDigests = img.GetRepoDigests()
+	r.Size = img.GetSize()
+}
+
+// stopReason says why the pass stopped: the caller cancelled it, or a
+// deadline (the overall timeout or the caller's) passed.
+func stopReason(parent context.Context) Reason {
+	if errors.Is(parent.Err(), context.Canceled) {
+		return ReasonCanceled
+	}
+	return ReasonTimeout
+}
+
+// sleep waits d or until ctx is done. It returns at once with an error when
+// ctx's deadline comes before d ends: waiting could only end in a timeout.
+func sleep(ctx context.Context, d time.Duration) error {
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < d {
+		return context.DeadlineExceeded
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+func (e *Engine) attemptFinished(a Attempt) {
+	if e.Observer != nil {
+		e.Observer.AttemptFinished(a)
+	}
+}
+
+func (e *Engine) imageFinished(r Result) {
+	if e.Observer != nil {
+		e.Observer.ImageFinished(r)
+	}
+}
