@@ -35,8 +35,16 @@ type recorder struct {
 	results  []pull.Result
 }
 
-func (r *recorder) AttemptFinished(a pull.Attempt) { r.mu.Lock(); r.attempts = append(r.attempts, a); r.mu.Unlock() }
-func (r *recorder) ImageFinished(res pull.Result)  { r.mu.Lock(); r.results = append(r.results, res); r.mu.Unlock() }
+func (r *recorder) AttemptFinished(a pull.Attempt) {
+	r.mu.Lock()
+	r.attempts = append(r.attempts, a)
+	r.mu.Unlock()
+}
+func (r *recorder) ImageFinished(res pull.Result) {
+	r.mu.Lock()
+	r.results = append(r.results, res)
+	r.mu.Unlock()
+}
 
 func (r *recorder) attemptsFor(image string) []pull.Attempt {
 	r.mu.Lock()
@@ -291,7 +299,9 @@ type creds struct {
 	err  error
 }
 
-func (c creds) Lookup(context.Context, string) ([]credentials.Credential, error) { return c.list, c.err }
+func (c creds) Lookup(context.Context, string) ([]credentials.Credential, error) {
+	return c.list, c.err
+}
 
 func cred(source, user, pass string) credentials.Credential {
 	return credentials.Credential{Source: source, Auth: &runtimeapi.AuthConfig{Username: user, Password: pass}}
