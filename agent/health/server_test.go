@@ -1,0 +1,226 @@
+package health
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+)
+
+// start serves s on a loopback port and returns its base URL and a stop
+// function that returns Serve's error.
+func start(t *testing.T, s *Server) (string, func() error) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, ln) }()
+	stopped := false
+	var result error
+	stop := func() error {
+		if !stopped {
+			cancel()
+			result, stopped = <-done, true
+		}
+		return result
+	}
+	t.Cleanup(func() { _ = stop() })
+	return "http://" + ln.Addr().String(), stop
+}
+
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, string(body)
+}
+
+func TestEndpoints(t *testing.T) {
+	m := metrics.New()
+	var ready Readiness
+	base, stop := start(t, &Server{Gatherer: m.Registry(), Ready: ready.Check})
+
+	if code, body := get(t, base+"/healthz"); code != http.StatusOK || body != "ok\n" {
+		t.Errorf("/healthz = %d %q, want 200 ok", code, body)
+	}
+	if code, body := get(t, base+"/readyz"); code != http.StatusServiceUnavailable ||
+		body != "not ready: first pass not finished\n" {
+		t.Errorf("/readyz before a pass = %d %q", code, body)
+	}
+
+	results := []pull.Result{
+		{Image: "127.0.0.1:5000/a:1", Outcome: pull.OutcomePulled},
+		{Image: "127.0.0.1:5000/x:missing", Outcome: pull.OutcomeFailed, Reason: pull.ReasonNotFound},
+	}
+	ready.SetResults(results)
+	m.PassFinished(results, time.Second)
+	if code, body := get(t, base+"/readyz"); code != http.StatusServiceUnavailable ||
+		body != "not ready: 1 of 2 images missing: 127.0.0.1:5000/x:missing\n" {
+		t.Errorf("/readyz with a missing image = %d %q", code, body)
+	}
+
+	results[1].Outcome = pull.OutcomePulled
+	ready.SetResults(results)
+	m.PassFinished(results, time.Second)
+	if code, body := get(t, base+"/readyz"); code != http.StatusOK || body != "ok\n" {
+		t.Errorf("/readyz with every image present = %d %q", code, body)
+	}
+
+	code, body := get(t, base+"/metrics")
+	if code != http.StatusOK {
+		t.Fatalf("/metrics = %d", code)
+	}
+	for _, want := range []string{
+		"image_prefetcher_images_present 2\n",
+		"image_prefetcher_images_missing 0\n",
+		`image_prefetcher_passes_total{result="failed"} 1`,
+		"go_goroutines ",
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	resp, err := http.Post(base+"/healthz", "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("POST /healthz = %d, want 405", resp.StatusCode)
+	}
+	if code, _ := get(t, base+"/nothing"); code != http.StatusNotFound {
+		t.Errorf("/nothing = %d, want 404", code)
+	}
+
+	if err := stop(); err != nil {
+		t.Errorf("Serve after shutdown = %v, want nil", err)
+	}
+	if _, err := http.Get(base + "/healthz"); err == nil {
+		t.Error("server still answers after shutdown")
+	}
+}
+
+func TestNoReadinessCheckAndNoMetrics(t *testing.T) {
+	base, _ := start(t, &Server{})
+	if code, body := get(t, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no readiness check") {
+		t.Errorf("/readyz without a check = %d %q", code, body)
+	}
+	if code, _ := get(t, base+"/metrics"); code != http.StatusNotFound {
+		t.Errorf("/metrics without a gatherer = %d, want 404", code)
+	}
+}
+
+func TestGracefulShutdownFinishesOpenRequests(t *testing.T) {
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var calls atomic.Int32
+	base, stop := start(t, &Server{Ready: func() error {
+		if calls.Add(1) == 1 {
+			close(entered)
+			<-release
+		}
+		return nil
+	}})
+
+	type answer struct {
+		code int
+		err  error
+	}
+	answers := make(chan answer, 1)
+	go func() {
+		resp, err := http.Get(base + "/readyz")
+		if err != nil {
+			answers <- answer{err: err}
+			return
+		}
+		resp.Body.Close()
+		answers <- answer{code: resp.StatusCode}
+	}()
+	<-entered
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	// Wait until shutdown has closed the listener, so that the open request
+	// really spans the shutdown.
+	addr := strings.TrimPrefix(base, "http://")
+	for {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			break
+		}
+		conn.Close()
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	a := <-answers
+	if a.err != nil || a.code != http.StatusOK {
+		t.Errorf("request open during shutdown: %d %v, want 200", a.code, a.err)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("Serve = %v, want nil", err)
+	}
+}
+
+func TestRun(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- (&Server{}).Run(ctx, "127.0.0.1:0") }()
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run = %v, want nil after cancel", err)
+	}
+
+	// An address in use is an error naming it.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	addr := ln.Addr().String()
+	err = (&Server{}).Run(context.Background(), addr)
+	if err == nil || !strings.Contains(err.Error(), addr) {
+		t.Errorf("Run on a busy address = %v, want an error naming %s", err, addr)
+	}
+}
+
+func TestReadiness(t *testing.T) {
+	var r Readiness
+	if err := r.Check(); err == nil {
+		t.Error("ready before the first pass")
+	}
+	r.SetResults(nil) // an empty list: nothing is missing
+	if err := r.Check(); err != nil {
+		t.Errorf("empty list: %v", err)
+	}
+	var results []pull.Result
+	for i := range 5 {
+		results = append(results, pull.Result{Image: fmt.Sprintf("img%d", i), Outcome: pull.OutcomeFailed})
+	}
+	results = append(results, pull.Result{Image: "ok", Outcome: pull.OutcomePresent})
+	r.SetResults(results)
+	if err := r.Check(); err == nil || err.Error() != "5 of 6 images missing: img0, img1, img2 and 2 more" {
+		t.Errorf("Check = %v", err)
+	}
+	r.SetNotReady("new list started")
+	if err := r.Check(); err == nil || err.Error() != "new list started" {
+		t.Errorf("Check = %v", err)
+	}
+}
