@@ -1,0 +1,47 @@
+# image-prefetcher: node agent, KRM function and Kustomize bundle.
+# `make test` is the whole proof: static checks, unit and integration tests, bundle goldens,
+# then the real single-node cluster (needs root on Linux) and the end-to-end tests on it.
+SHELL := /bin/bash
+GO ?= go
+BIN := bin
+PKGS := ./...
+FUZZTIME ?= 10s
+E2E := e2e/cluster.sh
+
+.PHONY: all build test check unit fuzz e2e cluster-up cluster-down demo bench golden clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image-prefetcher ./agent/cmd/image-prefetcher
+	@if [ -d fn/cmd/image-prefetcher-fn ]; then CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image-prefetcher-fn ./fn/cmd/image-prefetcher-fn; fi
+
+# Everything, from cheap to real. CI runs exactly this.
+test: check unit fuzz e2e
+
+check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+unit:
+	$(GO) test -count=1 $(PKGS)
+
+# Short runs of every native fuzz test (a fuzz target per parser of outside input).
+fuzz:
+	@set -e; for pkg in $$($(GO) list $(PKGS)); do \
+	  dir=$$($(GO) list -f '{{.Dir}}' $$pkg); \
+	  for f in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$dir/*_test.go 2>/dev/null | sed 's/func //'); do \
+	    echo "fuzz $$pkg $$f"; $(GO) test -run='^$$' -fuzz="^$$f\$$" -fuzztime=$(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+cluster-up:
+	$(E2E) up
+
+cluster-down:
+	$(E2E) down
+
+clean:
+	rm -rf $(BIN)
+
+-include make/*.mk

@@ -1,0 +1,295 @@
+package app
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/cri/critest"
+	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+)
+
+const (
+	testNode     = "node-1"
+	testInstance = "my-images"
+	present      = "registry.test/app/present:1"
+	pullable     = "registry.test/app/pullable:1"
+	missing      = "registry.test/app/missing:1"
+)
+
+func writeList(t *testing.T, lines ...string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "images.txt")
+	if err := os.WriteFile(p, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// testOptions are fast settings for a fake runtime: millisecond timeouts, no
+// server.
+func testOptions(socket, list string) *Options {
+	o := defaultOptions()
+	o.Instance, o.NodeName = testInstance, testNode
+	o.CRISocket, o.ImageList = socket, list
+	o.InitialPullAttemptTimeout, o.MaxPullAttemptTimeout = 200*time.Millisecond, time.Second
+	o.InitialPullAttemptDelay, o.MaxPullAttemptDelay = 10*time.Millisecond, 50*time.Millisecond
+	o.OverallTimeout = 20 * time.Second
+	o.ListenAddress = ""
+	return o
+}
+
+func newTestPrefetcher(t *testing.T, o *Options) (*prefetcher, *fake.Clientset, *bytes.Buffer) {
+	t.Helper()
+	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{
+		Name:   testNode,
+		Labels: map[string]string{"kubernetes.io/hostname": testNode, nodelabel.Key("other"): "succeeded"},
+	}})
+	var logs bytes.Buffer
+	p, err := newPrefetcher(o, false, &logs, client)
+	if err != nil {
+		t.Fatalf("newPrefetcher: %v", err)
+	}
+	t.Cleanup(p.close)
+	return p, client, &logs
+}
+
+func nodeLabels(t *testing.T, client *fake.Clientset) (map[string]string, map[string]string) {
+	t.Helper()
+	obj, err := client.Tracker().Get(schema.GroupVersionResource{Version: "v1", Resource: "nodes"}, "", testNode)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := obj.(*corev1.Node)
+	return n.Labels, n.Annotations
+}
+
+func nodePatches(client *fake.Clientset) int {
+	n := 0
+	for _, a := range client.Actions() {
+		if a.GetVerb() == "patch" && a.GetResource().Resource == "nodes" {
+			n++
+		}
+	}
+	return n
+}
+
+func TestPassWithMissingImageAndBadLineLabelsFailed(t *testing.T) {
+	cri := critest.Start(t)
+	cri.AddImage(present, critest.Image{Size: 10})
+	cri.OnPull(missing, critest.NotFound(missing))
+	list := writeList(t, "# test list", present, pullable, missing, "Not A Reference", "")
+	p, client, logs := newTestPrefetcher(t, testOptions(cri.Path(), list))
+
+	rep, err := p.pass(context.Background())
+	if err != nil {
+		t.Fatalf("pass: %v", err)
+	}
+	if rep.State != nodelabel.Failed {
+		t.Fatalf("state = %q, want failed", rep.State)
+	}
+	failed := map[string]pull.Reason{}
+	for _, f := range rep.Failed() {
+		failed[f.Image] = f.Reason
+	}
+	if failed[missing] != pull.ReasonNotFound || failed["Not A Reference"] != pull.ReasonInvalidReference || len(failed) != 2 {
+		t.Errorf("failed images = %v, want the missing tag (NotFound) and the bad line (InvalidReference)", failed)
+	}
+	// The other images are still pulled, and a 404 is not retried.
+	if !cri.HasImage(pullable) {
+		t.Errorf("%s was not pulled although another image failed", pullable)
+	}
+	if n := cri.PullCalls(missing); n != 1 {
+		t.Errorf("PullImage calls for a missing tag = %d, want 1 (NotFound is permanent)", n)
+	}
+	if n := cri.PullCalls(present); n != 0 {
+		t.Errorf("PullImage calls for a present image = %d, want 0 under IfNotPresent", n)
+	}
+	labels, annotations := nodeLabels(t, client)
+	if got := labels[nodelabel.Key(testInstance)]; got != "failed" {
+		t.Errorf("label = %q, want failed", got)
+	}
+	if labels[nodelabel.Key("other")] != "succeeded" || labels["kubernetes.io/hostname"] != testNode {
+		t.Errorf("other labels changed: %v", labels)
+	}
+	if annotations[nodelabel.AnnotationKey(testInstance)] != rep.Digest {
+		t.Errorf("list annotation = %q, want %q", annotations[nodelabel.AnnotationKey(testInstance)], rep.Digest)
+	}
+	events, err := client.CoreV1().Events("").List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []string
+	for _, e := range events.Items {
+		msgs = append(msgs, e.Type+" "+e.Reason+" "+e.Message)
+	}
+	joined := strings.Join(msgs, "\n")
+	for _, want := range []string{missing, "NotFound", "Not A Reference", "InvalidReference"} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("node events do not mention %q:\n%s", want, joined)
+		}
+	}
+	if err := p.readiness.Check(); err == nil {
+		t.Error("readiness is ok although images are missing")
+	}
+	if !strings.Contains(logs.String(), "line=5") {
+		t.Errorf("the bad line's number is not logged:\n%s", logs.String())
+	}
+}
+
+func TestSteadyStateWritesNothing(t *testing.T) {
+	cri := critest.Start(t)
+	cri.AddImage(present, critest.Image{Size: 10})
+	list := writeList(t, present, pullable)
+	p, client, _ := newTestPrefetcher(t, testOptions(cri.Path(), list))
+
+	rep, err := p.pass(context.Background())
+	if err != nil || rep.State != nodelabel.Succeeded {
+		t.Fatalf("first pass: state %q, err %v", rep.State, err)
+	}
+	if err := p.readiness.Check(); err != nil {
+		t.Errorf("not ready after a complete pass: %v", err)
+	}
+	labels, _ := nodeLabels(t, client)
+	if labels[nodelabel.Key(testInstance)] != "succeeded" {
+		t.Fatalf("label = %q, want succeeded", labels[nodelabel.Key(testInstance)])
+	}
+	before := nodePatches(client)
+	cri.ResetCounters()
+	if rep, err = p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+		t.Fatalf("second pass: state %q, err %v", rep.State, err)
+	}
+	if after := nodePatches(client); after != before {
+		t.Errorf("second pass with nothing changed patched the node %d times", after-before)
+	}
+	if cri.TotalPullCalls() != 0 {
+		t.Errorf("second pass pulled %d times; every image was present", cri.TotalPullCalls())
+	}
+}
+
+func TestRecheckRepullsRemovedImage(t *testing.T) {
+	cri := critest.Start(t)
+	list := writeList(t, pullable)
+	p, client, _ := newTestPrefetcher(t, testOptions(cri.Path(), list))
+	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+		t.Fatalf("first pass: %q %v", rep.State, err)
+	}
+	cri.DeleteImage(pullable) // kubelet image GC, behind the agent's back
+	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+		t.Fatalf("re-check pass: %q %v", rep.State, err)
+	}
+	if !cri.HasImage(pullable) {
+		t.Error("the removed image was not pulled again")
+	}
+	labels, _ := nodeLabels(t, client)
+	if labels[nodelabel.Key(testInstance)] != "succeeded" {
+		t.Errorf("label = %q after re-pull", labels[nodelabel.Key(testInstance)])
+	}
+}
+
+func TestNewListClearsLabelBeforePulling(t *testing.T) {
+	cri := critest.Start(t)
+	list := writeList(t, pullable)
+	o := testOptions(cri.Path(), list)
+	p, client, _ := newTestPrefetcher(t, o)
+	if rep, _ := p.pass(context.Background()); rep.State != nodelabel.Succeeded {
+		t.Fatalf("first pass: %q", rep.State)
+	}
+	// The list changes and the new image's pull hangs: while it hangs the
+	// node must not claim `succeeded`.
+	const slow = "registry.test/app/slow:2"
+	cri.OnPull(slow, critest.Stall())
+	if err := os.WriteFile(list, []byte(pullable+"\n"+slow+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan passReport)
+	go func() { rep, _ := p.pass(ctx); done <- rep }()
+	deadline := time.Now().Add(10 * time.Second)
+	for cri.PullCalls(slow) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	labels, _ := nodeLabels(t, client)
+	if v, ok := labels[nodelabel.Key(testInstance)]; ok {
+		t.Errorf("label %q kept while a new list is being pulled", v)
+	}
+	cancel() // SIGTERM mid-pass
+	rep := <-done
+	if !rep.Canceled {
+		t.Errorf("an interrupted pass was not reported as canceled: %+v", rep.State)
+	}
+	labels, _ = nodeLabels(t, client)
+	if v, ok := labels[nodelabel.Key(testInstance)]; ok {
+		t.Errorf("interrupted pass wrote label %q", v)
+	}
+}
+
+func TestFetchExitCodes(t *testing.T) {
+	cri := critest.Start(t)
+	cri.OnPull(missing, critest.NotFound(missing))
+	fast := []string{"--label=false", "--cri-socket", cri.Path(), "--initial-pull-attempt-timeout=1s"}
+
+	var stderr bytes.Buffer
+	if code := Main(append([]string{"fetch", "--image-list-file", writeList(t, pullable)}, fast...), &stderr, &stderr); code != ExitOK {
+		t.Errorf("fetch of a pullable list exited %d, want 0\n%s", code, stderr.String())
+	}
+	stderr.Reset()
+	start := time.Now()
+	code := Main(append([]string{"fetch", "--image-list-file", writeList(t, pullable, missing)}, fast...), &stderr, &stderr)
+	if code != ExitFailed {
+		t.Errorf("fetch with a missing tag exited %d, want %d", code, ExitFailed)
+	}
+	if !strings.Contains(stderr.String(), missing) {
+		t.Errorf("the missing image is not named:\n%s", stderr.String())
+	}
+	if time.Since(start) > 15*time.Second {
+		t.Errorf("a missing tag took %s: it was retried", time.Since(start))
+	}
+}
+
+func TestFetchDeadSocketFailsFastNamingThePath(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "containerd.sock")
+	var stderr bytes.Buffer
+	start := time.Now()
+	code := Main([]string{"fetch", "--label=false", "--cri-socket", sock, "--image-list-file", writeList(t, pullable)}, &stderr, &stderr)
+	if code != ExitFailed {
+		t.Errorf("exit %d, want %d", code, ExitFailed)
+	}
+	if !strings.Contains(stderr.String(), sock) {
+		t.Errorf("error does not name %s:\n%s", sock, stderr.String())
+	}
+	if time.Since(start) > 15*time.Second {
+		t.Errorf("a missing socket took %s to fail", time.Since(start))
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	for name, args := range map[string][]string{
+		"no command":        {},
+		"unknown command":   {"frobnicate"},
+		"bad instance":      {"fetch", "--instance", "Not_Valid!", "--node-name", "n", "--kubeconfig", "/dev/null"},
+		"bad policy":        {"fetch", "--label=false", "--pull-policy", "Sometimes"},
+		"bad log format":    {"fetch", "--label=false", "--log-format", "xml"},
+		"stray argument":    {"fetch", "--label=false", "busybox"},
+		"no node name":      {"fetch", "--instance", "x", "--node-name", ""},
+		"negative parallel": {"fetch", "--label=false", "--max-parallel-pulls", "-1"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			var out bytes.Buffer
+			if code := Main(args, &out, &out); code != ExitUsage {
+				t.Errorf("exit %d, want %d\n%s", code, ExitUsage, out.String())
+			}
+		})
+	}
+}

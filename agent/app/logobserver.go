@@ -1,0 +1,53 @@
+package app
+
+import (
+	"log/slog"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+)
+
+// logObserver writes one structured line per attempt and per image result.
+// Credentials appear only as their Source, never as secrets.
+type logObserver struct{ log *slog.Logger }
+
+var _ pull.Observer = logObserver{}
+
+func (o logObserver) AttemptFinished(a pull.Attempt) {
+	attrs := []any{
+		"image", a.Image, "attempt", a.Number, "duration", a.Duration.Round(1e6), "timeout", a.Timeout,
+	}
+	if a.Credential != "" {
+		attrs = append(attrs, "credential", a.Credential)
+	}
+	if a.Err != nil {
+		o.log.Warn("pull attempt failed", append(attrs, "reason", string(a.Reason), "error", a.Err.Error())...)
+		return
+	}
+	o.log.Info("pull attempt succeeded", append(attrs, "imageRef", a.ImageRef)...)
+}
+
+func (o logObserver) ImageFinished(r pull.Result) {
+	attrs := []any{
+		"image", r.Image, "outcome", string(r.Outcome), "attempts", r.Attempts, "duration", r.Duration.Round(1e6),
+	}
+	if r.Err != nil {
+		o.log.Error("image failed", append(attrs, "reason", string(r.Reason), "error", r.Err.Error())...)
+		return
+	}
+	o.log.Info("image ready", append(attrs, "imageRef", r.ImageRef, "size", r.Size)...)
+}
+
+// observers fans out to several observers.
+type observers []pull.Observer
+
+func (os observers) AttemptFinished(a pull.Attempt) {
+	for _, o := range os {
+		o.AttemptFinished(a)
+	}
+}
+
+func (os observers) ImageFinished(r pull.Result) {
+	for _, o := range os {
+		o.ImageFinished(r)
+	}
+}

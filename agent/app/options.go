@@ -1,0 +1,126 @@
+package app
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// Options are the flags shared by `run` and `fetch`. Names and defaults that
+// the reference tool also has are kept, so existing manifests keep working.
+type Options struct {
+	Instance  string
+	NodeName  string
+	ImageList string
+
+	CRISocket   string
+	HostRoot    string
+	DialTimeout time.Duration
+
+	DockerConfigs      []string
+	CredProviderConfig string
+	CredProviderBinDir string
+
+	PullPolicy                string
+	MaxParallelPulls          int
+	MaxAttempts               int
+	InitialPullAttemptTimeout time.Duration
+	MaxPullAttemptTimeout     time.Duration
+	InitialPullAttemptDelay   time.Duration
+	MaxPullAttemptDelay       time.Duration
+	OverallTimeout            time.Duration
+
+	Label             bool
+	Kubeconfig        string
+	LabelWriteTimeout time.Duration
+	RecheckInterval   time.Duration
+	ListenAddress     string
+	LogFormat         string
+	LogLevel          string
+}
+
+// DefaultMaxParallelPulls is the per-node pull concurrency. It was chosen
+// by measurement (see README, "Benchmarks"), not guessed.
+const DefaultMaxParallelPulls = 4
+
+func defaultOptions() *Options {
+	return &Options{
+		Instance:                  os.Getenv("INSTANCE"),
+		NodeName:                  os.Getenv("NODE_NAME"),
+		ImageList:                 "/etc/image-prefetcher/images.txt",
+		HostRoot:                  "/host",
+		DialTimeout:               5 * time.Second,
+		PullPolicy:                "IfNotPresent",
+		MaxParallelPulls:          DefaultMaxParallelPulls,
+		MaxAttempts:               10,
+		InitialPullAttemptTimeout: 30 * time.Second,
+		MaxPullAttemptTimeout:     5 * time.Minute,
+		InitialPullAttemptDelay:   time.Second,
+		MaxPullAttemptDelay:       10 * time.Minute,
+		OverallTimeout:            20 * time.Minute,
+		Label:                     true,
+		Kubeconfig:                os.Getenv("KUBECONFIG"),
+		LabelWriteTimeout:         30 * time.Second,
+		RecheckInterval:           5 * time.Minute,
+		ListenAddress:             ":9477",
+		LogFormat:                 "text",
+		LogLevel:                  "info",
+	}
+}
+
+func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
+	fs.StringVar(&o.Instance, "instance", o.Instance, "Instance name; the node label key is image-prefetcher.stackrox.io/<instance> (default: $INSTANCE).")
+	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of the Node this agent runs on (default: $NODE_NAME).")
+	fs.StringVar(&o.ImageList, "image-list-file", o.ImageList, "File with one image reference per line; # starts a comment.")
+	fs.StringVar(&o.CRISocket, "cri-socket", o.CRISocket, "CRI socket path or unix:// URL. Empty: detect containerd, CRI-O, k3s/rke2 or cri-dockerd under --host-root.")
+	fs.StringVar(&o.HostRoot, "host-root", o.HostRoot, "Where the host's socket directories are mounted, for CRI socket detection.")
+	fs.DurationVar(&o.DialTimeout, "cri-dial-timeout", o.DialTimeout, "How long to wait for the CRI runtime to answer before the pass fails.")
+	fs.StringArrayVar(&o.DockerConfigs, "docker-config", o.DockerConfigs, "Docker config file (.dockerconfigjson or .dockercfg) with pull credentials; repeatable.")
+	fs.StringVar(&o.CredProviderConfig, "image-credential-provider-config", o.CredProviderConfig, "Kubelet CredentialProviderConfig file for credential provider plugins.")
+	fs.StringVar(&o.CredProviderBinDir, "image-credential-provider-bin-dir", o.CredProviderBinDir, "Directory holding the credential provider plugin binaries.")
+	fs.StringVar(&o.PullPolicy, "pull-policy", o.PullPolicy, "IfNotPresent (skip images already present) or Always.")
+	fs.IntVar(&o.MaxParallelPulls, "max-parallel-pulls", o.MaxParallelPulls, "Images pulled at the same time on this node; 0 means unbounded.")
+	fs.IntVar(&o.MaxAttempts, "max-attempts", o.MaxAttempts, "Pull attempts per image before it is given up.")
+	fs.DurationVar(&o.InitialPullAttemptTimeout, "initial-pull-attempt-timeout", o.InitialPullAttemptTimeout, "Timeout of the first pull attempt; each later attempt doubles it up to --max-pull-attempt-timeout.")
+	fs.DurationVar(&o.MaxPullAttemptTimeout, "max-pull-attempt-timeout", o.MaxPullAttemptTimeout, "Upper bound of a pull attempt's timeout.")
+	fs.DurationVar(&o.InitialPullAttemptDelay, "initial-pull-attempt-delay", o.InitialPullAttemptDelay, "Delay before the second attempt of an image; doubles up to --max-pull-attempt-delay.")
+	fs.DurationVar(&o.MaxPullAttemptDelay, "max-pull-attempt-delay", o.MaxPullAttemptDelay, "Upper bound of the delay between attempts.")
+	fs.DurationVar(&o.OverallTimeout, "overall-timeout", o.OverallTimeout, "Upper bound of one pass over the whole list.")
+	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
+	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of the node label write, separate from the pass's.")
+	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
+	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "debug, info, warn or error.")
+	if withServer {
+		fs.DurationVar(&o.RecheckInterval, "recheck-interval", o.RecheckInterval, "How often presence is re-checked and missing images re-pulled (e.g. after kubelet image GC).")
+		fs.StringVar(&o.ListenAddress, "listen-address", o.ListenAddress, "Address of the /healthz, /readyz and /metrics server; empty disables it.")
+	}
+}
+
+func (o *Options) validate(withServer bool) error {
+	var errs []error
+	if o.Label && o.NodeName == "" {
+		errs = append(errs, errors.New("--node-name is empty and $NODE_NAME is unset"))
+	}
+	if o.ImageList == "" {
+		errs = append(errs, errors.New("--image-list-file is empty"))
+	}
+	if o.MaxParallelPulls < 0 {
+		errs = append(errs, fmt.Errorf("--max-parallel-pulls=%d: must be 0 (unbounded) or more", o.MaxParallelPulls))
+	}
+	if o.LabelWriteTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--label-write-timeout=%s: must be positive", o.LabelWriteTimeout))
+	}
+	if withServer && o.RecheckInterval <= 0 {
+		errs = append(errs, fmt.Errorf("--recheck-interval=%s: must be positive", o.RecheckInterval))
+	}
+	switch o.LogFormat {
+	case "text", "json":
+	default:
+		errs = append(errs, fmt.Errorf("--log-format=%q: must be text or json", o.LogFormat))
+	}
+	return errors.Join(errs...)
+}
