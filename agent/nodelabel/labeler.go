@@ -254,9 +254,20 @@ func retryTransient(ctx context.Context, b *wait.Backoff, fn func() error) error
 	if b != nil {
 		backoff = *b
 	}
-	return retry.OnError(backoff, func(err error) bool {
+	var last error
+	err := retry.OnError(backoff, func(err error) bool {
 		return ctx.Err() == nil && Transient(err)
-	}, fn)
+	}, func() error {
+		last = fn()
+		return last
+	})
+	if err != nil {
+		return err
+	}
+	// OnError returns nil when fn fails with an error that wraps a context
+	// error (it takes it for the end of its own wait): a write that ran out of
+	// time would pass for a success. fn's last error is the truth.
+	return last
 }
 
 // Transient reports whether an API error is worth retrying.

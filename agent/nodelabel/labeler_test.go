@@ -3,6 +3,7 @@ package nodelabel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
 const (
@@ -392,6 +395,27 @@ func TestPermanentErrors(t *testing.T) {
 	err = (&Labeler{Client: missing, Node: "gone", Instance: instance}).Set(context.Background(), digestA, Failed)
 	if err == nil || !apierrors.IsNotFound(err) || !strings.Contains(err.Error(), "--node-name") {
 		t.Errorf("Set on a missing node = %v, want NotFound naming --node-name", err)
+	}
+}
+
+func TestContextErrorIsNotSwallowed(t *testing.T) {
+	// client-go wraps context errors (for example "client rate limiter Wait
+	// returned an error: context deadline exceeded"); retry.OnError alone
+	// would turn such an error into success.
+	client := fake.NewClientset(newNode(nil, nil))
+	client.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, fmt.Errorf("client rate limiter Wait returned an error: %w", context.DeadlineExceeded)
+	})
+	err := newLabeler(client).Set(context.Background(), digestA, Failed)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Set = %v, want the deadline error", err)
+	}
+	ev := &Events{Client: fake.NewClientset(), Node: nodeName, Instance: instance, Backoff: &fastBackoff}
+	ev.Client.(*fake.Clientset).PrependReactor("create", "events", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, fmt.Errorf("wrapped: %w", context.Canceled)
+	})
+	if err := ev.Report(context.Background(), digestA, []pull.Result{failed("x", pull.ReasonNotFound, nil)}); !errors.Is(err, context.Canceled) {
+		t.Errorf("Report = %v, want the cancellation error", err)
 	}
 }
 
