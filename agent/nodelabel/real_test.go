@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -15,14 +14,10 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	utilrand "k8s.io/apimachinery/pkg/util/rand"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
 )
-
-// KubeconfigEnv names a kubeconfig of a real cluster (admin rights) for the
-// tests that need a real kube-apiserver. The e2e harness provides one.
-const KubeconfigEnv = "IMAGE_PREFETCHER_KUBECONFIG"
 
 // writeCounter counts the requests that are not reads.
 type writeCounter struct {
@@ -37,16 +32,15 @@ func (c *writeCounter) RoundTrip(req *http.Request) (*http.Response, error) {
 	return c.next.RoundTrip(req)
 }
 
-// realClient returns a client for the real cluster, or skips the test.
+// realClient returns a client for the e2e harness's real cluster; the test
+// skips without IMAGE_PREFETCHER_E2E and fails when it is set but the cluster
+// is not up (see e2e/clusterenv).
 func realClient(t *testing.T) (kubernetes.Interface, *writeCounter) {
 	t.Helper()
-	path := os.Getenv(KubeconfigEnv)
-	if path == "" {
-		t.Skipf("no real kube-apiserver: set %s to a kubeconfig (e2e/cluster.sh up provides one)", KubeconfigEnv)
-	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", path)
+	env := clusterenv.Require(t, clusterenv.Full)
+	cfg, err := env.RESTConfig()
 	if err != nil {
-		t.Fatalf("%s=%s: %v", KubeconfigEnv, path, err)
+		t.Fatalf("e2e kubeconfig: %v", err)
 	}
 	counter := &writeCounter{}
 	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper { counter.next = rt; return counter })
