@@ -46,7 +46,8 @@ log() { echo "[$(date +%T) +$((SECONDS - T_START))s] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 # ---------------------------------------------------------------- processes, by recorded PID only
-starttime() { sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+# starttime <pid>: the process' start time in clock ticks; empty when it is gone or a zombie
+starttime() { sed -n 's/^.*) \([^Z]\) .*$/&/p' "/proc/$1/stat" 2>/dev/null | sed 's/^.*) //' | cut -d' ' -f20; }
 
 # alive <name>: the recorded PID runs and is the same process (same start time), not a reused PID
 alive() {
@@ -139,8 +140,11 @@ record_host() {
   {
     for p in "${HOST_PATHS[@]}"; do [ -e "$p" ] && echo "path $p"; done
     for s in "${SYSCTLS[@]}"; do echo "sysctl $s $(cat /proc/sys/$s)"; done
-    for t in filter nat mangle; do
-      iptables -t $t -S 2>/dev/null | awk -v t=$t '$1=="-N"{print "chain " t " " $2}'
+    for ipt in iptables ip6tables; do
+      command -v $ipt >/dev/null || continue
+      for t in filter nat mangle; do
+        $ipt -t $t -S 2>/dev/null | awk -v t="$ipt/$t" '$1=="-N"{print "chain " t " " $2}'
+      done
     done
   } >"$STATE/host-before"
 }
@@ -152,15 +156,23 @@ restore_host() {
   while read -r kind a b; do
     [ "$kind" = sysctl ] && echo "$b" >"/proc/sys/$a" 2>/dev/null || true
   done <"$f"
-  # iptables chains the kubelet creates (canaries, hints): remove those that were not there before
-  if command -v iptables >/dev/null; then
+  # iptables chains the kubelet creates (KUBE-FIREWALL, canaries, hints) and the rules jumping to them:
+  # remove those that were not there before
+  local ipt rule
+  for ipt in iptables ip6tables; do
+    command -v $ipt >/dev/null || continue
     for t in filter nat mangle; do
-      for c in $(iptables -t $t -S 2>/dev/null | awk '$1=="-N"{print $2}'); do
-        grep -qx "chain $t $c" "$f" && continue
-        case $c in KUBE-*) iptables -t $t -F "$c" 2>/dev/null; iptables -t $t -X "$c" 2>/dev/null || true ;; esac
+      for c in $($ipt -t $t -S 2>/dev/null | awk '$1=="-N"{print $2}'); do
+        grep -qx "chain $ipt/$t $c" "$f" && continue
+        case $c in KUBE-*) ;; *) continue ;; esac
+        { $ipt -t $t -S 2>/dev/null | grep -E -- "-j $c( |\$)" | grep -v "^-A $c " || true; } | while read -r rule; do
+          eval "$ipt -t $t ${rule/#-A/-D}" 2>/dev/null || true
+        done
+        $ipt -t $t -F "$c" 2>/dev/null || true
+        $ipt -t $t -X "$c" 2>/dev/null || true
       done
     done
-  fi
+  done
   for p in "${HOST_PATHS[@]}"; do
     grep -qx "path $p" "$f" && continue
     [ -e "$p" ] || continue
@@ -379,7 +391,7 @@ EOF
   start_bg kubelet "$kb/kubelet" --config="$k/config.yaml" --kubeconfig="$STATE/node.kubeconfig" \
     --root-dir="$k/root" --cert-dir="$k/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP"
   wait_for 90 "node $NODE_NAME Ready" kubelet sh -c \
-    "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/nodes/$NODE_NAME | grep -q '\"type\":\"Ready\",\"status\":\"True\"'"
+    "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/nodes/$NODE_NAME | tr -d ' \n' | grep -q '\"type\":\"Ready\",\"status\":\"True\"'"
   # pods need the default ServiceAccount, which the controller-manager creates
   wait_for 60 "default ServiceAccount" kube-controller-manager sh -c \
     "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/namespaces/default/serviceaccounts/default"
@@ -399,7 +411,9 @@ push_agent_image() {
   log "building and pushing the agent image: make image-push REGISTRY=$REGISTRY"
   make -C "$ROOT" image-push REGISTRY="$REGISTRY" >"$LOGS/agent-image.log" 2>&1 ||
     { tail -n 30 "$LOGS/agent-image.log" >&2; die "make image-push failed (log: $LOGS/agent-image.log)"; }
-  touch "$STATE/agent-image-pushed"
+  # the builder prints the pushed digest reference last; tests deploy exactly that
+  grep -E "^$REGISTRY/[^ ]+@sha256:[0-9a-f]{64}\$" "$LOGS/agent-image.log" | tail -n 1 >"$STATE/agent-image-pushed" || true
+  [ -s "$STATE/agent-image-pushed" ] || log "make image-push did not print a $REGISTRY/...@sha256: reference; IMAGE_PREFETCHER_E2E_AGENT_IMAGE stays empty"
 }
 
 # ---------------------------------------------------------------- env file
@@ -428,6 +442,7 @@ write_env() {
       echo "export IMAGE_PREFETCHER_E2E_KUBE_VERSION='$K8S_VERSION'"
       echo "export IMAGE_PREFETCHER_E2E_KUBE_BIN='$kbin'"
       echo "export IMAGE_PREFETCHER_E2E_AGENT_IMAGE_PUSHED='$([ -f "$STATE/agent-image-pushed" ] && echo 1 || echo 0)'"
+      echo "export IMAGE_PREFETCHER_E2E_AGENT_IMAGE='$(cat "$STATE/agent-image-pushed" 2>/dev/null || true)'"
     fi
   } >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
@@ -526,6 +541,9 @@ down() {
     umount "$mnt" 2>/dev/null || umount -l "$mnt" || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  # containerd's runtime state (shim bundles, sandboxes) is meaningless once it is down and nothing is
+  # mounted below it; removing it keeps a second down from restarting containerd for nothing
+  if ! grep -q " $STATE/containerd/state/" /proc/mounts; then rm -rf --one-file-system "$STATE/containerd/state"; fi
   # 5) kubelet cgroups (cgroupfs driver: /kubepods under every v1 hierarchy), deepest first
   for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
     [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null

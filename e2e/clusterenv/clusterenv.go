@@ -68,6 +68,8 @@ type Env struct {
 	// Full mode only.
 	Kubeconfig, APIServer, NodeName, NodeIP, PodLogsDir, KubeVersion, KubeBin string
 	AgentImagePushed                                                          bool
+	// AgentImage is the digest reference `make image-push` pushed during up (empty when it did not run).
+	AgentImage string
 
 	vars map[string]string
 }
@@ -162,6 +164,7 @@ func LoadFile(path string) (*Env, error) {
 		KubeVersion:         vars["IMAGE_PREFETCHER_E2E_KUBE_VERSION"],
 		KubeBin:             vars["IMAGE_PREFETCHER_E2E_KUBE_BIN"],
 		AgentImagePushed:    vars["IMAGE_PREFETCHER_E2E_AGENT_IMAGE_PUSHED"] == "1",
+		AgentImage:          vars["IMAGE_PREFETCHER_E2E_AGENT_IMAGE"],
 		vars:                vars,
 	}
 	if e.Mode != Runtime && e.Mode != Full {

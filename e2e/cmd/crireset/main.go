@@ -40,9 +40,18 @@ func reset(ctx context.Context, socket string) error {
 	}
 	defer conn.Close()
 	rt := runtimeapi.NewRuntimeServiceClient(conn)
-	sandboxes, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{})
-	if err != nil {
-		return fmt.Errorf("list pod sandboxes on %s: %w", socket, err)
+	// A containerd started just for this cleanup answers "server is not initialized yet" for a moment.
+	var sandboxes *runtimeapi.ListPodSandboxResponse
+	for {
+		sandboxes, err = rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{})
+		if err == nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("list pod sandboxes on %s: %w", socket, err)
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
 	var failed int
 	for _, sb := range sandboxes.Items {
