@@ -139,7 +139,7 @@ func TestAgentMissingTagFailsWithoutRetriesAndOthersArePulled(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Runtime)
 	_, images := env.CRI(t)
 	var refs []string
-	for _, s := range []string{"4mib", "8mib", "12mib"} {
+	for _, s := range []string{"8mib", "12mib", "16mib"} {
 		refs = append(refs, env.Image(t, "e2e/random:"+s).Ref)
 	}
 	missing := env.Registry + "/e2e/random:no-such-tag"
@@ -210,7 +210,7 @@ func TestAgentWritesFailedLabelOnRealAPIServer(t *testing.T) {
 		patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null},"annotations":{%q:null}}}`, key, "list.image-prefetcher.stackrox.io/"+instance)
 		cs.CoreV1().Nodes().Patch(context.Background(), env.NodeName, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
 	})
-	good := env.Image(t, "e2e/random:4mib").Ref
+	good := env.Image(t, "e2e/random:20mib").Ref
 	missing := env.Registry + "/e2e/random:no-such-tag"
 	removeAll(t, images, []string{good})
 	flags := []string{"--kubeconfig", env.Kubeconfig, "--node-name", env.NodeName, "--instance", instance}
