@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"time"
 
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
 	"github.com/nodeprefetch/image-prefetcher/agent/credentials"
 	"github.com/nodeprefetch/image-prefetcher/agent/cri"
 	"github.com/nodeprefetch/image-prefetcher/agent/health"
@@ -36,9 +38,21 @@ type prefetcher struct {
 	events    eventReporter
 	metrics   *metrics.Metrics
 	readiness *health.Readiness
+	// extra observers see every attempt and result too (e.g. the results
+	// collector's sender).
+	extra []pull.Observer
+	// gate, when set, bounds how many nodes pull at once cluster-wide. It is
+	// asked for a slot only when some image is missing.
+	gate pullGate
 
 	// client is the CRI connection, dialled lazily and kept across passes.
 	client *cri.Client
+}
+
+// pullGate is a cluster-wide bound on pulling nodes: Acquire blocks until
+// this node may pull and returns the function that gives the slot back.
+type pullGate interface {
+	Acquire(ctx context.Context) (release func(), err error)
 }
 
 // passReport is the outcome of one pass.
@@ -142,10 +156,44 @@ func (p *prefetcher) pull(ctx context.Context, list *imagelist.List) ([]pull.Res
 	engine := &pull.Engine{
 		Images:   p.client.Images,
 		Creds:    keyring,
-		Observer: observers{logObserver{p.log}, p.metrics},
+		Observer: append(observers{logObserver{p.log}, p.metrics}, p.extra...),
 		Config:   p.cfg,
 	}
+	if p.gate != nil && p.cfg.Policy != pull.PolicyAlways {
+		missing, err := p.missing(ctx, list.Entries)
+		if err != nil {
+			return failAll(list.Entries, pull.ReasonUnavailable, err), err
+		}
+		if len(missing) == 0 {
+			// Everything is present: no slot needed, the engine only confirms.
+			return engine.Run(ctx, list.Entries), nil
+		}
+	}
+	if p.gate != nil {
+		release, err := p.gate.Acquire(ctx)
+		if err != nil {
+			err = fmt.Errorf("wait for a cluster-wide pull slot: %w", err)
+			return failAll(list.Entries, pull.ReasonUnavailable, err), err
+		}
+		defer release()
+	}
 	return engine.Run(ctx, list.Entries), nil
+}
+
+// missing returns the entries the runtime does not hold, with one
+// ImageStatus call each.
+func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) ([]imagelist.Entry, error) {
+	var out []imagelist.Entry
+	for _, e := range entries {
+		st, err := p.client.Images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: e.Ref}})
+		if err != nil {
+			return nil, fmt.Errorf("image status %s: %w", e.Ref, err)
+		}
+		if st.GetImage() == nil {
+			out = append(out, e)
+		}
+	}
+	return out, nil
 }
 
 func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {
