@@ -1,0 +1,26 @@
+package fn
+
+import (
+	"bytes"
+	"fmt"
+	"path/filepath"
+
+	"sigs.k8s.io/kustomize/kyaml/fn/framework/command"
+)
+
+// RenderFile runs the function the way `image-prefetcher-fn config.yaml [resources...]` does
+// and returns the YAML it prints: the instance plus the resources. Tests and the cluster e2e
+// use it to render examples without building the binary.
+func RenderFile(config string, resources ...string) ([]byte, error) {
+	var out, errOut bytes.Buffer
+	cmd := command.Build(Processor{Dir: dirOf(config)}, command.StandaloneEnabled, true)
+	cmd.SetArgs(append([]string{config}, resources...))
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	if err := cmd.Execute(); err != nil {
+		return nil, fmt.Errorf("render %s: %w", config, err)
+	}
+	return out.Bytes(), nil
+}
+
+func dirOf(path string) string { return filepath.Dir(path) }

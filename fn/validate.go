@@ -1,0 +1,228 @@
+package fn
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+	"sigs.k8s.io/kustomize/kyaml/fn/framework"
+	"sigs.k8s.io/kustomize/kyaml/yaml"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
+	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
+)
+
+// Validate checks the defaulted configuration. It returns framework.Results (nil when there is
+// nothing to report); error results make the function fail.
+func (c *ImagePrefetcher) Validate() error {
+	r := &reporter{ref: c.ref()}
+	s := c.Spec
+	if c.APIVersion != APIVersion {
+		r.errorf("apiVersion", c.APIVersion, "must be %s", APIVersion)
+	}
+	if c.Kind != Kind {
+		r.errorf("kind", c.Kind, "must be %s", Kind)
+	}
+	name := c.Metadata.Name
+	switch {
+	case name == "":
+		r.errorf("metadata.name", name, "the instance name is required")
+	default:
+		r.messages("metadata.name", name, validation.IsDNS1123Label(name))
+		// The name is also the name part of the node label key.
+		r.messages("metadata.name", name, validation.IsQualifiedName(nodelabel.Key(name)))
+	}
+	r.messages("spec.namespace", s.Namespace, validation.IsDNS1123Label(s.Namespace))
+	switch s.Flavor {
+	case FlavorVanilla, FlavorOCP:
+	default:
+		r.errorf("spec.flavor", s.Flavor, "unknown flavor %q: must be %s or %s", s.Flavor, FlavorVanilla, FlavorOCP)
+	}
+	switch s.CredentialProvider {
+	case CredentialProviderNone, CredentialProviderGKE, CredentialProviderECR:
+	default:
+		r.errorf("spec.credentialProvider", s.CredentialProvider, "unknown credential provider %q: must be none, gke or ecr", s.CredentialProvider)
+	}
+	for i, img := range s.Images {
+		field := fmt.Sprintf("spec.images[%d]", i)
+		if strings.ContainsAny(img, " \t\r\n#") {
+			r.errorf(field, img, "an image reference holds no white space and no '#'")
+			continue
+		}
+		if _, err := imagelist.Normalize(img); err != nil {
+			r.errorf(field, img, "invalid image reference: %v", err)
+		}
+	}
+	if s.ImagesFile != "" {
+		c.validateImagesFile(r)
+	}
+	if len(s.Images) == 0 && s.ImagesFile == "" {
+		r.warnf("spec.images", "", "the image list is empty: the agents will label every node succeeded without pulling anything")
+	}
+	seen := map[string]bool{}
+	for i, sec := range s.PullSecrets {
+		field := fmt.Sprintf("spec.pullSecrets[%d]", i)
+		r.messages(field, sec, validation.IsDNS1123Subdomain(sec))
+		if seen[sec] {
+			r.errorf(field, sec, "pull secret %q is listed twice", sec)
+		}
+		seen[sec] = true
+	}
+	if s.MetricsCollector {
+		r.warnf("spec.metricsCollector", "true", "the results collector is not part of the bundle yet; the field is accepted and has no effect")
+	}
+	for _, k := range slices.Sorted(maps.Keys(s.Placement.NodeSelector)) {
+		v := s.Placement.NodeSelector[k]
+		field := "spec.placement.nodeSelector." + k
+		r.messages(field, k, validation.IsQualifiedName(k))
+		r.messages(field, v, validation.IsValidLabelValue(v))
+	}
+	for i, t := range s.Placement.Tolerations {
+		validateToleration(r, fmt.Sprintf("spec.placement.tolerations[%d]", i), t)
+	}
+	if pc := s.Placement.PriorityClassName; pc != "" {
+		r.messages("spec.placement.priorityClassName", pc, validation.IsDNS1123Subdomain(pc))
+	}
+	if p := s.MaxParallelPulls; p != nil && *p < 0 {
+		r.errorf("spec.maxParallelPulls", fmt.Sprint(*p), "must be 0 (unbounded) or more")
+	}
+	if p := s.MaxConcurrentNodes; p != nil && *p < 0 {
+		r.errorf("spec.maxConcurrentNodes", fmt.Sprint(*p), "must be 0 (unbounded) or more")
+	}
+	if _, err := imagelist.Normalize(s.AgentImage); err != nil {
+		r.errorf("spec.agentImage", s.AgentImage, "invalid image reference: %v", err)
+	}
+	if len(r.results) == 0 {
+		return nil
+	}
+	return r.results
+}
+
+func validateToleration(r *reporter, field string, t corev1.Toleration) {
+	switch t.Operator {
+	case "", corev1.TolerationOpEqual:
+		if t.Key == "" {
+			r.errorf(field+".operator", string(t.Operator), "a toleration without a key must use operator Exists")
+		}
+		r.messages(field+".value", t.Value, validation.IsValidLabelValue(t.Value))
+	case corev1.TolerationOpExists:
+		if t.Value != "" {
+			r.errorf(field+".value", t.Value, "must be empty with operator Exists")
+		}
+	default:
+		r.errorf(field+".operator", string(t.Operator), "must be Exists or Equal")
+	}
+	if t.Key != "" {
+		r.messages(field+".key", t.Key, validation.IsQualifiedName(t.Key))
+	}
+}
+
+// maxListSize bounds the image list file: it has to fit a ConfigMap (1 MiB).
+const maxListSize = 1 << 20
+
+// readImagesFile reads spec.imagesFile, a local path (relative, not leaving its directory)
+// resolved against the configuration's directory, so a configuration cannot make the function
+// read files outside the package.
+func (c *ImagePrefetcher) readImagesFile() ([]byte, error) {
+	p := c.Spec.ImagesFile
+	if !filepath.IsLocal(p) {
+		return nil, fmt.Errorf("%q must be a relative path inside the package (no leading /, no ..)", p)
+	}
+	if c.dir != "" {
+		p = filepath.Join(c.dir, p)
+	}
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", p)
+	}
+	raw, err := io.ReadAll(io.LimitReader(f, maxListSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(raw) > maxListSize {
+		return nil, fmt.Errorf("%s is larger than %d bytes, more than a ConfigMap holds", p, maxListSize)
+	}
+	return raw, nil
+}
+
+func (c *ImagePrefetcher) validateImagesFile(r *reporter) {
+	raw, err := c.readImagesFile()
+	if err != nil {
+		r.errorf("spec.imagesFile", c.Spec.ImagesFile, "read the image list: %v", err)
+		return
+	}
+	l := imagelist.Parse(bytes.NewReader(raw), c.Spec.ImagesFile)
+	for _, le := range l.Errors {
+		r.errorf("spec.imagesFile", c.Spec.ImagesFile, "line %d: %q: %v", le.Line, le.Text, le.Err)
+	}
+}
+
+// imageList is the content of the instance's images.txt: the file's lines, then spec.images.
+func (c *ImagePrefetcher) imageList() (string, error) {
+	var b strings.Builder
+	if c.Spec.ImagesFile != "" {
+		raw, err := c.readImagesFile()
+		if err != nil {
+			return "", fmt.Errorf("read spec.imagesFile: %w", err)
+		}
+		b.Write(raw)
+		if len(raw) > 0 && raw[len(raw)-1] != '\n' {
+			b.WriteByte('\n')
+		}
+	}
+	for _, img := range c.Spec.Images {
+		b.WriteString(img)
+		b.WriteByte('\n')
+	}
+	return b.String(), nil
+}
+
+func (c *ImagePrefetcher) ref() *yaml.ResourceIdentifier {
+	return &yaml.ResourceIdentifier{
+		TypeMeta: yaml.TypeMeta{APIVersion: APIVersion, Kind: Kind},
+		NameMeta: yaml.NameMeta{Name: c.Metadata.Name},
+	}
+}
+
+// reporter collects results about the configuration, each with its field path.
+type reporter struct {
+	ref     *yaml.ResourceIdentifier
+	results framework.Results
+}
+
+func (r *reporter) add(sev framework.Severity, field, value, msg string) {
+	r.results = append(r.results, &framework.Result{
+		Message:     msg,
+		Severity:    sev,
+		ResourceRef: r.ref,
+		Field:       &framework.Field{Path: field, CurrentValue: value},
+	})
+}
+
+func (r *reporter) errorf(field, value, format string, args ...any) {
+	r.add(framework.Error, field, value, fmt.Sprintf(format, args...))
+}
+
+func (r *reporter) warnf(field, value, format string, args ...any) {
+	r.add(framework.Warning, field, value, fmt.Sprintf(format, args...))
+}
+
+// messages reports each of apimachinery's validation messages as an error.
+func (r *reporter) messages(field, value string, msgs []string) {
+	for _, m := range msgs {
+		r.errorf(field, value, "%q: %s", value, m)
+	}
+}
