@@ -1,0 +1,421 @@
+package pullslots
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+	clocktesting "k8s.io/utils/clock/testing"
+)
+
+const ns = "prefetch"
+
+var leasesGVR = coordinationv1.SchemeGroupVersion.WithResource("leases")
+
+// newClient is a fake clientset whose Lease writes behave like the API
+// server's: resourceVersions are set and an Update with a stale one is a
+// Conflict (the stock fake tracker accepts any write).
+func newClient(t *testing.T, objs ...runtime.Object) *fake.Clientset {
+	t.Helper()
+	c := fake.NewClientset(objs...)
+	var rv atomic.Int64
+	rv.Store(100)
+	tracker := c.Tracker()
+	c.PrependReactor("create", "leases", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		le := a.(k8stesting.CreateAction).GetObject().(*coordinationv1.Lease).DeepCopy()
+		le.ResourceVersion = strconv.FormatInt(rv.Add(1), 10)
+		if err := tracker.Create(leasesGVR, le, a.GetNamespace()); err != nil {
+			return true, nil, err
+		}
+		return true, le, nil
+	})
+	c.PrependReactor("update", "leases", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		le := a.(k8stesting.UpdateAction).GetObject().(*coordinationv1.Lease).DeepCopy()
+		cur, err := tracker.Get(leasesGVR, a.GetNamespace(), le.Name)
+		if err != nil {
+			return true, nil, err
+		}
+		if cur.(*coordinationv1.Lease).ResourceVersion != le.ResourceVersion {
+			return true, nil, apierrors.NewConflict(leasesGVR.GroupResource(), le.Name, errors.New("the object has been modified"))
+		}
+		le.ResourceVersion = strconv.FormatInt(rv.Add(1), 10)
+		if err := tracker.Update(leasesGVR, le, a.GetNamespace()); err != nil {
+			return true, nil, err
+		}
+		return true, le, nil
+	})
+	return c
+}
+
+func newSem(t *testing.T, c *fake.Clientset, holder string, slots int, clk *clocktesting.FakeClock) *Semaphore {
+	t.Helper()
+	cfg := Semaphore{
+		Client:        c.CoordinationV1(),
+		Namespace:     ns,
+		Instance:      "my-images",
+		Holder:        holder,
+		Slots:         slots,
+		LeaseDuration: 30 * time.Second,
+		Log:           slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", holder),
+	}
+	if clk != nil {
+		cfg.Clock = clk
+	}
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(string(p))
+	return len(p), nil
+}
+
+func getLease(t *testing.T, c *fake.Clientset, name string) *coordinationv1.Lease {
+	t.Helper()
+	le, err := c.CoordinationV1().Leases(ns).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return le
+}
+
+func holderOf(le *coordinationv1.Lease) string { return ptrString(le.Spec.HolderIdentity) }
+
+// holders maps each slot Lease to its holder.
+func holders(t *testing.T, c *fake.Clientset) map[string]string {
+	t.Helper()
+	l, err := c.CoordinationV1().Leases(ns).List(context.Background(), metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, le := range l.Items {
+		out[le.Name] = holderOf(&le)
+	}
+	return out
+}
+
+func countActions(c *fake.Clientset, verb string) int {
+	n := 0
+	for _, a := range c.Actions() {
+		if a.GetVerb() == verb && a.GetResource().Resource == "leases" {
+			n++
+		}
+	}
+	return n
+}
+
+// eventually polls cond (real time) for up to 10 s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+type result struct {
+	release func()
+	err     error
+}
+
+func acquireAsync(ctx context.Context, s *Semaphore) <-chan result {
+	ch := make(chan result, 1)
+	go func() {
+		r, err := s.Acquire(ctx)
+		ch <- result{r, err}
+	}()
+	return ch
+}
+
+func TestAcquireCreatesLabelledSlotsAndReleaseClearsHolder(t *testing.T) {
+	c := newClient(t)
+	a, b := newSem(t, c, "node-a", 2, nil), newSem(t, c, "node-b", 2, nil)
+	ctx := context.Background()
+	ra, err := a.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, err := b.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := holders(t, c)
+	if len(h) != 2 || h["my-images-pull-slot-0"] == h["my-images-pull-slot-1"] {
+		t.Fatalf("two holders of two slots, got %v", h)
+	}
+	le := getLease(t, c, "my-images-pull-slot-0")
+	if le.Labels[LabelInstance] != "my-images" || le.Labels[LabelComponent] != "pull-slot" || le.Labels[LabelName] != "image-prefetcher" {
+		t.Errorf("labels %v", le.Labels)
+	}
+	if le.Spec.LeaseDurationSeconds == nil || *le.Spec.LeaseDurationSeconds != 30 || le.Spec.RenewTime == nil || le.Spec.AcquireTime == nil {
+		t.Errorf("spec %+v", le.Spec)
+	}
+	ra()
+	ra() // twice is harmless
+	rb()
+	for name, holder := range holders(t, c) {
+		if holder != "" {
+			t.Errorf("%s still held by %q after release", name, holder)
+		}
+	}
+	// The Leases stay for the next node: a release is an update, not a delete.
+	if n := countActions(c, "delete"); n != 0 {
+		t.Errorf("%d deletes", n)
+	}
+}
+
+func TestContentionWaitsForRelease(t *testing.T) {
+	c := newClient(t)
+	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
+	ctx := context.Background()
+	ra, err := a.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := acquireAsync(ctx, b)
+	eventually(t, "b to watch", func() bool { return countActions(c, "watch") >= 1 })
+	select {
+	case r := <-ch:
+		t.Fatalf("b acquired a held slot (err %v)", r.err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	writesBefore := countActions(c, "update") + countActions(c, "create")
+	ra()
+	r := <-ch
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "node-b" {
+		t.Fatalf("holder %q, want node-b", h)
+	}
+	// a's release and b's claim: a waiter does not poll.
+	if n := countActions(c, "update") + countActions(c, "create") - writesBefore; n != 2 {
+		t.Errorf("%d writes for one hand-over, want 2", n)
+	}
+	if n := countActions(c, "list"); n != 2 {
+		t.Errorf("%d lists, want one per Acquire", n)
+	}
+	r.release()
+}
+
+func TestBoundHoldsUnderContention(t *testing.T) {
+	c := newClient(t)
+	const k, n = 3, 24
+	var inside, peak atomic.Int32
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		s := newSem(t, c, fmt.Sprintf("node-%02d", i), k, nil)
+		s.ClaimJitter = 5 * time.Millisecond
+		s.StartJitter = 20 * time.Millisecond
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			release, err := s.Acquire(context.Background())
+			if err != nil {
+				errs <- err
+				return
+			}
+			now := inside.Add(1)
+			for {
+				p := peak.Load()
+				if now <= p || peak.CompareAndSwap(p, now) {
+					break
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+			inside.Add(-1)
+			release()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if p := peak.Load(); p > k {
+		t.Errorf("%d holders at once, bound %d", p, k)
+	}
+	for name, holder := range holders(t, c) {
+		if holder != "" {
+			t.Errorf("%s still held by %q", name, holder)
+		}
+	}
+}
+
+func TestExpiredSlotOfDeadNodeIsReclaimed(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
+	dead, secs, renew := "dead-node", int32(30), metav1.NewMicroTime(clk.Now().Add(-time.Hour))
+	c := newClient(t, &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: "my-images-pull-slot-0", Namespace: ns, ResourceVersion: "7",
+			Labels: map[string]string{LabelName: "image-prefetcher", LabelInstance: "my-images", LabelComponent: "pull-slot"}},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: &dead, LeaseDurationSeconds: &secs, RenewTime: &renew, LeaseTransitions: ptrInt32(4)},
+	})
+	b := newSem(t, c, "node-b", 1, clk)
+	ch := acquireAsync(context.Background(), b)
+	// The renewTime written by the dead node's clock is not trusted: b waits a
+	// whole duration on its own clock from when it first saw the Lease.
+	eventually(t, "b to wait on the expiry timer", func() bool { return countActions(c, "watch") >= 1 && clk.HasWaiters() })
+	clk.Step(29 * time.Second)
+	select {
+	case r := <-ch:
+		t.Fatalf("reclaimed before the lease duration passed (err %v)", r.err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	clk.Step(2 * time.Second)
+	var r result
+	select {
+	case r = <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("expired slot not reclaimed")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	le := getLease(t, c, "my-images-pull-slot-0")
+	if holderOf(le) != "node-b" || ptrInt32Value(le.Spec.LeaseTransitions) != 5 {
+		t.Errorf("holder %q transitions %d, want node-b 5", holderOf(le), ptrInt32Value(le.Spec.LeaseTransitions))
+	}
+	r.release()
+}
+
+func TestRenewedWhileHeld(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
+	c := newClient(t)
+	a := newSem(t, c, "node-a", 1, clk)
+	release, err := a.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := getLease(t, c, "my-images-pull-slot-0").Spec.RenewTime.Time
+	for i := 1; i <= 3; i++ {
+		eventually(t, "the renewal timer", clk.HasWaiters)
+		clk.Step(10 * time.Second)
+		want := first.Add(time.Duration(i) * 10 * time.Second)
+		eventually(t, "a renewal", func() bool {
+			return getLease(t, c, "my-images-pull-slot-0").Spec.RenewTime.Time.Equal(want)
+		})
+	}
+	release()
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "" {
+		t.Errorf("held by %q after release", h)
+	}
+}
+
+func TestOwnSlotFromBeforeRestartIsTakenBack(t *testing.T) {
+	me, secs, renew := "node-a", int32(30), metav1.NewMicroTime(time.Now())
+	c := newClient(t, &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: "my-images-pull-slot-0", Namespace: ns, ResourceVersion: "7",
+			Labels: map[string]string{LabelName: "image-prefetcher", LabelInstance: "my-images", LabelComponent: "pull-slot"}},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: &me, LeaseDurationSeconds: &secs, RenewTime: &renew},
+	})
+	a := newSem(t, c, me, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	release, err := a.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release()
+}
+
+func TestCancelWhileWaitingHoldsNothing(t *testing.T) {
+	c := newClient(t)
+	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
+	ra, err := a.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ra()
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := acquireAsync(ctx, b)
+	eventually(t, "b to watch", func() bool { return countActions(c, "watch") >= 1 })
+	cancel()
+	r := <-ch
+	if !errors.Is(r.err, context.Canceled) || r.release != nil {
+		t.Fatalf("Acquire after cancel: %v", r.err)
+	}
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "node-a" {
+		t.Errorf("holder %q, want node-a", h)
+	}
+}
+
+// A shutdown cancels the pass's context before release runs: release must
+// still clear the holder (its own detached context).
+func TestReleaseAfterCancelStillFreesTheSlot(t *testing.T) {
+	c := newClient(t)
+	a := newSem(t, c, "node-a", 1, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	release, err := a.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	release()
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "" {
+		t.Errorf("held by %q after release on a cancelled context", h)
+	}
+}
+
+// A holder whose slot was taken over (its renewals failed for a whole
+// duration) must not clear the new holder's claim.
+func TestLostSlotIsNotReleasedOverTheNewHolder(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
+	c := newClient(t)
+	a := newSem(t, c, "node-a", 1, clk)
+	release, err := a.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	le := getLease(t, c, "my-images-pull-slot-0")
+	other := "node-b"
+	le.Spec.HolderIdentity = &other
+	if _, err := c.CoordinationV1().Leases(ns).Update(context.Background(), le, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the renewal timer", clk.HasWaiters)
+	clk.Step(10 * time.Second) // the renewal conflicts: the slot is lost
+	eventually(t, "the renewal attempt", func() bool { return countActions(c, "update") >= 2 })
+	release()
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "node-b" {
+		t.Errorf("holder %q, want node-b kept", h)
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	c := fake.NewClientset().CoordinationV1()
+	for name, s := range map[string]Semaphore{
+		"no slots":       {Client: c, Namespace: ns, Instance: "x", Holder: "n"},
+		"no namespace":   {Client: c, Instance: "x", Holder: "n", Slots: 1},
+		"no holder":      {Client: c, Namespace: ns, Instance: "x", Slots: 1},
+		"upper instance": {Client: c, Namespace: ns, Instance: "X", Holder: "n", Slots: 1},
+		"no instance":    {Client: c, Namespace: ns, Holder: "n", Slots: 1},
+		"short lease":    {Client: c, Namespace: ns, Instance: "x", Holder: "n", Slots: 1, LeaseDuration: time.Second},
+	} {
+		if _, err := New(s); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
