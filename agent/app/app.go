@@ -174,6 +174,9 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 		p.events = &nodelabel.Events{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
 		log = log.With("instance", opts.Instance, "node", opts.NodeName)
 	}
+	if err := p.setupGate(client, log); err != nil {
+		return nil, err
+	}
 	p.log = log
 	return p, nil
 }

@@ -40,6 +40,8 @@ type Options struct {
 	ListenAddress     string
 	LogFormat         string
 	LogLevel          string
+
+	PullSlotOptions
 }
 
 // DefaultMaxParallelPulls is the per-node pull concurrency. It was chosen
@@ -68,6 +70,7 @@ func defaultOptions() *Options {
 		ListenAddress:             ":9477",
 		LogFormat:                 "text",
 		LogLevel:                  "info",
+		PullSlotOptions:           defaultPullSlotOptions(),
 	}
 }
 
@@ -94,6 +97,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of the node label write, separate from the pass's.")
 	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "debug, info, warn or error.")
+	o.PullSlotOptions.addFlags(fs)
 	if withServer {
 		fs.DurationVar(&o.RecheckInterval, "recheck-interval", o.RecheckInterval, "How often presence is re-checked and missing images re-pulled (e.g. after kubelet image GC).")
 		fs.StringVar(&o.ListenAddress, "listen-address", o.ListenAddress, "Address of the /healthz, /readyz and /metrics server; empty disables it.")
@@ -116,6 +120,9 @@ func (o *Options) validate(withServer bool) error {
 	}
 	if withServer && o.RecheckInterval <= 0 {
 		errs = append(errs, fmt.Errorf("--recheck-interval=%s: must be positive", o.RecheckInterval))
+	}
+	if err := o.PullSlotOptions.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	switch o.LogFormat {
 	case "text", "json":

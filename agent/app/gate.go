@@ -1,0 +1,90 @@
+package app
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/spf13/pflag"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/pullslots"
+)
+
+// PullSlotOptions are the flags of the cluster-wide pull bound
+// (agent/pullslots); embedded in Options.
+type PullSlotOptions struct {
+	// MaxConcurrentNodes is K, the nodes of this instance that may pull at
+	// once; 0 leaves pulls unbounded (no Leases, no API calls for them).
+	MaxConcurrentNodes    int
+	Namespace             string
+	PullSlotLeaseDuration time.Duration
+}
+
+func defaultPullSlotOptions() PullSlotOptions {
+	return PullSlotOptions{
+		Namespace:             os.Getenv("POD_NAMESPACE"),
+		PullSlotLeaseDuration: pullslots.DefaultLeaseDuration,
+	}
+}
+
+func (o *PullSlotOptions) addFlags(fs *pflag.FlagSet) {
+	fs.IntVar(&o.MaxConcurrentNodes, "max-concurrent-nodes", o.MaxConcurrentNodes,
+		"Nodes of this instance that pull at the same time, cluster-wide, through Leases <instance>-pull-slot-<i> in --namespace; 0 means unbounded. A node whose images are all present takes no slot.")
+	fs.StringVar(&o.Namespace, "namespace", o.Namespace, "Namespace of this instance, where the pull slot Leases live (default: $POD_NAMESPACE).")
+	fs.DurationVar(&o.PullSlotLeaseDuration, "pull-slot-lease-duration", o.PullSlotLeaseDuration,
+		"How long a pull slot stays held without renewal (renewed every third of it while pulling); a dead node's slot is free after this.")
+}
+
+func (o *PullSlotOptions) validate() error {
+	if o.MaxConcurrentNodes < 0 {
+		return fmt.Errorf("--max-concurrent-nodes=%d: must be 0 (unbounded) or more", o.MaxConcurrentNodes)
+	}
+	if o.MaxConcurrentNodes == 0 {
+		return nil
+	}
+	var errs []error
+	if o.Namespace == "" {
+		errs = append(errs, errors.New("--max-concurrent-nodes needs --namespace (or $POD_NAMESPACE)"))
+	}
+	if o.PullSlotLeaseDuration < 3*time.Second {
+		errs = append(errs, fmt.Errorf("--pull-slot-lease-duration=%s: must be at least 3s", o.PullSlotLeaseDuration))
+	}
+	return errors.Join(errs...)
+}
+
+// setupGate installs the cluster-wide bound when --max-concurrent-nodes is
+// set. client is the one the labels use; nil (with --label=false) builds one.
+func (p *prefetcher) setupGate(client kubernetes.Interface, log *slog.Logger) error {
+	o := p.opts
+	if o.MaxConcurrentNodes == 0 {
+		return nil
+	}
+	if o.NodeName == "" {
+		return errors.New("--max-concurrent-nodes needs --node-name (or $NODE_NAME): it holds the slot")
+	}
+	if client == nil {
+		var err error
+		if client, err = kubeClient(o.Kubeconfig); err != nil {
+			return err
+		}
+	}
+	sem, err := pullslots.New(pullslots.Semaphore{
+		Client:        client.CoordinationV1(),
+		Namespace:     o.Namespace,
+		Instance:      o.Instance,
+		Holder:        o.NodeName,
+		Slots:         o.MaxConcurrentNodes,
+		LeaseDuration: o.PullSlotLeaseDuration,
+		StartJitter:   pullslots.DefaultStartJitter,
+		ClaimJitter:   pullslots.DefaultClaimJitter,
+		Log:           log,
+	})
+	if err != nil {
+		return fmt.Errorf("--max-concurrent-nodes: %w", err)
+	}
+	p.gate = sem
+	return nil
+}
