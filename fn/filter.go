@@ -56,7 +56,7 @@ func (c *ImagePrefetcher) Filter(items []*yaml.RNode) ([]*yaml.RNode, error) {
 		out = append(out, it)
 	}
 	file := c.packageFile(items)
-	index := 0
+	index := nextIndex(out, file)
 	for _, d := range desired {
 		if used[objectID(d)] {
 			continue
@@ -141,6 +141,26 @@ func (c *ImagePrefetcher) packageFile(items []*yaml.RNode) string {
 		return ""
 	}
 	return path.Join(dir, c.Metadata.Name+".yaml")
+}
+
+// nextIndex is the first free document index in file among items, so that new objects never
+// collide with the ones kpt already holds in that file.
+func nextIndex(items []*yaml.RNode, file string) int {
+	next := 0
+	for _, it := range items {
+		a := it.GetAnnotations()
+		p, idx := a[kioutil.PathAnnotation], a[kioutil.IndexAnnotation]
+		if p == "" {
+			p, idx = a[kioutil.LegacyPathAnnotation], a[kioutil.LegacyIndexAnnotation]
+		}
+		if p != file {
+			continue
+		}
+		if i, err := strconv.Atoi(idx); err == nil && i >= next {
+			next = i + 1
+		}
+	}
+	return next
 }
 
 // Processor runs the function over a ResourceList: decode, default and validate the

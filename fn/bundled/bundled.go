@@ -52,5 +52,13 @@ func parse(name string) ([]*yaml.RNode, error) {
 	if err != nil {
 		return nil, fmt.Errorf("embedded bundle %s: %w", name, err)
 	}
+	// The file's "generated" header is about the file, not about the first object.
+	for _, n := range nodes {
+		y := n.YNode()
+		y.HeadComment = ""
+		if len(y.Content) > 0 {
+			y.Content[0].HeadComment = ""
+		}
+	}
 	return nodes, nil
 }
