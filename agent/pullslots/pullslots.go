@@ -77,7 +77,8 @@ type Semaphore struct {
 	// StartJitter spreads the first request of many nodes that start
 	// together (a DaemonSet rollout, a new list): a random wait in [0, StartJitter).
 	StartJitter time.Duration
-	// ClaimJitter spreads the claims of waiters that see the same slot free.
+	// ClaimJitter spreads the claims of waiters that see the same slot free;
+	// it doubles for a waiter with each race it loses, up to 8 times.
 	ClaimJitter time.Duration
 	// ReleaseTimeout bounds the release, which runs even after shutdown
 	// began (on a context detached from the caller's).
@@ -220,6 +221,8 @@ type waiter struct {
 	s     *Semaphore
 	slots []slotState
 	rv    string // resourceVersion to watch from
+	// losses counts the claims this waiter lost; it widens the claim jitter.
+	losses int
 }
 
 func (w *waiter) run(ctx context.Context) (*coordinationv1.Lease, error) {
@@ -369,14 +372,14 @@ func (w *waiter) follow(ctx context.Context, claimNow bool) (*coordinationv1.Lea
 		}
 		if len(cands) > 0 && (claimNow || s.ClaimJitter == 0) {
 			claimNow = false
-			held, err := w.claim(ctx, cands)
+			held, err := w.claim(ctx, cands[0])
 			if held != nil || err != nil {
 				return held, err
 			}
-			continue // lost every race: look again
+			continue // lost the race: look again
 		}
 		if len(cands) > 0 && claimTimer == nil {
-			claimTimer = s.Clock.NewTimer(s.jitter(s.ClaimJitter))
+			claimTimer = s.Clock.NewTimer(s.jitter(w.claimWindow()))
 		}
 		if !logged && len(cands) == 0 {
 			s.Log.Info("waiting for a cluster-wide pull slot", "slots", s.Slots, "namespace", s.Namespace)
@@ -460,24 +463,33 @@ func (w *waiter) apply(ev watch.Event) bool {
 	return true
 }
 
-// claim tries the candidate slots in order and returns the first it wins.
-func (w *waiter) claim(ctx context.Context, cands []int) (*coordinationv1.Lease, error) {
+// claim tries one slot. A waiter that lost goes back to waiting (with a
+// wider claim jitter) instead of trying the next free slot at once: when many
+// slots free together, that is what keeps the losers from writing again and
+// again.
+func (w *waiter) claim(ctx context.Context, i int) (*coordinationv1.Lease, error) {
 	s := w.s
-	for _, i := range cands {
-		got, err := w.claimOne(ctx, i)
-		switch {
-		case got != nil:
-			return got, nil
-		case ctx.Err() != nil:
-			// The write may have reached the server before the cancellation:
-			// make sure no slot stays held in our name.
-			s.releaseByName(ctx, slotName(s.Instance, i))
-			return nil, ctx.Err()
-		case err != nil:
-			s.Log.Warn("claim pull slot", "lease", slotName(s.Instance, i), "error", err.Error())
-		}
+	got, err := w.claimOne(ctx, i)
+	switch {
+	case got != nil:
+		return got, nil
+	case ctx.Err() != nil:
+		// The write may have reached the server before the cancellation:
+		// make sure no slot stays held in our name.
+		s.releaseByName(ctx, slotName(s.Instance, i))
+		return nil, ctx.Err()
+	case err != nil:
+		s.Log.Warn("claim pull slot", "lease", slotName(s.Instance, i), "error", err.Error())
 	}
+	w.losses++
 	return nil, nil
+}
+
+// claimWindow is the claim jitter after this waiter lost `losses` races: it
+// doubles with each loss up to 8 x ClaimJitter, so the more waiters compete,
+// the more they spread out (a lost race means others were quicker).
+func (w *waiter) claimWindow() time.Duration {
+	return w.s.ClaimJitter << min(w.losses, 3)
 }
 
 // claimOne writes this node as slot i's holder. A lost race returns (nil,
