@@ -47,9 +47,6 @@ func Decode(node *yaml.RNode, dir string) (*ImagePrefetcher, framework.Results) 
 		r.errorf("", "", "the function configuration must be a YAML mapping")
 		return nil, r.results
 	}
-	if n := node.GetName(); n != "" {
-		r.ref.Name = n
-	}
 	raw, err := node.MarshalJSON()
 	if err != nil {
 		r.errorf("", "", "the function configuration is not valid JSON-compatible YAML: %v", err)
@@ -64,6 +61,14 @@ func Decode(node *yaml.RNode, dir string) (*ImagePrefetcher, framework.Results) 
 	if err := json.Unmarshal(raw, &data); err != nil {
 		r.errorf("", "", "decode the function configuration: %v", err)
 		return nil, r.results
+	}
+	// Not node.GetName(): kyaml panics when metadata is not a mapping.
+	if m, ok := data.(map[string]any); ok {
+		if md, ok := m["metadata"].(map[string]any); ok {
+			if n, ok := md["name"].(string); ok {
+				r.ref.Name = n
+			}
+		}
 	}
 	// Like kyaml's LoadFunctionConfig: the schema first (unknown fields, types, enums), then
 	// the semantic checks, so one run reports every problem it can find.
