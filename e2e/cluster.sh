@@ -10,7 +10,8 @@
 #   e2e/cluster.sh push-agent-image    # build + push the agent image to the local registry (make image-push)
 #
 # Settings (environment): IMAGE_PREFETCHER_E2E_STATE (default /var/tmp/image-prefetcher-e2e),
-# K8S_VERSION (default v1.35.4), IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image).
+# K8S_VERSION (default v1.35.4), IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image),
+# IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one).
 # Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
 set -euo pipefail
 
@@ -60,7 +61,8 @@ alive() {
 start_bg() { # start_bg <name> <cmd...>
   local name=$1; shift
   mkdir -p "$PIDS" "$LOGS"
-  nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  # 9>&-: the harness' lock must not be inherited by what outlives it
+  nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   local pid=$!
   echo "$pid $(starttime $pid)" >"$PIDS/$name.pid"
 }
@@ -574,11 +576,35 @@ status() {
   fi
 }
 
+# One environment per state dir: up, down and push-agent-image hold a lock, so a second caller (another
+# developer's test run, CI) waits instead of wiping directories under a running cluster.
+lock() {
+  mkdir -p "$(dirname "$STATE")"
+  exec 9>"$STATE.lock"
+  if ! flock -n 9; then
+    log "another e2e/cluster.sh is working on $STATE; waiting for it (up to 30 min)"
+    flock -w 1800 9 || die "gave up waiting for $STATE.lock"
+  fi
+}
+
+# reuse <mode>: with IMAGE_PREFETCHER_E2E_REUSE=1, keep a healthy environment of at least this mode
+reusable() {
+  [ "${IMAGE_PREFETCHER_E2E_REUSE:-}" = 1 ] && [ -f "$ENV_FILE" ] || return 1
+  local have n
+  have=$(cat "$STATE/mode" 2>/dev/null)
+  [ "$have" = full ] || [ "$have" = "$1" ] || return 1
+  for n in registry registry-auth containerd; do alive $n || return 1; done
+  if [ "$have" = full ]; then
+    for n in etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do alive $n || return 1; done
+  fi
+  log "IMAGE_PREFETCHER_E2E_REUSE=1: the $have environment in $STATE is healthy; reusing it"
+}
+
 case ${1:-} in
-  up) shift; up "${1:-full}" ;;
-  down) need_root; down ;;
+  up) shift; need_root; lock; reusable "${1:-full}" || up "${1:-full}" ;;
+  down) need_root; lock; down ;;
   status) status ;;
   env) [ -f "$ENV_FILE" ] && cat "$ENV_FILE" || die "no environment is up ($ENV_FILE missing): run e2e/cluster.sh up" ;;
-  push-agent-image) need_root; AGENT_IMAGE_MODE=1; push_agent_image; [ -f "$STATE/mode" ] && write_env "$(cat "$STATE/mode")" "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE" 2>/dev/null)" ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  push-agent-image) need_root; lock; AGENT_IMAGE_MODE=1; push_agent_image; [ -f "$STATE/mode" ] && write_env "$(cat "$STATE/mode")" "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE" 2>/dev/null)" ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -45,7 +45,7 @@ func TestCRIPullsFromLocalRegistry(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Runtime)
 	ctx := ctxFor(t, 2*time.Minute)
 	_, images := env.CRI(t)
-	img := env.Image(t, "e2e/random:4mib")
+	img := env.Image(t, "e2e/smoke:latest")
 	removeImage(ctx, t, images, img.Ref)
 
 	resp, err := images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: img.Ref}})
@@ -94,7 +94,7 @@ func TestCRIPrivateImageNeedsCredentials(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Runtime)
 	ctx := ctxFor(t, 2*time.Minute)
 	_, images := env.CRI(t)
-	img := env.Image(t, env.AuthRegistry+"/e2e/private:latest")
+	img := env.Image(t, env.AuthRegistry+"/e2e/private:smoke")
 	if !img.Private {
 		t.Fatalf("%s is not marked private in the catalogue", img.Ref)
 	}

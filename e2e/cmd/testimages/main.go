@@ -146,6 +146,13 @@ func catalogue(busyboxPath string) ([]spec, error) {
 	specs = append(specs, spec{repo: "e2e/private", tag: "latest", private: true, runnable: true,
 		layers: []v1.Layer{bb, randomLayer("private", 3*mib)}, config: shell,
 		description: "only on the auth registry: busybox + 3 MiB"})
+	// Reserved for the harness' own smoke tests (e2e/cluster_test.go), which remove and pull them: other
+	// tests running at the same time never see their images disappear.
+	specs = append(specs,
+		spec{repo: "e2e/smoke", tag: "latest", layers: []v1.Layer{randomLayer("smoke", 1*mib)},
+			description: "reserved for the harness smoke test: 1 MiB"},
+		spec{repo: "e2e/private", tag: "smoke", private: true, layers: []v1.Layer{randomLayer("private-smoke", 1*mib)},
+			description: "reserved for the harness smoke test: only on the auth registry, 1 MiB"})
 	return specs, nil
 }
 
