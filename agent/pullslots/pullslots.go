@@ -234,6 +234,9 @@ func (w *waiter) run(ctx context.Context) (*coordinationv1.Lease, error) {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
+			if permanent(err) {
+				return nil, err
+			}
 			d := backoff.Step()
 			s.Log.Warn("list pull slots", "error", err.Error(), "retryIn", d.Round(time.Millisecond))
 			if err := s.sleep(ctx, d); err != nil {
@@ -478,6 +481,8 @@ func (w *waiter) claim(ctx context.Context, i int) (*coordinationv1.Lease, error
 		// make sure no slot stays held in our name.
 		s.releaseByName(ctx, slotName(s.Instance, i))
 		return nil, ctx.Err()
+	case permanent(err):
+		return nil, err
 	case err != nil:
 		s.Log.Warn("claim pull slot", "lease", slotName(s.Instance, i), "error", err.Error())
 	}
@@ -665,6 +670,15 @@ func (s *Semaphore) releaseByName(ctx context.Context, name string) {
 	if err := s.release(rctx, le); err != nil {
 		s.Log.Warn("release pull slot after cancelled claim", "lease", name, "error", err.Error())
 	}
+}
+
+// permanent reports errors that waiting does not cure (missing RBAC, a
+// missing namespace, a rejected object): the pass fails and says why instead
+// of waiting for a slot forever.
+func permanent(err error) bool {
+	return apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err) || apierrors.IsInvalid(err) ||
+		apierrors.IsBadRequest(err) || apierrors.IsMethodNotSupported(err) ||
+		apierrors.IsNotFound(err) // from Create: the namespace does not exist
 }
 
 func ptrString(p *string) string {

@@ -419,3 +419,17 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		}
 	}
 }
+
+// Missing RBAC is not waited out: Acquire fails and says why.
+func TestForbiddenFailsInsteadOfWaiting(t *testing.T) {
+	c := newClient(t)
+	c.PrependReactor("list", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(leasesGVR.GroupResource(), "", errors.New("no RBAC"))
+	})
+	s := newSem(t, c, "node-a", 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := s.Acquire(ctx); !apierrors.IsForbidden(err) {
+		t.Fatalf("Acquire: %v, want Forbidden", err)
+	}
+}
