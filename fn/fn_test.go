@@ -69,6 +69,7 @@ func TestMatchesBundle(t *testing.T) {
 		{"gke", "credentialProvider: gke", bundle.Instance{Flavor: "vanilla", Components: []string{"gke-credential-provider"}}},
 		{"ecr-ocp", "{flavor: ocp, credentialProvider: ecr}", bundle.Instance{Flavor: "ocp", Components: []string{"ecr-credential-provider"}}},
 		{"prometheus", "prometheus: true", bundle.Instance{Flavor: "vanilla", Components: []string{"prometheus"}}},
+		{"max-concurrent-nodes", "{flavor: ocp, maxConcurrentNodes: 10}", bundle.Instance{Flavor: "ocp", Components: []string{"max-concurrent-nodes"}}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

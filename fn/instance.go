@@ -3,6 +3,7 @@ package fn
 import (
 	"fmt"
 	"strconv"
+	"strings"
 
 	"sigs.k8s.io/kustomize/api/hasher"
 	"sigs.k8s.io/kustomize/kyaml/yaml"
@@ -55,12 +56,20 @@ func (c *ImagePrefetcher) Objects() ([]*yaml.RNode, error) {
 	if err != nil {
 		return nil, err
 	}
+	var comps []string
 	if s.Prometheus {
-		pm, err := bundled.PodMonitor()
+		comps = append(comps, "prometheus")
+	}
+	if s.MaxConcurrentNodes != nil {
+		// The agents coordinate through Leases in their namespace: the component's Role.
+		comps = append(comps, "max-concurrent-nodes")
+	}
+	for _, name := range comps {
+		objs, err := bundled.Component(name)
 		if err != nil {
 			return nil, err
 		}
-		nodes = append(nodes, pm)
+		nodes = append(nodes, objs...)
 	}
 	rename := renames(s.Namespace, c.Metadata.Name)
 	for _, n := range nodes {
@@ -83,37 +92,53 @@ func (c *ImagePrefetcher) Objects() ([]*yaml.RNode, error) {
 	return nodes, nil
 }
 
-// renames maps every name the embedded bundle derived from its default namespace and instance
-// to the name this instance gets, following the overlays' instance-names.yaml:
+// renamer maps every name the embedded bundle derived from its default namespace and
+// instance to the name this instance gets, following the overlays' instance-names.yaml:
 // namespaced objects <instance>[-<what>], cluster-scoped image-prefetcher.<ns>.<instance>[.<what>].
-func renames(ns, name string) map[string]string {
+type renamer struct {
+	exact    map[string]string
+	prefixes [][2]string // old prefix, new prefix
+}
+
+func renames(ns, name string) renamer {
 	oldCluster := "image-prefetcher." + bundled.Namespace + "." + bundled.Instance
 	newCluster := "image-prefetcher." + ns + "." + name
-	return map[string]string{
-		bundled.Namespace:             ns,
-		bundled.Instance:              name,
-		bundled.Instance + "-use-scc": name + "-use-scc",
-		oldCluster:                    newCluster,
-		oldCluster + ".use-scc":       newCluster + ".use-scc",
+	return renamer{
+		exact: map[string]string{
+			bundled.Namespace: ns,
+			bundled.Instance:  name,
+			oldCluster:        newCluster,
+		},
+		prefixes: [][2]string{
+			{bundled.Instance + "-", name + "-"},
+			{oldCluster + ".", newCluster + "."},
+		},
 	}
 }
 
-// renameScalars replaces scalar values (never keys) equal to a derived name. The embedded
+// renameScalars replaces scalar values (never keys) that are derived names. The embedded
 // bundle is built so that these strings occur only as names, namespaces and label values;
 // fn's equality tests with the kustomize-built instances hold that up.
-func renameScalars(n *yaml.Node, m map[string]string) {
+func renameScalars(n *yaml.Node, r renamer) {
 	switch n.Kind {
 	case yaml.DocumentNode, yaml.SequenceNode:
 		for _, c := range n.Content {
-			renameScalars(c, m)
+			renameScalars(c, r)
 		}
 	case yaml.MappingNode:
 		for i := 1; i < len(n.Content); i += 2 {
-			renameScalars(n.Content[i], m)
+			renameScalars(n.Content[i], r)
 		}
 	case yaml.ScalarNode:
-		if v, ok := m[n.Value]; ok {
+		if v, ok := r.exact[n.Value]; ok {
 			n.Value = v
+			return
+		}
+		for _, p := range r.prefixes {
+			if strings.HasPrefix(n.Value, p[0]) {
+				n.Value = p[1] + strings.TrimPrefix(n.Value, p[0])
+				return
+			}
 		}
 	}
 }

@@ -23,7 +23,10 @@ const (
 // Flavors are the instance overlays, each embedded as <flavor>.yaml.
 var Flavors = []string{"vanilla", "ocp"}
 
-//go:embed vanilla.yaml ocp.yaml podmonitor.yaml
+// Components are the components whose added objects are embedded as component-<name>.yaml.
+var Components = []string{"prometheus", "max-concurrent-nodes"}
+
+//go:embed vanilla.yaml ocp.yaml component-*.yaml
 var files embed.FS
 
 // Flavor returns a fresh copy of the objects overlays/<flavor> renders, in kustomize's order.
@@ -31,16 +34,10 @@ func Flavor(flavor string) ([]*yaml.RNode, error) {
 	return parse(flavor + ".yaml")
 }
 
-// PodMonitor returns a fresh copy of the PodMonitor components/prometheus adds to an instance.
-func PodMonitor() (*yaml.RNode, error) {
-	nodes, err := parse("podmonitor.yaml")
-	if err != nil {
-		return nil, err
-	}
-	if len(nodes) != 1 {
-		return nil, fmt.Errorf("podmonitor.yaml: want 1 object, have %d", len(nodes))
-	}
-	return nodes[0], nil
+// Component returns fresh copies of the objects components/<name> adds to an instance (its
+// patches to the DaemonSet are not included: the function applies those itself).
+func Component(name string) ([]*yaml.RNode, error) {
+	return parse("component-" + name + ".yaml")
 }
 
 func parse(name string) ([]*yaml.RNode, error) {

@@ -30,25 +30,38 @@ func render(t *testing.T) map[string][]byte {
 		}
 		out[flavor+".yaml"] = append([]byte(header), y...)
 	}
-	y, err := bundle.BuildInstance(root, t.TempDir(), bundle.Instance{Flavor: "vanilla", Components: []string{"prometheus"}})
+	plain, err := kio.FromBytes(out["vanilla.yaml"])
 	if err != nil {
 		t.Fatal(err)
 	}
-	nodes, err := kio.FromBytes(y)
-	if err != nil {
-		t.Fatal(err)
+	inPlain := map[string]bool{}
+	for _, n := range plain {
+		inPlain[n.GetKind()+"/"+n.GetName()] = true
 	}
-	var pm []*yaml.RNode
-	for _, n := range nodes {
-		if n.GetKind() == "PodMonitor" {
-			pm = append(pm, n)
+	for _, c := range Components {
+		y, err := bundle.BuildInstance(root, t.TempDir(), bundle.Instance{Flavor: "vanilla", Components: []string{c}})
+		if err != nil {
+			t.Fatal(err)
 		}
+		nodes, err := kio.FromBytes(y)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var added []*yaml.RNode
+		for _, n := range nodes {
+			if !inPlain[n.GetKind()+"/"+n.GetName()] {
+				added = append(added, n)
+			}
+		}
+		if len(added) == 0 {
+			t.Fatalf("component %s adds no object", c)
+		}
+		s, err := kio.StringAll(added)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out["component-"+c+".yaml"] = append([]byte(header), s...)
 	}
-	s, err := kio.StringAll(pm)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out["podmonitor.yaml"] = append([]byte(header), s...)
 	return out
 }
 
@@ -98,7 +111,9 @@ func TestDefaults(t *testing.T) {
 			t.Errorf("%s: agent image %q, want %q", flavor, got, AgentImage)
 		}
 	}
-	if _, err := PodMonitor(); err != nil {
-		t.Fatal(err)
+	for _, c := range Components {
+		if _, err := Component(c); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
