@@ -38,9 +38,9 @@ fuzz:
 
 # Brings the real single-node cluster up, runs every test of the module with the real-component
 # tests enabled (they fail, not skip, when the cluster is missing), and tears the cluster down.
-e2e:
+e2e: fn-tools
 	@set -e; trap '$(E2E) down' EXIT; $(E2E) up; \
-	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 45m $(PKGS)
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m $(PKGS)
 
 cluster-up:
 	$(E2E) up
