@@ -20,8 +20,8 @@ import (
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 
-	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 )
 
 // Defaults of Config.

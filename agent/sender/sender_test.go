@@ -13,8 +13,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 )
 
 // fakeCollector is a scriptable submitter: it fails while down, can hold
