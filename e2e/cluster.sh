@@ -125,6 +125,16 @@ install_packages() {
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+    # On a systemd machine the packages start their own services, which would hold our ports (5000, 2379)
+    # or a second containerd: stop the ones this install just brought in.
+    if [ -d /run/systemd/system ]; then
+      for pkg in docker-registry etcd-server containerd; do
+        printf '%s\n' "${missing[@]}" | grep -qx "$pkg" || continue
+        local svc=${pkg%-server}
+        log "stopping and disabling the $svc service the package started (the harness runs its own)"
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+      done
+    fi
   fi
   command -v go >/dev/null || die "Go is not installed (need Go >= the version in go.mod, e.g. /usr/local/go)"
 }
