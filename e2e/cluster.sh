@@ -607,7 +607,18 @@ reusable() {
   if [ "$have" = full ]; then
     for n in etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do alive $n || return 1; done
   fi
+  if [ "$have" = full ] && ! grep -q "^export IMAGE_PREFETCHER_E2E_KUBE_VERSION='$K8S_VERSION'$" "$ENV_FILE"; then
+    log "IMAGE_PREFETCHER_E2E_REUSE=1: the running cluster is not Kubernetes $K8S_VERSION; starting a fresh one"
+    return 1
+  fi
   log "IMAGE_PREFETCHER_E2E_REUSE=1: the $have environment in $STATE is healthy; reusing it"
+  # the test images and the agent image may have changed since it came up; both pushes are idempotent
+  build_tools
+  push_test_images
+  if [ "$have" = full ]; then
+    push_agent_image
+    write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")"
+  fi
 }
 
 case ${1:-} in
