@@ -41,6 +41,7 @@ the Node image-prefetcher.stackrox.io/<instance>=succeeded|failed.
 Usage:
   image-prefetcher run   [flags]   serve /healthz /readyz /metrics, pass now and every --recheck-interval
   image-prefetcher fetch [flags]   one pass; exit 0 only if every image is present
+  image-prefetcher collect [flags] the results collector (alias aggregate-metrics; see docs/collector.md)
   image-prefetcher version
 
 Run "image-prefetcher <command> --help" for the flags.
@@ -74,6 +75,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		return command(ctx, "run", args[1:], stdout, stderr)
 	case "fetch":
 		return command(ctx, "fetch", args[1:], stdout, stderr)
+	case "collect", "aggregate-metrics":
+		return collect(ctx, args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, Version)
 		return ExitOK
@@ -108,6 +111,14 @@ func command(ctx context.Context, name string, args []string, stdout, stderr io.
 		return ExitUsage
 	}
 	defer p.close()
+	stopSender, err := p.startSender(opts.Collector)
+	if err != nil {
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return ExitUsage
+	}
+	// Deferred after close: it runs first, so that a fetch's attempts reach
+	// the collector before the process exits.
+	defer stopSender()
 	if server {
 		return p.serve(ctx)
 	}

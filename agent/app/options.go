@@ -42,6 +42,9 @@ type Options struct {
 	LogLevel          string
 
 	PullSlotOptions
+
+	// Collector: the results collector the attempts are sent to.
+	Collector CollectorOptions
 }
 
 // DefaultMaxParallelPulls is the per-node pull concurrency. It was chosen
@@ -71,6 +74,7 @@ func defaultOptions() *Options {
 		LogFormat:                 "text",
 		LogLevel:                  "info",
 		PullSlotOptions:           defaultPullSlotOptions(),
+		Collector:                 defaultCollectorOptions(),
 	}
 }
 
@@ -98,6 +102,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "debug, info, warn or error.")
 	o.PullSlotOptions.addFlags(fs)
+	o.Collector.addFlags(fs)
 	if withServer {
 		fs.DurationVar(&o.RecheckInterval, "recheck-interval", o.RecheckInterval, "How often presence is re-checked and missing images re-pulled (e.g. after kubelet image GC).")
 		fs.StringVar(&o.ListenAddress, "listen-address", o.ListenAddress, "Address of the /healthz, /readyz and /metrics server; empty disables it.")
@@ -122,6 +127,9 @@ func (o *Options) validate(withServer bool) error {
 		errs = append(errs, fmt.Errorf("--recheck-interval=%s: must be positive", o.RecheckInterval))
 	}
 	if err := o.PullSlotOptions.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := o.Collector.validate(); err != nil {
 		errs = append(errs, err)
 	}
 	switch o.LogFormat {

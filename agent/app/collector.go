@@ -1,0 +1,140 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/collector"
+	"github.com/nodeprefetch/image-prefetcher/agent/sender"
+)
+
+// CollectorOptions are the agent's flags for the results collector.
+type CollectorOptions struct {
+	Address      string
+	FlushTimeout time.Duration
+	BufferSize   int
+}
+
+func (o *CollectorOptions) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Address, "collector-address", o.Address, "host:port of the results collector (`image-prefetcher collect`); every pull attempt is sent there. Empty: none.")
+	// The reference tool's name for the same flag, so its manifests keep working.
+	fs.StringVar(&o.Address, "metrics-endpoint", o.Address, "Alias of --collector-address.")
+	fs.DurationVar(&o.FlushTimeout, "collector-flush-timeout", o.FlushTimeout, "How long the agent waits, when a fetch ends or on shutdown, for queued attempts to reach the collector.")
+	fs.IntVar(&o.BufferSize, "collector-buffer-size", o.BufferSize, "Attempts queued for the collector while it is unreachable; when full the oldest is dropped.")
+}
+
+func (o *CollectorOptions) validate() error {
+	var errs []error
+	if o.Address != "" {
+		if _, _, err := net.SplitHostPort(o.Address); err != nil {
+			errs = append(errs, fmt.Errorf("--collector-address=%q: want host:port: %w", o.Address, err))
+		}
+	}
+	if o.FlushTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--collector-flush-timeout=%s: must be positive", o.FlushTimeout))
+	}
+	if o.BufferSize <= 0 {
+		errs = append(errs, fmt.Errorf("--collector-buffer-size=%d: must be positive", o.BufferSize))
+	}
+	return errors.Join(errs...)
+}
+
+func defaultCollectorOptions() CollectorOptions {
+	return CollectorOptions{FlushTimeout: 10 * time.Second, BufferSize: sender.DefaultBufferSize}
+}
+
+// startSender plugs the results sender into the pass's observers when
+// --collector-address is set. The returned function flushes within
+// --collector-flush-timeout and stops it; it never fails the command: the
+// collector is an observer, not a reason for a node to fail.
+func (p *prefetcher) startSender(o CollectorOptions) (stop func(), err error) {
+	if o.Address == "" {
+		return func() {}, nil
+	}
+	s, err := sender.New(sender.Config{
+		Address:    o.Address,
+		Node:       p.opts.NodeName,
+		Instance:   p.opts.Instance,
+		BufferSize: o.BufferSize,
+		Log:        p.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	p.extra = append(p.extra, s)
+	p.log.Info("sending pull attempts to the results collector", "address", o.Address)
+	return func() {
+		// Not the command's context: a SIGTERM has cancelled that, and the
+		// flush is what must still happen.
+		ctx, cancel := context.WithTimeout(context.Background(), o.FlushTimeout)
+		defer cancel()
+		if err := s.Close(ctx); err != nil {
+			p.log.Error("results collector flush", "error", err.Error())
+			return
+		}
+		st := s.Stats()
+		p.log.Info("results collector flushed", "delivered", st.Delivered, "dropped", st.Dropped)
+	}, nil
+}
+
+const collectUsage = `image-prefetcher collect (alias aggregate-metrics) receives every pull attempt of every
+agent over gRPC (agents: --collector-address) and serves them over HTTP:
+  GET /metrics     the attempts as a JSON array (the reference tool's format); filters ?node= ?image= ?instance=
+  GET /summary     per node and per image: attempts, failures, p50/max duration, bytes
+  GET /prometheus  the collector's own Prometheus metrics (the agents' Prometheus metrics are on their
+                   own /metrics; this /metrics is the JSON results)
+  GET /healthz
+
+Flags:
+`
+
+// collect is the `collect` command: the results collector.
+func collect(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := pflag.NewFlagSet("collect", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprint(stderr, collectUsage)
+		fs.PrintDefaults()
+	}
+	grpcAddr := fs.String("grpc-address", ":9478", "Address of the gRPC server the agents send to.")
+	httpAddr := fs.String("http-address", ":9479", "Address of the HTTP server (/metrics JSON, /summary, /prometheus, /healthz).")
+	maxResults := fs.Int("max-results", collector.DefaultMaxResults, "Results held in memory; beyond it the oldest are dropped (counted in image_prefetcher_collector_results_dropped_total).")
+	shutdown := fs.Duration("shutdown-timeout", collector.DefaultShutdownTimeout, "Bound of the graceful shutdown on SIGTERM.")
+	logFormat := fs.String("log-format", "text", "text or json.")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error.")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return ExitOK
+		}
+		return ExitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "collect: unexpected arguments %q\n", fs.Args())
+		return ExitUsage
+	}
+	if *maxResults <= 0 {
+		fmt.Fprintf(stderr, "collect: --max-results=%d: must be positive\n", *maxResults)
+		return ExitUsage
+	}
+	log, err := newLogger(&Options{LogFormat: *logFormat, LogLevel: *logLevel}, stderr)
+	if err == nil && *logFormat != "text" && *logFormat != "json" {
+		err = fmt.Errorf("--log-format=%q: must be text or json", *logFormat)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "collect: %v\n", err)
+		return ExitUsage
+	}
+	c := collector.New(collector.NewStore(*maxResults), log)
+	c.ShutdownTimeout = *shutdown
+	if err := c.Run(ctx, *grpcAddr, *httpAddr); err != nil {
+		log.Error("collector failed", "error", err.Error())
+		return ExitFailed
+	}
+	return ExitOK
+}
