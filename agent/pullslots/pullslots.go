@@ -223,6 +223,8 @@ type waiter struct {
 	rv    string // resourceVersion to watch from
 	// losses counts the claims this waiter lost; it widens the claim jitter.
 	losses int
+	// watched is set when the current watch delivered an event.
+	watched bool
 }
 
 func (w *waiter) run(ctx context.Context) (*coordinationv1.Lease, error) {
@@ -248,9 +250,17 @@ func (w *waiter) run(ctx context.Context) (*coordinationv1.Lease, error) {
 		if held != nil || err != nil {
 			return held, err
 		}
-		// The watch ended (server timeout, error, compaction): list again.
+		// The watch ended (server timeout, error, compaction): list again,
+		// soon after a watch that worked, backing off after one that did not.
 		claimNow = false
-		if err := s.sleep(ctx, s.jitter(time.Second)); err != nil {
+		pause := s.jitter(time.Second)
+		if w.watched {
+			backoff = s.Backoff
+		} else {
+			pause = backoff.Step()
+		}
+		w.watched = false
+		if err := s.sleep(ctx, pause); err != nil {
 			return nil, err
 		}
 	}
@@ -422,6 +432,7 @@ func (w *waiter) follow(ctx context.Context, claimNow bool) (*coordinationv1.Lea
 			claimNow = true
 		case ev, ok := <-events:
 			restart = !ok || !w.apply(ev)
+			w.watched = w.watched || (ok && ev.Type != watch.Error)
 		}
 		if expiry != nil {
 			expiry.Stop()

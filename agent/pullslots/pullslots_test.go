@@ -15,6 +15,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -431,5 +433,41 @@ func TestForbiddenFailsInsteadOfWaiting(t *testing.T) {
 	defer cancel()
 	if _, err := s.Acquire(ctx); !apierrors.IsForbidden(err) {
 		t.Fatalf("Acquire: %v, want Forbidden", err)
+	}
+}
+
+// A watch that keeps failing is retried with a growing backoff, not in a
+// tight list-and-watch loop.
+func TestFailingWatchBacksOff(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
+	c := newClient(t)
+	a := newSem(t, c, "node-a", 1, nil)
+	ra, err := a.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ra()
+	c.PrependWatchReactor("leases", func(k8stesting.Action) (bool, watch.Interface, error) {
+		return true, nil, apierrors.NewServiceUnavailable("etcd is down")
+	})
+	b := newSem(t, c, "node-b", 1, clk)
+	b.Backoff = wait.Backoff{Duration: time.Second, Factor: 2, Steps: 100, Cap: 8 * time.Second}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch := acquireAsync(ctx, b)
+	lists := func() int { return countActions(c, "list") - 1 } // a's list is the first
+	eventually(t, "b's first list and failed watch", func() bool { return lists() == 1 && clk.HasWaiters() })
+	clk.Step(time.Second)
+	eventually(t, "b's second list", func() bool { return lists() == 2 && clk.HasWaiters() })
+	clk.Step(time.Second) // half of the second, doubled backoff
+	time.Sleep(50 * time.Millisecond)
+	if n := lists(); n != 2 {
+		t.Fatalf("%d lists one second into a 2 s backoff", n)
+	}
+	clk.Step(time.Second)
+	eventually(t, "b's third list", func() bool { return lists() == 3 })
+	cancel()
+	if r := <-ch; !errors.Is(r.err, context.Canceled) {
+		t.Fatalf("Acquire: %v", r.err)
 	}
 }
