@@ -1,0 +1,191 @@
+package bundle
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+)
+
+// components/metrics-collector: a hardened collector Deployment and its ClusterIP Service,
+// named per instance, and an agent flag that resolves to that Service in every instance.
+func TestMetricsCollectorComponent(t *testing.T) {
+	root, err := Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := t.TempDir()
+	for _, flavor := range Flavors {
+		for _, in := range []Instance{
+			{Flavor: flavor},
+			{Flavor: flavor, Namespace: "team-b", Name: "second"},
+		} {
+			in.Components = []string{"metrics-collector"}
+			ns, name := in.Namespace, in.Name
+			if ns == "" {
+				ns = DefaultNamespace
+			}
+			if name == "" {
+				name = DefaultInstance
+			}
+			t.Run(flavor+"/"+name, func(t *testing.T) {
+				dir, err := os.MkdirTemp(tmp, "build")
+				if err != nil {
+					t.Fatal(err)
+				}
+				out, err := BuildInstance(root, dir, in)
+				if err != nil {
+					t.Fatal(err)
+				}
+				objs, err := Objects(out)
+				if err != nil {
+					t.Fatal(err)
+				}
+				checkCollector(t, objs, ns, name)
+			})
+		}
+	}
+}
+
+func checkCollector(t *testing.T, objs []Object, ns, instance string) {
+	t.Helper()
+	var ds *appsv1.DaemonSet
+	var dep *appsv1.Deployment
+	var svc *corev1.Service
+	for _, o := range objs {
+		switch o.Kind {
+		case "DaemonSet":
+			ds = &appsv1.DaemonSet{}
+			if err := o.Decode(ds); err != nil {
+				t.Fatal(err)
+			}
+		case "Deployment":
+			dep = &appsv1.Deployment{}
+			if err := o.Decode(dep); err != nil {
+				t.Fatal(err)
+			}
+		case "Service":
+			svc = &corev1.Service{}
+			if err := o.Decode(svc); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if ds == nil || dep == nil || svc == nil {
+		t.Fatalf("want a DaemonSet, a Deployment and a Service; got %v %v %v", ds != nil, dep != nil, svc != nil)
+	}
+	want := instance + "-results-collector"
+	if dep.Name != want || svc.Name != want || dep.Namespace != ns || svc.Namespace != ns {
+		t.Errorf("collector objects %s/%s and %s/%s, want %s/%s", dep.Namespace, dep.Name, svc.Namespace, svc.Name, ns, want)
+	}
+
+	// The Service is ClusterIP and selects the collector's pods only.
+	if svc.Spec.Type != corev1.ServiceTypeClusterIP {
+		t.Errorf("Service type %q, want ClusterIP", svc.Spec.Type)
+	}
+	sel := labels.SelectorFromSet(svc.Spec.Selector)
+	if !sel.Matches(labels.Set(dep.Spec.Template.Labels)) {
+		t.Errorf("Service selector %v does not select the collector pods %v", svc.Spec.Selector, dep.Spec.Template.Labels)
+	}
+	if sel.Matches(labels.Set(ds.Spec.Template.Labels)) {
+		t.Errorf("Service selector %v also selects the agents %v", svc.Spec.Selector, ds.Spec.Template.Labels)
+	}
+	if dep.Spec.Selector == nil || labels.SelectorFromSet(dep.Spec.Selector.MatchLabels).Matches(labels.Set(ds.Spec.Template.Labels)) {
+		t.Errorf("Deployment selector %v selects the agents' pods", dep.Spec.Selector)
+	}
+	if dep.Spec.Selector.MatchLabels["app.kubernetes.io/instance"] != instance {
+		t.Errorf("Deployment selector %v lacks the instance", dep.Spec.Selector.MatchLabels)
+	}
+	if dep.Spec.Replicas == nil || *dep.Spec.Replicas != 1 || dep.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
+		t.Errorf("collector Deployment: want 1 replica and Recreate (results live in one pod's memory)")
+	}
+
+	// A hardened pod.
+	pod := dep.Spec.Template.Spec
+	if psc := pod.SecurityContext; psc == nil || psc.RunAsNonRoot == nil || !*psc.RunAsNonRoot ||
+		psc.SeccompProfile == nil || psc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
+		t.Errorf("collector pod securityContext %+v: want runAsNonRoot and seccomp RuntimeDefault", pod.SecurityContext)
+	}
+	if pod.AutomountServiceAccountToken == nil || *pod.AutomountServiceAccountToken {
+		t.Errorf("collector pod mounts a service account token it does not need")
+	}
+	if len(pod.Volumes) != 0 {
+		t.Errorf("collector pod has volumes %v", pod.Volumes)
+	}
+	if len(pod.Containers) != 1 {
+		t.Fatalf("collector pod has %d containers", len(pod.Containers))
+	}
+	c := pod.Containers[0]
+	sc := c.SecurityContext
+	if sc == nil || sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || sc.ReadOnlyRootFilesystem == nil ||
+		!*sc.ReadOnlyRootFilesystem || (sc.Privileged != nil && *sc.Privileged) || sc.Capabilities == nil ||
+		fmt.Sprint(sc.Capabilities.Drop) != "[ALL]" || len(sc.Capabilities.Add) != 0 {
+		t.Errorf("collector container securityContext %+v: want no escalation, read-only root, drop ALL", sc)
+	}
+	if sc != nil && sc.RunAsUser != nil {
+		t.Errorf("collector container pins uid %d: OpenShift's restricted SCC assigns one", *sc.RunAsUser)
+	}
+	if c.Image != ds.Spec.Template.Spec.Containers[0].Image {
+		t.Errorf("collector image %q, agent image %q: want the same", c.Image, ds.Spec.Template.Spec.Containers[0].Image)
+	}
+	if len(c.Args) == 0 || c.Args[0] != "collect" {
+		t.Errorf("collector args %v: want the collect command", c.Args)
+	}
+	if c.Resources.Limits.Memory().IsZero() || c.Resources.Requests.Memory().IsZero() {
+		t.Errorf("collector resources %+v: want memory request and limit", c.Resources)
+	}
+	ports := map[string]int32{}
+	for _, p := range c.Ports {
+		ports[p.Name] = p.ContainerPort
+	}
+	var grpcPort int32
+	for _, p := range svc.Spec.Ports {
+		if _, ok := ports[p.TargetPort.String()]; !ok {
+			t.Errorf("Service port %s targets %s, not a named collector port", p.Name, p.TargetPort.String())
+		}
+		if p.Name == "grpc" {
+			grpcPort = p.Port
+		}
+	}
+	if !hasArgPrefix(c.Args, fmt.Sprintf("--grpc-address=:%d", ports["grpc"])) {
+		t.Errorf("collector args %v do not listen on the grpc port %d", c.Args, ports["grpc"])
+	}
+
+	// The agent's flag, as the kubelet expands it from the agent's environment, names the
+	// Service in this instance's namespace.
+	agent := ds.Spec.Template.Spec.Containers[0]
+	var addr string
+	for _, a := range agent.Args {
+		if v, ok := strings.CutPrefix(a, "--collector-address="); ok {
+			if addr != "" {
+				t.Errorf("--collector-address given twice")
+			}
+			addr = v
+		}
+	}
+	if addr == "" {
+		t.Fatalf("agent args %v: no --collector-address", agent.Args)
+	}
+	env := map[string]string{}
+	for _, e := range agent.Env {
+		switch {
+		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace":
+			env[e.Name] = ns
+		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.labels['app.kubernetes.io/instance']":
+			env[e.Name] = ds.Spec.Template.Labels["app.kubernetes.io/instance"]
+		case e.ValueFrom == nil:
+			env[e.Name] = e.Value
+		}
+	}
+	expanded := addr
+	for k, v := range env {
+		expanded = strings.ReplaceAll(expanded, "$("+k+")", v)
+	}
+	if wantAddr := fmt.Sprintf("%s.%s.svc:%d", svc.Name, ns, grpcPort); expanded != wantAddr {
+		t.Errorf("--collector-address=%s expands to %s, want %s", addr, expanded, wantAddr)
+	}
+}
