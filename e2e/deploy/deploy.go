@@ -1,0 +1,183 @@
+// Package deploy builds image prefetcher instances for the e2e cluster: the repository's own
+// overlay (or any rendered manifests, e.g. the KRM function's) wrapped in an e2e-only
+// kustomization that adapts the agent's DaemonSet to the harness's single-node cluster.
+//
+// What the e2e layer changes, and why (see ../README.md):
+//   - the agent image: the one `e2e/cluster.sh push-agent-image` pushed, by digest;
+//   - hostNetwork with ClusterFirstWithHostNet and KUBERNETES_SERVICE_HOST/PORT=127.0.0.1:6443:
+//     the cluster has no kube-proxy, so the Service VIP of the API server does not route;
+//   - the metrics port: with hostNetwork it is a host port, so each instance gets its own to let
+//     several instances (and other people's) share the node;
+//   - the CRI socket directory: the harness's containerd listens under its state dir, not in
+//     /run/containerd;
+//   - optional agent flags (a short --recheck-interval) and the pull secret's content.
+//
+// Everything else (RBAC, names, probes, security context, components) is the product's.
+package deploy
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/nodeprefetch/image-prefetcher/bundle"
+)
+
+// Options describe one e2e instance.
+type Options struct {
+	// Namespace and Instance name the instance (both required).
+	Namespace, Instance string
+	// Images is the image list, one reference per entry (images.txt of the overlay).
+	Images []string
+	// Components are names under components/ added to the instance overlay.
+	Components []string
+	// AgentImage is the agent container's image reference (required).
+	AgentImage string
+	// CRISocketDir is the host directory that holds containerd.sock (required).
+	CRISocketDir string
+	// ListenPort is the host port of the agent's /healthz, /readyz and /metrics (required).
+	ListenPort int
+	// RecheckInterval, when set, is passed as --recheck-interval.
+	RecheckInterval string
+	// PullSecret, when set, replaces the pull-secret component's placeholder dockerconfigjson.
+	PullSecret []byte
+	// ExtraArgs are appended to the agent's arguments.
+	ExtraArgs []string
+}
+
+func (o Options) check() error {
+	switch {
+	case o.Namespace == "" || o.Instance == "":
+		return fmt.Errorf("deploy: namespace and instance are required")
+	case o.AgentImage == "":
+		return fmt.Errorf("deploy %s: no agent image (run e2e/cluster.sh push-agent-image)", o.Instance)
+	case o.CRISocketDir == "":
+		return fmt.Errorf("deploy %s: no CRI socket directory", o.Instance)
+	case o.ListenPort <= 0:
+		return fmt.Errorf("deploy %s: no listen port", o.Instance)
+	}
+	return nil
+}
+
+// ImagesFile renders a list as images.txt content.
+func ImagesFile(images []string) string {
+	return "# e2e list\n" + strings.Join(images, "\n") + "\n"
+}
+
+// Overlay writes a copy of the bundle with the instance overlay of overlays/vanilla for o under
+// dir, and the e2e kustomization on top of it in dir/e2e; it returns dir/e2e.
+func Overlay(root, dir string, o Options) (string, error) {
+	if err := o.check(); err != nil {
+		return "", err
+	}
+	in := bundle.Instance{
+		Flavor:     "vanilla",
+		Namespace:  o.Namespace,
+		Name:       o.Instance,
+		Images:     ImagesFile(o.Images),
+		Components: o.Components,
+	}
+	if _, err := in.Write(root, dir); err != nil {
+		return "", fmt.Errorf("deploy %s: %w", o.Instance, err)
+	}
+	if o.PullSecret != nil {
+		// The copy's placeholder, as docs/bundle.md's secretGenerator replacement would give.
+		if err := os.WriteFile(filepath.Join(dir, "components", "pull-secret", "dockerconfig.json"), o.PullSecret, 0o600); err != nil {
+			return "", fmt.Errorf("deploy %s: pull secret: %w", o.Instance, err)
+		}
+	}
+	e2e := filepath.Join(dir, "e2e")
+	if err := Wrap(e2e, "../overlays/vanilla", o); err != nil {
+		return "", err
+	}
+	return e2e, nil
+}
+
+// Build renders Overlay's result with the bundle's (Flux-like) kustomize options.
+func Build(root, dir string, o Options) ([]byte, error) {
+	e2e, err := Overlay(root, dir, o)
+	if err != nil {
+		return nil, err
+	}
+	return bundle.Kustomize(e2e)
+}
+
+// Wrap writes into dir a kustomization whose only resource is resource (a kustomization
+// directory or a manifest file, relative to dir) and which applies the e2e changes to the
+// instance's DaemonSet (named o.Instance).
+func Wrap(dir, resource string, o Options) error {
+	if err := o.check(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("deploy %s: %w", o.Instance, err)
+	}
+	// Strategic merge: volumes, containers and env merge by name, so this works whatever order
+	// the components (or the KRM function) put them in.
+	smp := map[string]any{
+		"apiVersion": "apps/v1",
+		"kind":       "DaemonSet",
+		"metadata":   map[string]any{"name": o.Instance, "namespace": o.Namespace},
+		"spec": map[string]any{"template": map[string]any{"spec": map[string]any{
+			"hostNetwork": true,
+			"dnsPolicy":   "ClusterFirstWithHostNet",
+			"volumes": []any{map[string]any{
+				"name":     "cri-socket",
+				"hostPath": map[string]any{"path": o.CRISocketDir, "type": "Directory"},
+			}},
+			"containers": []any{map[string]any{
+				"name":  "agent",
+				"image": o.AgentImage,
+				"env": []any{
+					map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+					map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},
+				},
+			}},
+		}}},
+	}
+	// JSON patch: container ports merge by containerPort, which is what changes here.
+	ops := []map[string]any{{
+		"op":   "replace",
+		"path": "/spec/template/spec/containers/0/ports",
+		"value": []any{map[string]any{
+			"name": "metrics", "containerPort": o.ListenPort, "hostPort": o.ListenPort, "protocol": "TCP",
+		}},
+	}}
+	args := []string{fmt.Sprintf("--listen-address=:%d", o.ListenPort)}
+	if o.RecheckInterval != "" {
+		args = append(args, "--recheck-interval="+o.RecheckInterval)
+	}
+	args = append(args, o.ExtraArgs...)
+	for _, a := range args {
+		ops = append(ops, map[string]any{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": a})
+	}
+	files := map[string]any{"daemonset-patch.json": smp, "daemonset-ops.json": ops}
+	for name, v := range files {
+		b, err := json.MarshalIndent(v, "", "  ")
+		if err != nil {
+			return fmt.Errorf("deploy %s: %s: %w", o.Instance, name, err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			return fmt.Errorf("deploy %s: %w", o.Instance, err)
+		}
+	}
+	k := fmt.Sprintf(`# e2e only: adapts the instance to the harness's cluster (see e2e/deploy).
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+- %s
+patches:
+- path: daemonset-patch.json
+- path: daemonset-ops.json
+  target:
+    group: apps
+    kind: DaemonSet
+    name: %s
+`, resource, o.Instance)
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		return fmt.Errorf("deploy %s: %w", o.Instance, err)
+	}
+	return nil
+}
