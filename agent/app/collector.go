@@ -22,9 +22,9 @@ type CollectorOptions struct {
 }
 
 func (o *CollectorOptions) addFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&o.Address, "collector-address", o.Address, "host:port of the results collector (`image-prefetcher collect`); every pull attempt is sent there. Empty: none.")
+	fs.StringVar(&o.Address, "collector-address", o.Address, "`host:port` of the results collector (image-prefetcher collect); every pull attempt is sent there. Empty: none.")
 	// The reference tool's name for the same flag, so its manifests keep working.
-	fs.StringVar(&o.Address, "metrics-endpoint", o.Address, "Alias of --collector-address.")
+	fs.StringVar(&o.Address, "metrics-endpoint", o.Address, "`host:port`: alias of --collector-address (the reference tool's name).")
 	fs.DurationVar(&o.FlushTimeout, "collector-flush-timeout", o.FlushTimeout, "How long the agent waits, when a fetch ends or on shutdown, for queued attempts to reach the collector.")
 	fs.IntVar(&o.BufferSize, "collector-buffer-size", o.BufferSize, "Attempts queued for the collector while it is unreachable; when full the oldest is dropped.")
 }
