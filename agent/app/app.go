@@ -162,6 +162,8 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 		MaxDelay:              opts.MaxPullAttemptDelay,
 		OverallTimeout:        opts.OverallTimeout,
 		MaxAttempts:           opts.MaxAttempts,
+		HedgeAfter:            opts.HedgeAfter,
+		MaxHedges:             opts.MaxHedges,
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err

@@ -16,6 +16,9 @@ func (o logObserver) AttemptFinished(a pull.Attempt) {
 	attrs := []any{
 		"image", a.Image, "attempt", a.Number, "duration", a.Duration.Round(1e6), "timeout", a.Timeout,
 	}
+	if a.Hedges > 0 {
+		attrs = append(attrs, "hedges", a.Hedges)
+	}
 	if a.Credential != "" {
 		attrs = append(attrs, "credential", a.Credential)
 	}

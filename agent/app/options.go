@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
 // Options are the flags shared by `run` and `fetch`. Names and defaults that
@@ -32,6 +34,8 @@ type Options struct {
 	InitialPullAttemptDelay   time.Duration
 	MaxPullAttemptDelay       time.Duration
 	OverallTimeout            time.Duration
+	HedgeAfter                time.Duration
+	MaxHedges                 int
 
 	Label             bool
 	Kubeconfig        string
@@ -66,6 +70,8 @@ func defaultOptions() *Options {
 		InitialPullAttemptDelay:   time.Second,
 		MaxPullAttemptDelay:       10 * time.Minute,
 		OverallTimeout:            20 * time.Minute,
+		HedgeAfter:                pull.DefaultConfig().HedgeAfter,
+		MaxHedges:                 pull.DefaultConfig().MaxHedges,
 		Label:                     true,
 		Kubeconfig:                os.Getenv("KUBECONFIG"),
 		LabelWriteTimeout:         30 * time.Second,
@@ -96,6 +102,8 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.DurationVar(&o.InitialPullAttemptDelay, "initial-pull-attempt-delay", o.InitialPullAttemptDelay, "Delay before the second attempt of an image; doubles up to --max-pull-attempt-delay.")
 	fs.DurationVar(&o.MaxPullAttemptDelay, "max-pull-attempt-delay", o.MaxPullAttemptDelay, "Upper bound of the delay between attempts.")
 	fs.DurationVar(&o.OverallTimeout, "overall-timeout", o.OverallTimeout, "Upper bound of one pass over the whole list.")
+	fs.DurationVar(&o.HedgeAfter, "hedge-after", o.HedgeAfter, "When a pull attempt has not answered after this long, start another PullImage of the image on a new registry connection (first success wins); 0 disables.")
+	fs.IntVar(&o.MaxHedges, "max-hedges", o.MaxHedges, "Extra PullImage calls per attempt, --hedge-after apart.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
 	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of the node label write, separate from the pass's.")

@@ -54,6 +54,8 @@ type Config struct {
 	MaxDelay              time.Duration // --max-pull-attempt-delay
 	OverallTimeout        time.Duration // --overall-timeout; 0 = none (the caller's context bounds the pass)
 	MaxAttempts           int           // --max-attempts per image; 0 = unbounded (see Engine on credentials)
+	HedgeAfter            time.Duration // --hedge-after; 0 = no hedged calls (see Engine)
+	MaxHedges             int           // --max-hedges per attempt
 }
 
 // DefaultConfig returns the timing defaults (the reference tool's, where its
@@ -67,6 +69,10 @@ func DefaultConfig() Config {
 		MaxDelay:              10 * time.Minute,
 		OverallTimeout:        20 * time.Minute,
 		MaxAttempts:           10,
+		// A stalled connection is abandoned after 10 s instead of the
+		// attempt's 30 s: a hedge at 10 s and one at 20 s.
+		HedgeAfter: 10 * time.Second,
+		MaxHedges:  2,
 	}
 }
 
@@ -96,6 +102,12 @@ func (c Config) Validate() error {
 	}
 	if c.OverallTimeout < 0 {
 		bad("--overall-timeout must not be negative (got %s; 0 means none)", c.OverallTimeout)
+	}
+	if c.HedgeAfter < 0 {
+		bad("--hedge-after must not be negative (got %s; 0 disables hedging)", c.HedgeAfter)
+	}
+	if c.MaxHedges < 0 {
+		bad("--max-hedges must not be negative (got %d)", c.MaxHedges)
 	}
 	if c.MaxAttempts < 0 {
 		bad("--max-attempts must not be negative (got %d; 0 means unbounded)", c.MaxAttempts)

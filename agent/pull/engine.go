@@ -26,12 +26,19 @@ import (
 // when there are several credentials, since registries hide private
 // repositories behind 404s) is dropped and the next is tried at once, without
 // using up an attempt. A transient error ends the attempt; the next attempt
-// starts with the same credential. Every PullImage call is reported to the
-// Observer and counted in Result.Attempts.
+// starts with the same credential. Every attempt is reported to the Observer
+// and counted in Result.Attempts.
 //
-// Each PullImage call goes through pullOnce with the client to use, so that
-// hedging (a second attempt on a fresh connection while a stalled one still
-// runs) can later be added around it without changing the rest.
+// Hedging: a registry connection that hangs without an answer is only
+// noticed at the attempt's timeout, and containerd has no timeout of its own.
+// So when an attempt's PullImage has not answered after HedgeAfter, pullOnce
+// starts another PullImage of the same image (containerd makes a new
+// registry connection for it), up to MaxHedges more, HedgeAfter apart, all
+// within the attempt's timeout. The first success wins and the others are
+// cancelled. containerd 1.6 lets the new call complete while the hung one
+// still waits (measured: docs/benchmarks.md), and its per-blob ingest locks
+// keep a hedge of a pull that is merely slow from downloading the same blob
+// twice. Hedges are counted in Attempt.Hedges, not as attempts.
 type Engine struct {
 	Images   runtimeapi.ImageServiceClient
 	Creds    credentials.Provider // nil: anonymous pulls
@@ -132,7 +139,7 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 			cred := tries[cur]
 			r.Attempts++
 			res, err := e.pullOnce(ctx, e.Images, en.Ref, cred, step.Timeout)
-			a := Attempt{Image: en.Ref, Number: r.Attempts, Start: res.start, Duration: res.duration, Timeout: step.Timeout, Err: err, Reason: Classify(err)}
+			a := Attempt{Image: en.Ref, Number: r.Attempts, Start: res.start, Duration: res.duration, Timeout: step.Timeout, Hedges: res.hedges, Err: err, Reason: Classify(err)}
 			if cred != nil {
 				a.Credential = cred.Source
 			}
@@ -173,29 +180,70 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 	}
 }
 
-// pullResult is what one PullImage call returned.
+// pullResult is what one attempt's PullImage calls returned.
 type pullResult struct {
 	imageRef string
 	start    time.Time
 	duration time.Duration
+	hedges   int // PullImage calls started besides the first
 }
 
-// pullOnce makes one PullImage call with its own timeout.
+// pullOnce makes one attempt: a PullImage call with the attempt's timeout,
+// hedged as the Engine's comment says. It returns the first success; a
+// permanent error at once (another call would get the same answer); a
+// transient error only when no other call of the attempt is still running.
 func (e *Engine) pullOnce(ctx context.Context, images runtimeapi.ImageServiceClient, ref string, cred *credentials.Credential, timeout time.Duration) (pullResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	defer cancel() // ends the calls that lost
 	req := &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}
 	if cred != nil {
 		req.Auth = cred.Auth
 	}
-	res := pullResult{start: time.Now()}
-	resp, err := images.PullImage(ctx, req)
-	res.duration = time.Since(res.start)
-	if err != nil {
-		return res, err
+	type answer struct {
+		imageRef string
+		err      error
 	}
-	res.imageRef = resp.GetImageRef()
-	return res, nil
+	hedges := 0
+	if e.HedgeAfter > 0 {
+		hedges = e.MaxHedges
+	}
+	answers := make(chan answer, 1+hedges) // losers never block
+	call := func() {
+		resp, err := images.PullImage(ctx, req)
+		answers <- answer{resp.GetImageRef(), err}
+	}
+	res := pullResult{start: time.Now()}
+	go call()
+	running := 1
+	var hedge <-chan time.Time // nil: no (more) hedges
+	if hedges > 0 {
+		hedge = time.After(e.HedgeAfter)
+	}
+	for {
+		select {
+		case <-hedge:
+			go call()
+			running++
+			res.hedges++
+			hedge = nil
+			if res.hedges < hedges {
+				hedge = time.After(e.HedgeAfter)
+			}
+		case a := <-answers:
+			running--
+			if a.err == nil {
+				res.duration = time.Since(res.start)
+				res.imageRef = a.imageRef
+				return res, nil
+			}
+			if running == 0 || Classify(a.err).Permanent() || ctx.Err() != nil {
+				res.duration = time.Since(res.start)
+				return res, a.err
+			}
+			// A transient failure while another call still runs: that one
+			// may still succeed.
+		}
+	}
 }
 
 // status asks the runtime for ref; a nil image with a nil error means absent.

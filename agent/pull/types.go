@@ -33,6 +33,7 @@ type Attempt struct {
 	Start      time.Time
 	Duration   time.Duration
 	Timeout    time.Duration // the per-attempt timeout it ran under
+	Hedges     int           // PullImage calls started besides the first (see Engine)
 	Credential string        // credentials.Credential.Source, or "" for anonymous
 	Err        error
 	Reason     Reason
