@@ -181,6 +181,18 @@ type nodeState struct {
 	at          time.Time
 }
 
+func (s nodeState) String() string {
+	l := "(no label)"
+	if s.hasLabel {
+		l = s.label
+	}
+	d := s.list
+	if len(d) > 12 {
+		d = d[:12]
+	}
+	return fmt.Sprintf("%s list=%s at %s", l, d, s.at.Format("15:04:05.000"))
+}
+
 // Scenario 3: a list change rolls the DaemonSet and the label never claims the old list once the
 // new pod works on the new one.
 func TestScenarioListChange(t *testing.T) {
@@ -242,7 +254,7 @@ func TestScenarioListChange(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("label/annotation states during the list change: %+v", states)
+	t.Logf("old list %.12s; label/annotation states after the new list was applied: %v", oldDigest, states)
 
 	// From the first state that names the new list on, the old list is never claimed, and that
 	// first state carries no label (removed in the same update that recorded the new digest).
