@@ -1,0 +1,192 @@
+// Command prefetchbench measures the agent's pull pass on the real runtime of
+// the e2e harness (containerd + a local registry): the agent's pass against
+// raw parallel and sequential CRI pulls, at several --max-parallel-pulls, on
+// bare loopback and through a shaping proxy (delay + bandwidth cap); the warm
+// pass; a stalled registry; the agent's memory and CPU. Every round starts
+// from a cold content store, variants are interleaved (their order rotates
+// each round), and the report prints medians and per-round ratios against
+// raw parallel pulls of the same round. It prints Markdown on stdout and
+// progress on stderr. `make bench` runs it (see docs/benchmarks.md).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/app"
+	"github.com/nodeprefetch/image-prefetcher/agent/cri"
+	"github.com/nodeprefetch/image-prefetcher/bench/imageset"
+	"github.com/nodeprefetch/image-prefetcher/bench/shaper"
+	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
+)
+
+type options struct {
+	rounds       int
+	delay        time.Duration
+	mbit         int64
+	stall        time.Duration
+	agentBin     string
+	only         string
+	experiment   bool
+	stallNoHedge bool
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.rounds, "rounds", 5, "rounds of every variant")
+	flag.DurationVar(&o.delay, "delay", 10*time.Millisecond, "shaping proxy: one-way delay each direction (round trip +2x)")
+	flag.Int64Var(&o.mbit, "mbit", 200, "shaping proxy: bandwidth cap in Mbit/s per direction")
+	flag.DurationVar(&o.stall, "stall", 20*time.Second, "stalled registry: connections made this long after the stall begins are never answered")
+	flag.StringVar(&o.agentBin, "agent-bin", "bin/image-prefetcher", "the agent binary, for the memory and CPU measurements")
+	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,resources,experiment (default: all but experiment)")
+	flag.BoolVar(&o.experiment, "experiment", true, "run the concurrent-PullImage experiment (does containerd let a second pull of a stalled ref progress?)")
+	flag.BoolVar(&o.stallNoHedge, "stall-without-hedging", true, "also time the stall with --hedge-after=0, for comparison")
+	flag.Parse()
+	log.SetFlags(log.Ltime)
+	log.SetOutput(os.Stderr)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, o); err != nil {
+		log.Fatal(err)
+	}
+}
+
+// bench holds what every part shares.
+type bench struct {
+	o      options
+	env    *clusterenv.Env
+	rt     runtime
+	shaped *shaper.Proxy // delay + cap
+	plain  *shaper.Proxy // no shaping: counting and stalls
+	dir    string
+	sets   []imageset.Set
+	hosts  []string // every registry name the sets are pulled under
+	out    io.Writer
+}
+
+func (b *bench) want(part string) bool {
+	if b.o.only == "" {
+		return part != "experiment" || b.o.experiment
+	}
+	for _, p := range strings.Split(b.o.only, ",") {
+		if p == part {
+			return true
+		}
+	}
+	return false
+}
+
+func run(ctx context.Context, o options) error {
+	env, err := clusterenv.Load()
+	if err != nil {
+		return err
+	}
+	client, err := cri.Dial(ctx, env.CRIEndpoint, 10*time.Second)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	b := &bench{o: o, env: env, rt: runtime{images: client.Images}, out: os.Stdout}
+	if b.dir, err = os.MkdirTemp("", "prefetchbench"); err != nil {
+		return err
+	}
+	defer os.RemoveAll(b.dir)
+
+	b.sets = []imageset.Set{imageset.Shared(), imageset.Large(), imageset.Many()}
+	for _, s := range b.sets {
+		begin := time.Now()
+		n, err := imageset.Push(env.Registry, s)
+		if err != nil {
+			return err
+		}
+		log.Printf("set %s: %d images, %d pushed now (%s)", s.Name, len(s.Images), n, time.Since(begin).Round(time.Millisecond))
+	}
+	if b.shaped, err = shaper.Listen("127.0.0.1:0", shaper.Config{Upstream: env.Registry, Delay: o.delay, BitsPerSecond: o.mbit * 1_000_000}); err != nil {
+		return err
+	}
+	defer b.shaped.Close()
+	if b.plain, err = shaper.Listen("127.0.0.1:0", shaper.Config{Upstream: env.Registry}); err != nil {
+		return err
+	}
+	defer b.plain.Close()
+	b.hosts = []string{env.Registry, b.shaped.Addr(), b.plain.Addr()}
+	// Leave the node as found: none of the benchmark's images stay.
+	defer func() {
+		for _, s := range b.sets {
+			if err := b.rt.removeAll(context.WithoutCancel(ctx), b.allRefs(s)); err != nil {
+				log.Printf("cleanup: %v", err)
+			}
+		}
+	}()
+
+	fmt.Fprintf(b.out, "# prefetchbench %s\n\n", time.Now().UTC().Format(time.RFC3339))
+	fmt.Fprintf(b.out, "runtime: %s %s on %s; registry %s; %d rounds; shaping: +%s each way (round trip +%s), %d Mbit/s\n\n",
+		client.RuntimeName, client.RuntimeVersion, env.CRISocket, env.Registry, o.rounds, o.delay, 2*o.delay, o.mbit)
+	if b.want("experiment") {
+		if err := b.concurrentPull(ctx); err != nil {
+			return err
+		}
+	}
+	if b.want("pulls") {
+		if err := b.pulls(ctx); err != nil {
+			return err
+		}
+	}
+	if b.want("stall") {
+		if err := b.stalls(ctx); err != nil {
+			return err
+		}
+	}
+	if b.want("resources") {
+		if err := b.resources(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// allRefs is every name the set's images may have on the node.
+func (b *bench) allRefs(s imageset.Set) []string {
+	var out []string
+	for _, h := range b.hosts {
+		out = append(out, s.Refs(h)...)
+	}
+	return out
+}
+
+// agent runs the agent's fetch command in this process, as the binary would
+// (same flag parsing, CRI dial, engine), with extra flags; it returns the
+// wall time and fails when the pass did not make every image present.
+func (b *bench) agent(ctx context.Context, refs []string, extra ...string) (time.Duration, error) {
+	list := filepath.Join(b.dir, "images.txt")
+	if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
+		return 0, err
+	}
+	args := append([]string{"fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn"}, extra...)
+	var stderr strings.Builder
+	begin := time.Now()
+	code := app.Main(args, io.Discard, &stderr)
+	took := time.Since(begin)
+	if code != app.ExitOK {
+		return took, fmt.Errorf("agent %s: exit %d: %s", strings.Join(extra, " "), code, lastLines(stderr.String(), 5))
+	}
+	return took, ctx.Err()
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+func mib(n int) string { return strconv.FormatFloat(float64(n)/imageset.MiB, 'f', 0, 64) + " MiB" }

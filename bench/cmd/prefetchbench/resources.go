@@ -1,0 +1,182 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat times (100 on Linux).
+const clockTicks = 100
+
+// resources runs the agent binary as a subprocess: a cold fetch of the
+// 100-image set (peak RSS from VmHWM and rusage, CPU from rusage), then
+// `run` with a short present list, sampled while it idles between re-checks.
+func (b *bench) resources(ctx context.Context) error {
+	bin, err := filepath.Abs(b.o.agentBin)
+	if err != nil {
+		return err
+	}
+	s := b.sets[2]
+	refs := s.Refs(b.env.Registry)
+	if err := b.rt.removeAll(ctx, b.allRefs(s)); err != nil {
+		return err
+	}
+	list := filepath.Join(b.dir, "many.txt")
+	if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, bin, "fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	begin := time.Now()
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", bin, err)
+	}
+	hwm := watchHWM(cmd.Process.Pid)
+	err = cmd.Wait()
+	took := time.Since(begin)
+	peakPolled := hwm()
+	if err != nil {
+		return fmt.Errorf("agent fetch of %d images: %w: %s", len(refs), err, lastLines(stderr.String(), 5))
+	}
+	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	fmt.Fprintf(b.out, "## Agent resources\n\n")
+	fmt.Fprintf(b.out, "| measurement | value |\n|---|---|\n")
+	fmt.Fprintf(b.out, "| `fetch` of %s (cold, loopback, default flags): wall | %.2f s |\n", s.Name, took.Seconds())
+	fmt.Fprintf(b.out, "| peak RSS (VmHWM, polled every 20 ms until exit) | %.1f MiB |\n", float64(peakPolled)/1024)
+	// ru_maxrss of a child started by Go counts the parent's pages shared
+	// between clone(CLONE_VM|CLONE_VFORK) and exec, so it shows this
+	// benchmark's own size; it is printed for completeness only.
+	fmt.Fprintf(b.out, "| rusage maxrss (includes the benchmark process before exec) | %.1f MiB |\n", float64(ru.Maxrss)/1024)
+	fmt.Fprintf(b.out, "| CPU user+system | %.2f s (%.0f ms user, %.0f ms system) |\n", cpu.Seconds(), float64(ru.Utime.Nano())/1e6, float64(ru.Stime.Nano())/1e6)
+	log.Printf("resources: fetch %d images %.2fs, maxrss %d KiB, cpu %s", len(refs), took.Seconds(), ru.Maxrss, cpu)
+
+	// Idle: `run` with 10 present images, default re-check interval, metrics
+	// server on; sampled after its first pass.
+	short := filepath.Join(b.dir, "short.txt")
+	if err := os.WriteFile(short, []byte(strings.Join(refs[:10], "\n")+"\n"), 0o644); err != nil {
+		return err
+	}
+	run := exec.CommandContext(ctx, bin, "run", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", short, "--listen-address", "127.0.0.1:0")
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		return err
+	}
+	run.Stderr = pw
+	if err := run.Start(); err != nil {
+		pw.Close()
+		pr.Close()
+		return fmt.Errorf("start %s run: %w", bin, err)
+	}
+	pw.Close()
+	defer func() {
+		run.Process.Signal(syscall.SIGTERM) //nolint:errcheck // it may have exited
+		run.Wait()                          //nolint:errcheck // its exit status is not measured
+	}()
+	passDone := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(pr)
+		once := sync.Once{}
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "pass finished") {
+				once.Do(func() { close(passDone) })
+			}
+		}
+		pr.Close()
+	}()
+	select {
+	case <-passDone:
+	case <-time.After(60 * time.Second):
+		return fmt.Errorf("agent run: no pass finished within a minute")
+	}
+	time.Sleep(time.Second)
+	const window = 5 * time.Second
+	t0, rss0, err := procCPU(run.Process.Pid)
+	if err != nil {
+		return err
+	}
+	time.Sleep(window)
+	t1, rss1, err := procCPU(run.Process.Pid)
+	if err != nil {
+		return err
+	}
+	idle := float64(t1-t0) / clockTicks / window.Seconds() * 100
+	anon, _ := statusField(run.Process.Pid, "RssAnon:")
+	file, _ := statusField(run.Process.Pid, "RssFile:")
+	heap, _ := statusField(run.Process.Pid, "VmHWM:")
+	fmt.Fprintf(b.out, "| `run` idle between re-checks (10 present images, default 5m interval, metrics server on, %s sampled) | CPU %.2f %%; RSS %.1f then %.1f MiB (anonymous %.1f, file-backed %.1f; peak %.1f) |\n\n",
+		window, idle, float64(rss0)/1024, float64(rss1)/1024, float64(anon)/1024, float64(file)/1024, float64(heap)/1024)
+	log.Printf("resources: idle cpu %.2f%% rss %d KiB", idle, rss1)
+	return b.rt.removeAll(ctx, b.allRefs(s))
+}
+
+// watchHWM polls /proc/<pid>/status VmHWM until the process is gone and
+// returns a function giving the highest value seen, in KiB.
+func watchHWM(pid int) func() int64 {
+	var mu sync.Mutex
+	var peak int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			v, ok := statusField(pid, "VmHWM:")
+			if !ok {
+				return // gone (a zombie has no Vm lines)
+			}
+			mu.Lock()
+			peak = max(peak, v)
+			mu.Unlock()
+			time.Sleep(20 * time.Millisecond)
+		}
+	}()
+	return func() int64 {
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		return peak
+	}
+}
+
+func statusField(pid int, field string) (int64, bool) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, field); ok {
+			v, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return v, err == nil
+		}
+	}
+	return 0, false
+}
+
+// procCPU returns utime+stime in clock ticks and VmRSS in KiB.
+func procCPU(pid int) (int64, int64, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	// Fields after the command name (which may hold spaces) start at state.
+	rest := string(data[bytes.LastIndexByte(data, ')')+2:])
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		return 0, 0, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	ut, _ := strconv.ParseInt(f[11], 10, 64) // field 14 overall
+	st, _ := strconv.ParseInt(f[12], 10, 64) // field 15
+	rss, _ := statusField(pid, "VmRSS:")
+	return ut + st, rss, nil
+}

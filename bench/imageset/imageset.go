@@ -1,0 +1,208 @@
+// Package imageset defines the benchmark's image sets and pushes them: seeded
+// random content (a ChaCha8 stream per layer name, fixed file times), so the
+// digests are the same on every machine and run, and a set already in the
+// registry is not built again.
+package imageset
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+)
+
+const (
+	KiB = 1 << 10
+	MiB = 1 << 20
+)
+
+// version is part of every tag: bump it when the content definition changes,
+// so an old push is never mistaken for the new one.
+const version = "v1"
+
+var epoch = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// Layer is one random file of Size bytes, seeded by Seed.
+type Layer struct {
+	Seed string
+	Size int
+}
+
+// Image is a repository path and tag (without the registry) and its layers.
+type Image struct {
+	Path   string // e.g. bench/shared:00-v1
+	Layers []Layer
+}
+
+// Set is a named list of images.
+type Set struct {
+	Name   string
+	About  string
+	Images []Image
+}
+
+// Bytes is the sum of the distinct layers' sizes (what a cold pull fetches).
+func (s Set) Bytes() int {
+	seen := map[string]bool{}
+	n := 0
+	for _, im := range s.Images {
+		for _, l := range im.Layers {
+			if !seen[l.Seed] {
+				seen[l.Seed] = true
+				n += l.Size
+			}
+		}
+	}
+	return n
+}
+
+// Refs returns the references of the set's images on registry host.
+func (s Set) Refs(host string) []string {
+	out := make([]string, len(s.Images))
+	for i, im := range s.Images {
+		out[i] = host + "/" + im.Path
+	}
+	return out
+}
+
+// Shared is set (a): 20 images of 10 MiB sharing a 5 MiB base layer.
+func Shared() Set {
+	s := Set{Name: "a-20x10MiB", About: "20 images of 10 MiB, one 5 MiB base layer shared"}
+	base := Layer{Seed: "bench-shared-base", Size: 5 * MiB}
+	for i := range 20 {
+		s.Images = append(s.Images, Image{
+			Path:   fmt.Sprintf("bench/shared:%02d-%s", i, version),
+			Layers: []Layer{base, {Seed: fmt.Sprintf("bench-shared-%02d", i), Size: 5 * MiB}},
+		})
+	}
+	return s
+}
+
+// Large is set (b): 4 images of 60 MiB, four 15 MiB layers each.
+func Large() Set {
+	s := Set{Name: "b-4x60MiB", About: "4 images of 60 MiB (4 layers of 15 MiB), nothing shared"}
+	for i := range 4 {
+		im := Image{Path: fmt.Sprintf("bench/large:%d-%s", i, version)}
+		for j := range 4 {
+			im.Layers = append(im.Layers, Layer{Seed: fmt.Sprintf("bench-large-%d-%d", i, j), Size: 15 * MiB})
+		}
+		s.Images = append(s.Images, im)
+	}
+	return s
+}
+
+// Many is the resource set: 100 images of 64 KiB.
+func Many() Set {
+	s := Set{Name: "c-100x64KiB", About: "100 images of 64 KiB"}
+	for i := range 100 {
+		s.Images = append(s.Images, Image{
+			Path:   fmt.Sprintf("bench/many:%03d-%s", i, version),
+			Layers: []Layer{{Seed: fmt.Sprintf("bench-many-%03d", i), Size: 64 * KiB}},
+		})
+	}
+	return s
+}
+
+// Push makes every image of s present on registry host (plain HTTP), building
+// only those whose tag is missing. It returns how many it pushed.
+func Push(host string, s Set) (int, error) {
+	layers := map[string]v1.Layer{} // shared layers are built once
+	uses := map[string]int{}
+	for _, im := range s.Images {
+		for _, l := range im.Layers {
+			uses[l.Seed]++
+		}
+	}
+	pushed := 0
+	for _, im := range s.Images {
+		ref, err := name.ParseReference(host+"/"+im.Path, name.Insecure)
+		if err != nil {
+			return pushed, fmt.Errorf("image %s: %w", im.Path, err)
+		}
+		if _, err := remote.Head(ref); err == nil {
+			continue
+		}
+		img, err := build(im, layers)
+		if err != nil {
+			return pushed, fmt.Errorf("build %s: %w", ref, err)
+		}
+		if err := remote.Write(ref, img); err != nil {
+			return pushed, fmt.Errorf("push %s: %w", ref, err)
+		}
+		pushed++
+		for _, l := range im.Layers { // keep only shared layers in memory
+			if uses[l.Seed] == 1 {
+				delete(layers, l.Seed)
+			}
+		}
+	}
+	return pushed, nil
+}
+
+func build(im Image, cache map[string]v1.Layer) (v1.Image, error) {
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	for _, l := range im.Layers {
+		layer, ok := cache[l.Seed]
+		if !ok {
+			var err error
+			if layer, err = randomLayer(l); err != nil {
+				return nil, err
+			}
+			cache[l.Seed] = layer
+		}
+		var err error
+		if img, err = mutate.AppendLayers(img, layer); err != nil {
+			return nil, err
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return nil, err
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture, cf.Created = "linux", "amd64", v1.Time{Time: epoch}
+	return mutate.ConfigFile(img, cf)
+}
+
+// randomLayer is a gzip tar with one file of seeded random bytes. Random
+// bytes do not compress, so the blob is as large as the file.
+func randomLayer(l Layer) (v1.Layer, error) {
+	seed := sha256.Sum256([]byte(l.Seed))
+	rng := rand.NewChaCha8(seed)
+	var buf bytes.Buffer
+	zw, err := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
+	if err != nil {
+		return nil, err
+	}
+	tw := tar.NewWriter(zw)
+	hdr := &tar.Header{Name: "data/" + l.Seed, Mode: 0o644, Size: int64(l.Size), ModTime: epoch, Typeflag: tar.TypeReg}
+	if err := tw.WriteHeader(hdr); err != nil {
+		return nil, err
+	}
+	if _, err := io.CopyN(tw, rng, int64(l.Size)); err != nil {
+		return nil, err
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	if err := zw.Close(); err != nil {
+		return nil, err
+	}
+	blob := buf.Bytes()
+	return tarball.LayerFromOpener(func() (io.ReadCloser, error) {
+		return io.NopCloser(bytes.NewReader(blob)), nil
+	}, tarball.WithMediaType(types.OCILayer))
+}
