@@ -157,7 +157,7 @@ func TestScenarioMissingTag(t *testing.T) {
 	}
 
 	// The rollout does not complete: the pod runs but is not Ready.
-	if out, err := in.rollout(20 * time.Second); err == nil {
+	if out, err := in.rollout(10 * time.Second); err == nil {
 		t.Fatalf("rollout of %s completed with a missing image:\n%s", in.name(), out)
 	}
 	pods := in.pods(ctx)
