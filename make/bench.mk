@@ -9,9 +9,8 @@ BENCH_OUT := _output/bench
 .PHONY: bench
 bench:
 	@set -eo pipefail; mkdir -p $(BENCH_OUT) $(BIN); \
-	started=0; if ! $(E2E) status | grep -q 'env file: /'; then started=1; fi; \
-	if [ $$started = 1 ]; then trap '$(E2E) down' EXIT; fi; \
 	IMAGE_PREFETCHER_E2E_REUSE=1 CI=true $(E2E) up runtime >$(BENCH_OUT)/up.log 2>&1 || { cat $(BENCH_OUT)/up.log; exit 1; }; \
+	if ! grep -q 'healthy; reusing it' $(BENCH_OUT)/up.log; then trap '$(E2E) down' EXIT; fi; \
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image-prefetcher ./agent/cmd/image-prefetcher; \
 	$(GO) build -o $(BIN)/prefetchbench ./bench/cmd/prefetchbench; \
 	$(BIN)/prefetchbench -agent-bin $(BIN)/image-prefetcher $(BENCH_FLAGS) | tee $(BENCH_OUT)/latest.md.tmp; \
