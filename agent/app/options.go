@@ -52,7 +52,7 @@ type Options struct {
 }
 
 // DefaultMaxParallelPulls is the per-node pull concurrency. It was chosen
-// by measurement (see README, "Benchmarks"), not guessed.
+// by measurement (docs/benchmarks.md), not guessed.
 const DefaultMaxParallelPulls = 4
 
 func defaultOptions() *Options {
