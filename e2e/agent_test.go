@@ -30,6 +30,15 @@ var (
 	agentErr  error
 )
 
+// TestMain removes the agent binary built for the tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if agentBin != "" {
+		os.RemoveAll(filepath.Dir(agentBin))
+	}
+	os.Exit(code)
+}
+
 // agentBinary builds the agent once per test binary.
 func agentBinary(t *testing.T) string {
 	t.Helper()
