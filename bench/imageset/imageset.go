@@ -5,22 +5,12 @@
 package imageset
 
 import (
-	"archive/tar"
-	"bytes"
-	"compress/gzip"
-	"crypto/sha256"
 	"fmt"
-	"io"
-	"math/rand/v2"
-	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/nodeprefetch/image-prefetcher/e2e/testimage"
 )
 
 const (
@@ -30,9 +20,7 @@ const (
 
 // version is part of every tag: bump it when the content definition changes,
 // so an old push is never mistaken for the new one.
-const version = "v1"
-
-var epoch = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
+const version = "v2"
 
 // Layer is one random file of Size bytes, seeded by Seed.
 type Layer struct {
@@ -42,7 +30,7 @@ type Layer struct {
 
 // Image is a repository path and tag (without the registry) and its layers.
 type Image struct {
-	Path   string // e.g. bench/shared:00-v1
+	Path   string // e.g. bench/shared:00-v2
 	Layers []Layer
 }
 
@@ -152,57 +140,17 @@ func Push(host string, s Set) (int, error) {
 }
 
 func build(im Image, cache map[string]v1.Layer) (v1.Image, error) {
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	layers := make([]v1.Layer, 0, len(im.Layers))
 	for _, l := range im.Layers {
 		layer, ok := cache[l.Seed]
 		if !ok {
 			var err error
-			if layer, err = randomLayer(l); err != nil {
+			if layer, err = testimage.RandomLayer(l.Seed, l.Size); err != nil {
 				return nil, err
 			}
 			cache[l.Seed] = layer
 		}
-		var err error
-		if img, err = mutate.AppendLayers(img, layer); err != nil {
-			return nil, err
-		}
+		layers = append(layers, layer)
 	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		return nil, err
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture, cf.Created = "linux", "amd64", v1.Time{Time: epoch}
-	return mutate.ConfigFile(img, cf)
-}
-
-// randomLayer is a gzip tar with one file of seeded random bytes. Random
-// bytes do not compress, so the blob is as large as the file.
-func randomLayer(l Layer) (v1.Layer, error) {
-	seed := sha256.Sum256([]byte(l.Seed))
-	rng := rand.NewChaCha8(seed)
-	var buf bytes.Buffer
-	zw, err := gzip.NewWriterLevel(&buf, gzip.BestSpeed)
-	if err != nil {
-		return nil, err
-	}
-	tw := tar.NewWriter(zw)
-	hdr := &tar.Header{Name: "data/" + l.Seed, Mode: 0o644, Size: int64(l.Size), ModTime: epoch, Typeflag: tar.TypeReg}
-	if err := tw.WriteHeader(hdr); err != nil {
-		return nil, err
-	}
-	if _, err := io.CopyN(tw, rng, int64(l.Size)); err != nil {
-		return nil, err
-	}
-	if err := tw.Close(); err != nil {
-		return nil, err
-	}
-	if err := zw.Close(); err != nil {
-		return nil, err
-	}
-	blob := buf.Bytes()
-	return tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(blob)), nil
-	}, tarball.WithMediaType(types.OCILayer))
+	return testimage.Image(v1.Config{}, layers...)
 }

@@ -6,37 +6,24 @@
 package main
 
 import (
-	"archive/tar"
-	"bytes"
-	"compress/gzip"
-	"crypto/sha256"
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"log"
-	"math/rand/v2"
 	"os"
 	"os/exec"
-	"runtime"
 	"sort"
 	"strings"
-	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/nodeprefetch/image-prefetcher/e2e/testimage"
 )
 
 const mib = 1 << 20
-
-// epoch is the fixed modification time of every file in every layer: same content, same digest.
-var epoch = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // Image is one entry of the catalogue file the tests read.
 type Image struct {
@@ -162,7 +149,7 @@ func push(host string, s spec, opts []remote.Option) (Image, bool, error) {
 	if err != nil {
 		return Image{}, false, fmt.Errorf("parse %s: %w", refText, err)
 	}
-	img, err := build(s)
+	img, err := testimage.Image(s.config, s.layers...)
 	if err != nil {
 		return Image{}, false, fmt.Errorf("build %s: %w", refText, err)
 	}
@@ -195,30 +182,14 @@ func push(host string, s spec, opts []remote.Option) (Image, bool, error) {
 	return entry, true, nil
 }
 
-func build(s spec) (v1.Image, error) {
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	img, err := mutate.AppendLayers(img, s.layers...)
-	if err != nil {
-		return nil, err
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		return nil, err
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", runtime.GOARCH
-	cf.Created = v1.Time{Time: epoch}
-	cf.Config = s.config
-	return mutate.ConfigFile(img, cf)
-}
-
-// randomLayer is a layer holding one file of size bytes from a PRNG seeded by seed.
+// randomLayer is testimage.RandomLayer for a catalogue literal: building in
+// memory cannot fail but for a bug.
 func randomLayer(seed string, size int) v1.Layer {
-	rng := rand.NewChaCha8(sha256.Sum256([]byte(seed)))
-	data := make([]byte, size)
-	_, _ = rng.Read(data) // ChaCha8.Read never fails
-	return mustLayer([]file{{name: "data/" + seed + ".bin", mode: 0o644, body: data}})
+	l, err := testimage.RandomLayer(seed, size)
+	if err != nil {
+		panic(err)
+	}
+	return l
 }
 
 // busyboxLayer packs a static busybox with a symlink per applet, /etc/passwd and /tmp.
@@ -233,68 +204,19 @@ func busyboxLayer(path string) (v1.Layer, error) {
 	}
 	applets := strings.Fields(string(listing))
 	sort.Strings(applets)
-	files := []file{
-		{name: "bin/", dir: true, mode: 0o755},
-		{name: "bin/busybox", mode: 0o755, body: body},
-		{name: "etc/", dir: true, mode: 0o755},
-		{name: "etc/passwd", mode: 0o644, body: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")},
-		{name: "etc/group", mode: 0o644, body: []byte("root:x:0:\nnogroup:x:65534:\n")},
-		{name: "tmp/", dir: true, mode: 0o1777},
-		{name: "root/", dir: true, mode: 0o700},
+	files := []testimage.File{
+		{Name: "bin/", Dir: true, Mode: 0o755},
+		{Name: "bin/busybox", Mode: 0o755, Body: body},
+		{Name: "etc/", Dir: true, Mode: 0o755},
+		{Name: "etc/passwd", Mode: 0o644, Body: []byte("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")},
+		{Name: "etc/group", Mode: 0o644, Body: []byte("root:x:0:\nnogroup:x:65534:\n")},
+		{Name: "tmp/", Dir: true, Mode: 0o1777},
+		{Name: "root/", Dir: true, Mode: 0o700},
 	}
 	for _, a := range applets {
 		if a != "busybox" && !strings.Contains(a, "/") {
-			files = append(files, file{name: "bin/" + a, link: "busybox", mode: 0o777})
+			files = append(files, testimage.File{Name: "bin/" + a, Link: "busybox", Mode: 0o777})
 		}
 	}
-	return mustLayer(files), nil
-}
-
-type file struct {
-	name, link string
-	dir        bool
-	mode       int64
-	body       []byte
-}
-
-func mustLayer(files []file) v1.Layer {
-	var raw bytes.Buffer
-	tw := tar.NewWriter(&raw)
-	for _, f := range files {
-		h := &tar.Header{Name: f.name, Mode: f.mode, ModTime: epoch, Format: tar.FormatPAX}
-		switch {
-		case f.dir:
-			h.Typeflag = tar.TypeDir
-		case f.link != "":
-			h.Typeflag, h.Linkname = tar.TypeSymlink, f.link
-		default:
-			h.Typeflag, h.Size = tar.TypeReg, int64(len(f.body))
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			panic(err) // writing to memory cannot fail
-		}
-		if _, err := tw.Write(f.body); err != nil {
-			panic(err)
-		}
-	}
-	if err := tw.Close(); err != nil {
-		panic(err)
-	}
-	// Compress once here (the data is random, so BestSpeed loses nothing) instead of on every read.
-	var gz bytes.Buffer
-	zw, _ := gzip.NewWriterLevel(&gz, gzip.BestSpeed)
-	if _, err := io.Copy(zw, &raw); err != nil {
-		panic(err)
-	}
-	if err := zw.Close(); err != nil {
-		panic(err)
-	}
-	blob := gz.Bytes()
-	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) {
-		return io.NopCloser(bytes.NewReader(blob)), nil
-	}, tarball.WithMediaType(types.OCILayer))
-	if err != nil {
-		panic(err)
-	}
-	return layer
+	return testimage.Layer(files)
 }
