@@ -70,6 +70,7 @@ func TestMatchesBundle(t *testing.T) {
 		{"ecr-ocp", "{flavor: ocp, credentialProvider: ecr}", bundle.Instance{Flavor: "ocp", Components: []string{"ecr-credential-provider"}}},
 		{"prometheus", "prometheus: true", bundle.Instance{Flavor: "vanilla", Components: []string{"prometheus"}}},
 		{"max-concurrent-nodes", "{flavor: ocp, maxConcurrentNodes: 10}", bundle.Instance{Flavor: "ocp", Components: []string{"max-concurrent-nodes"}}},
+		{"metrics-collector", "metricsCollector: true", bundle.Instance{Flavor: "vanilla", Components: []string{"metrics-collector"}}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

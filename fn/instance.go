@@ -21,6 +21,7 @@ const ManagedBy = "image-prefetcher-fn"
 const (
 	pullSecretDir = "/var/run/secrets/image-prefetcher/pull-secrets"
 	imagesKey     = "images.txt"
+	collectorArg  = "--collector-address=$(INSTANCE)-results-collector.$(POD_NAMESPACE).svc:9478"
 )
 
 type hostMount struct {
@@ -59,6 +60,9 @@ func (c *ImagePrefetcher) Objects() ([]*yaml.RNode, error) {
 	var comps []string
 	if s.Prometheus {
 		comps = append(comps, "prometheus")
+	}
+	if s.MetricsCollector {
+		comps = append(comps, "metrics-collector")
 	}
 	if s.MaxConcurrentNodes != nil {
 		// The agents coordinate through Leases in their namespace: the component's Role.
@@ -231,6 +235,11 @@ func (c *ImagePrefetcher) setDaemonSet(ds *yaml.RNode, cmName string) error {
 	}
 	if p := s.MaxConcurrentNodes; p != nil {
 		args = append(args, "--max-concurrent-nodes="+strconv.Itoa(*p))
+	}
+	if s.MetricsCollector {
+		// As components/metrics-collector: the kubelet expands the agent's own
+		// INSTANCE and POD_NAMESPACE, so the address follows the instance's names.
+		args = append(args, collectorArg)
 	}
 	for _, a := range args {
 		if err := agent.PipeE(yaml.Lookup("args"), yaml.Append(yaml.NewStringRNode(a).YNode())); err != nil {

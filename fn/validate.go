@@ -75,9 +75,6 @@ func (c *ImagePrefetcher) Validate() error {
 		}
 		seen[sec] = true
 	}
-	if s.MetricsCollector {
-		r.warnf("spec.metricsCollector", "true", "the results collector is not part of the bundle yet; the field is accepted and has no effect")
-	}
 	for _, k := range slices.Sorted(maps.Keys(s.Placement.NodeSelector)) {
 		v := s.Placement.NodeSelector[k]
 		field := "spec.placement.nodeSelector." + k

@@ -24,7 +24,7 @@ const (
 var Flavors = []string{"vanilla", "ocp"}
 
 // Components are the components whose added objects are embedded as component-<name>.yaml.
-var Components = []string{"prometheus", "max-concurrent-nodes"}
+var Components = []string{"prometheus", "max-concurrent-nodes", "metrics-collector"}
 
 //go:embed vanilla.yaml ocp.yaml component-*.yaml
 var files embed.FS
