@@ -45,6 +45,10 @@ type Options struct {
 	PullSecret []byte
 	// ExtraArgs are appended to the agent's arguments.
 	ExtraArgs []string
+	// CollectorGRPCPort and CollectorHTTPPort, when set, put the results collector of
+	// components/metrics-collector on the host network at these ports and point the agent at it
+	// over loopback (the harness has no kube-proxy and no cluster DNS for the Service name).
+	CollectorGRPCPort, CollectorHTTPPort int
 }
 
 func (o Options) check() error {
@@ -149,11 +153,34 @@ func Wrap(dir, resource string, o Options) error {
 	if o.RecheckInterval != "" {
 		args = append(args, "--recheck-interval="+o.RecheckInterval)
 	}
+	if o.CollectorGRPCPort != 0 {
+		args = append(args, fmt.Sprintf("--collector-address=127.0.0.1:%d", o.CollectorGRPCPort))
+	}
 	args = append(args, o.ExtraArgs...)
 	for _, a := range args {
 		ops = append(ops, map[string]any{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": a})
 	}
 	files := map[string]any{"daemonset-patch.json": smp, "daemonset-ops.json": ops}
+	collectorPatch := ""
+	if o.CollectorGRPCPort != 0 {
+		files["collector-ops.json"] = []map[string]any{
+			{"op": "add", "path": "/spec/template/spec/hostNetwork", "value": true},
+			{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": o.AgentImage},
+			{"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": []any{
+				"collect", fmt.Sprintf("--grpc-address=:%d", o.CollectorGRPCPort), fmt.Sprintf("--http-address=:%d", o.CollectorHTTPPort),
+			}},
+			{"op": "replace", "path": "/spec/template/spec/containers/0/ports", "value": []any{
+				map[string]any{"name": "grpc", "containerPort": o.CollectorGRPCPort, "hostPort": o.CollectorGRPCPort, "protocol": "TCP"},
+				map[string]any{"name": "http", "containerPort": o.CollectorHTTPPort, "hostPort": o.CollectorHTTPPort, "protocol": "TCP"},
+			}},
+		}
+		collectorPatch = fmt.Sprintf(`- path: collector-ops.json
+  target:
+    group: apps
+    kind: Deployment
+    name: %s-results-collector
+`, o.Instance)
+	}
 	for name, v := range files {
 		b, err := json.MarshalIndent(v, "", "  ")
 		if err != nil {
@@ -175,7 +202,7 @@ patches:
     group: apps
     kind: DaemonSet
     name: %s
-`, resource, o.Instance)
+%s`, resource, o.Instance, collectorPatch)
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
 		return fmt.Errorf("deploy %s: %w", o.Instance, err)
 	}
