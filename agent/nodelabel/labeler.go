@@ -98,56 +98,38 @@ func (l *Labeler) check() error {
 // already holds listDigest, nothing is written: a restarted agent keeps the
 // label it wrote for the same list until the new pass decides.
 func (l *Labeler) Begin(ctx context.Context, listDigest string) error {
-	if err := l.check(); err != nil {
-		return err
-	}
 	if listDigest == "" {
 		return errors.New("node labeler: empty list digest")
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	ctx, cancel := l.writeContext(ctx)
-	defer cancel()
-	cur, err := l.current(ctx)
-	if err != nil {
-		return err
-	}
-	if !cur.unknown && cur.hasDigest && cur.digest == listDigest {
-		return nil
-	}
-	return l.patch(ctx, nil, &listDigest, "start list "+listDigest)
+	return l.update(ctx, func(cur observed) bool { return cur.hasDigest && cur.digest == listDigest },
+		nil, &listDigest, "start list "+listDigest)
 }
 
 // Set records state for the list with digest listDigest, unless the node
 // already says exactly that.
 func (l *Labeler) Set(ctx context.Context, listDigest string, state State) error {
-	if err := l.check(); err != nil {
-		return err
-	}
 	if !state.Valid() {
 		return fmt.Errorf("node labeler: invalid state %q (want %q or %q)", state, Succeeded, Failed)
 	}
 	if listDigest == "" {
 		return errors.New("node labeler: empty list digest")
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	ctx, cancel := l.writeContext(ctx)
-	defer cancel()
-	cur, err := l.current(ctx)
-	if err != nil {
-		return err
-	}
-	if !cur.unknown && cur.hasLabel && cur.label == string(state) && cur.hasDigest && cur.digest == listDigest {
-		return nil
-	}
 	value := string(state)
-	return l.patch(ctx, &value, &listDigest, "set "+value)
+	return l.update(ctx, func(cur observed) bool {
+		return cur.hasLabel && cur.label == value && cur.hasDigest && cur.digest == listDigest
+	}, &value, &listDigest, "set "+value)
 }
 
 // Remove deletes this instance's label and annotation from the node, for
 // uninstall and cleanup. Removing what is not there writes nothing.
 func (l *Labeler) Remove(ctx context.Context) error {
+	return l.update(ctx, func(cur observed) bool { return !cur.hasLabel && !cur.hasDigest }, nil, nil, "remove")
+}
+
+// update patches this instance's label and annotation to label and digest
+// (nil removes the key) unless done says the node already holds what is
+// wanted. It runs under the write budget, detached from ctx's cancellation.
+func (l *Labeler) update(ctx context.Context, done func(observed) bool, label, digest *string, what string) error {
 	if err := l.check(); err != nil {
 		return err
 	}
@@ -159,10 +141,10 @@ func (l *Labeler) Remove(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if !cur.unknown && !cur.hasLabel && !cur.hasDigest {
+	if !cur.unknown && done(cur) {
 		return nil
 	}
-	return l.patch(ctx, nil, nil, "remove")
+	return l.patch(ctx, label, digest, what)
 }
 
 // writeContext detaches from the caller's cancellation and deadline (but
