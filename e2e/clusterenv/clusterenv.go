@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodeprefetch/image-prefetcher/e2e/testimage"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"k8s.io/client-go/kubernetes"
@@ -75,16 +76,7 @@ type Env struct {
 }
 
 // Image is one test image from the catalogue that e2e/cmd/testimages writes.
-type Image struct {
-	Ref         string   `json:"ref"`
-	DigestRef   string   `json:"digestRef"`
-	Digest      string   `json:"digest"`
-	Private     bool     `json:"private"`
-	Runnable    bool     `json:"runnable"`
-	LayersBytes int64    `json:"layersBytes"`
-	Layers      []string `json:"layers"`
-	Description string   `json:"description"`
-}
+type Image = testimage.CatalogueEntry
 
 // Require returns the environment for a test that needs mode, skipping or failing as the package doc says.
 func Require(t testing.TB, mode Mode) *Env {

@@ -25,6 +25,24 @@ import (
 // Epoch is the modification time of every file and the creation time of every image.
 var Epoch = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC)
 
+// CatalogueEntry is one image of the catalogue (JSON) that e2e/cmd/testimages
+// writes and e2e/clusterenv reads: one definition for both sides.
+type CatalogueEntry struct {
+	// Ref is the tagged reference, e.g. 127.0.0.1:5000/e2e/random:4mib.
+	Ref string `json:"ref"`
+	// DigestRef is Ref's repository with the manifest digest (repo@sha256:...).
+	DigestRef string `json:"digestRef"`
+	Digest    string `json:"digest"`
+	// Private images are only on the auth registry.
+	Private bool `json:"private"`
+	// Runnable images have busybox and a default command.
+	Runnable bool `json:"runnable"`
+	// LayersBytes is the sum of the compressed layer sizes.
+	LayersBytes int64    `json:"layersBytes"`
+	Layers      []string `json:"layers"`
+	Description string   `json:"description"`
+}
+
 // File is one entry of a layer: a regular file (Body), a directory (Dir) or a symlink (Link).
 type File struct {
 	Name, Link string

@@ -25,23 +25,6 @@ import (
 
 const mib = 1 << 20
 
-// Image is one entry of the catalogue file the tests read.
-type Image struct {
-	// Ref is the tagged reference, e.g. 127.0.0.1:5000/e2e/random:4mib.
-	Ref string `json:"ref"`
-	// DigestRef is Ref's repository with the manifest digest (repo@sha256:...).
-	DigestRef string `json:"digestRef"`
-	Digest    string `json:"digest"`
-	// Private images are only on the auth registry.
-	Private bool `json:"private"`
-	// Runnable images have busybox and a default command.
-	Runnable bool `json:"runnable"`
-	// LayersBytes is the sum of the compressed layer sizes.
-	LayersBytes int64    `json:"layersBytes"`
-	Layers      []string `json:"layers"`
-	Description string   `json:"description"`
-}
-
 type spec struct {
 	repo, tag   string
 	private     bool
@@ -72,7 +55,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	var images []Image
+	var images []testimage.CatalogueEntry
 	pushed := 0
 	for _, s := range specs {
 		host, opts := *registry, []remote.Option{remote.WithAuth(authn.Anonymous)}
@@ -143,30 +126,30 @@ func catalogue(busyboxPath string) ([]spec, error) {
 	return specs, nil
 }
 
-func push(host string, s spec, opts []remote.Option) (Image, bool, error) {
+func push(host string, s spec, opts []remote.Option) (testimage.CatalogueEntry, bool, error) {
 	refText := fmt.Sprintf("%s/%s:%s", host, s.repo, s.tag)
 	ref, err := name.ParseReference(refText, name.Insecure)
 	if err != nil {
-		return Image{}, false, fmt.Errorf("parse %s: %w", refText, err)
+		return testimage.CatalogueEntry{}, false, fmt.Errorf("parse %s: %w", refText, err)
 	}
 	img, err := testimage.Image(s.config, s.layers...)
 	if err != nil {
-		return Image{}, false, fmt.Errorf("build %s: %w", refText, err)
+		return testimage.CatalogueEntry{}, false, fmt.Errorf("build %s: %w", refText, err)
 	}
 	digest, err := img.Digest()
 	if err != nil {
-		return Image{}, false, fmt.Errorf("digest %s: %w", refText, err)
+		return testimage.CatalogueEntry{}, false, fmt.Errorf("digest %s: %w", refText, err)
 	}
-	entry := Image{Ref: refText, DigestRef: fmt.Sprintf("%s/%s@%s", host, s.repo, digest), Digest: digest.String(),
+	entry := testimage.CatalogueEntry{Ref: refText, DigestRef: fmt.Sprintf("%s/%s@%s", host, s.repo, digest), Digest: digest.String(),
 		Private: s.private, Runnable: s.runnable, Description: s.description}
 	for _, l := range s.layers {
 		size, err := l.Size()
 		if err != nil {
-			return Image{}, false, fmt.Errorf("layer size %s: %w", refText, err)
+			return testimage.CatalogueEntry{}, false, fmt.Errorf("layer size %s: %w", refText, err)
 		}
 		d, err := l.Digest()
 		if err != nil {
-			return Image{}, false, fmt.Errorf("layer digest %s: %w", refText, err)
+			return testimage.CatalogueEntry{}, false, fmt.Errorf("layer digest %s: %w", refText, err)
 		}
 		entry.LayersBytes += size
 		entry.Layers = append(entry.Layers, d.String())
@@ -176,7 +159,7 @@ func push(host string, s spec, opts []remote.Option) (Image, bool, error) {
 		return entry, false, nil
 	}
 	if err := remote.Write(ref, img, opts...); err != nil {
-		return Image{}, false, fmt.Errorf("push %s: %w", refText, err)
+		return testimage.CatalogueEntry{}, false, fmt.Errorf("push %s: %w", refText, err)
 	}
 	log.Printf("pushed %s (%s)", refText, digest)
 	return entry, true, nil
