@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The project's e2e environment: real components on this machine, no Docker. Needs root on Linux.
 #
-#   e2e/cluster.sh up [runtime|full]   # default full. runtime = containerd + runc + CNI + two registries +
+#   e2e/cluster.sh up [runtime|full]   # default full. runtime = the container runtime + CNI + two registries +
 #                                      # test images; full = runtime + etcd + kube-apiserver +
 #                                      # kube-controller-manager + kube-scheduler + kubelet (one Ready node)
 #   e2e/cluster.sh down                # stop everything by recorded PID; leave no process, mount, bridge, cgroup
 #   e2e/cluster.sh status              # what runs, and what is left behind
 #   e2e/cluster.sh env                 # print the env file (source it, or let e2e/clusterenv read it)
 #   e2e/cluster.sh push-agent-image    # build + push the agent image to the local registry (make image-push)
+#   e2e/cluster.sh stop-component NAME   # stop one running component by its recorded PID (fault tests)
+#   e2e/cluster.sh start-component NAME  # start it again with the command line it had, wait until it answers
 #
 # Settings (environment): IMAGE_PREFETCHER_E2E_STATE (default /var/tmp/image-prefetcher-e2e),
-# K8S_VERSION (default v1.35.4), IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image),
+# IMAGE_PREFETCHER_E2E_RUNTIME (containerd = containerd 2.x, the default | containerd-1.6 = Debian's | cri-o),
+# K8S_VERSION (default v1.35.4), CONTAINERD_VERSION (default v2.2.1), CRIO_VERSION (default v1.35.2),
+# IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image),
 # IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one).
 # Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
 set -euo pipefail
@@ -30,7 +34,19 @@ NODE_IP=${POD_SUBNET%.*}.1
 PORTS=(5000 5001 2379 2380 6443 10250 10257 10259 10248)
 
 PIDS=$STATE/pids LOGS=$STATE/logs BIN=$STATE/bin PKI=$STATE/pki
-SOCK=$STATE/containerd/containerd.sock
+# The runtime of a running environment is the one it was started with (recorded by up); otherwise the
+# caller's choice. Its socket lies where it would on a real node, below a host root of our own: the agent's
+# socket detection (--host-root) and the DaemonSet's host mount then see the node's real layout.
+RUNTIME=${IMAGE_PREFETCHER_E2E_RUNTIME:-containerd}
+[ -f "$STATE/runtime" ] && [ "${1:-}" != up ] && RUNTIME=$(cat "$STATE/runtime")
+CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.2.1}
+CRIO_VERSION=${CRIO_VERSION:-v1.35.2}
+HOSTROOT=$STATE/host
+case $RUNTIME in
+  containerd | containerd-1.6) SOCK=$HOSTROOT/run/containerd/containerd.sock RUNTIME_PROC=containerd ;;
+  cri-o) SOCK=$HOSTROOT/run/crio/crio.sock RUNTIME_PROC=crio ;;
+  *) echo "IMAGE_PREFETCHER_E2E_RUNTIME=$RUNTIME: must be containerd (2.x), containerd-1.6 or cri-o" >&2; exit 2 ;;
+esac
 KUBECONFIG_ADMIN=$STATE/admin.kubeconfig
 ENV_FILE=$STATE/env.sh
 # Host paths that containerd 1.6, libcni and the kubelet create whatever their flags say. `up` records which
@@ -65,6 +81,8 @@ start_bg() { # start_bg <name> <cmd...>
   nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   local pid=$!
   echo "$pid $(starttime $pid)" >"$PIDS/$name.pid"
+  # the command line, so that start-component can start exactly this process again
+  printf '%q ' "$@" >"$PIDS/$name.cmd"
 }
 
 stop_many() { # stop_many <name...>: SIGTERM all, wait up to 10 s for all, then SIGKILL the rest
@@ -114,13 +132,22 @@ install_packages() {
   local missing=() pair cmd pkg
   for pair in containerd:containerd ctr:containerd runc:runc docker-registry:docker-registry etcd:etcd-server \
     htpasswd:apache2-utils /usr/lib/cni/bridge:containernetworking-plugins /usr/lib/cni/host-local:containernetworking-plugins \
-    ip:iproute2 ss:iproute2 openssl:openssl curl:curl make:make; do
+    ip:iproute2 ss:iproute2 openssl:openssl curl:curl make:make gcc:gcc; do
     cmd=${pair%%:*} pkg=${pair#*:}
     if [[ $cmd == /* ]]; then [ -x "$cmd" ] && continue; else command -v "$cmd" >/dev/null && continue; fi
     missing+=("$pkg")
   done
   # the runnable test images need a static busybox (Debian's busybox package is dynamically linked)
   if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
+  # CRI-O is built here with cgo (seccomp, gpgme) and runs containers through conmon and crun
+  if [ "$RUNTIME" = cri-o ]; then
+    for pair in conmon:conmon crun:crun pkg-config:pkg-config; do
+      command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
+    for pkg in libseccomp-dev libgpgme-dev; do
+      dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq
@@ -230,22 +257,50 @@ push_test_images() {
     --auth-password-file "$STATE/registry/password" --out "$STATE/images.json"
 }
 
-# ---------------------------------------------------------------- containerd + CNI
-start_containerd() {
-  local c=$STATE/containerd cri='plugins."io.containerd.grpc.v1.cri"'
-  mkdir -p "$c/certs.d/$REGISTRY" "$c/certs.d/$AUTH_REGISTRY" "$STATE/cni/net.d" "$STATE/cni/ipam"
+# ---------------------------------------------------------------- the container runtime + CNI
+# runtime_bin: build (or find in the cache) the chosen runtime; prints its bin dir (empty for Debian's)
+runtime_bin() {
+  case $RUNTIME in
+    containerd) "$ROOT/e2e/build-containerd.sh" "$CONTAINERD_VERSION" ;;
+    cri-o) "$ROOT/e2e/build-crio.sh" "$CRIO_VERSION" ;;
+    containerd-1.6) echo "" ;;
+  esac
+}
+
+write_cni() {
+  mkdir -p "$STATE/cni/net.d" "$STATE/cni/ipam"
   ln -sfn /usr/lib/cni "$STATE/cni/bin"
-  cat >"$c/config.toml" <<EOF
-version = 2
-root = "$c/root"
-state = "$c/state"
+  cat >"$STATE/cni/net.d/10-image-prefetcher-e2e.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "image-prefetcher-e2e", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam", "ranges": [[{"subnet": "$POD_SUBNET"}]]}},
+  {"type": "loopback"}]}
+EOF
+  # the bridge exists before the first pod: its address is the node IP
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$NODE_IP/${POD_SUBNET#*/}" dev "$BRIDGE"
+    ip link set "$BRIDGE" up
+  fi
+}
+
+# containerd_config <file>: the config of the chosen containerd (format 2 for 1.6, format 3 for 2.x)
+containerd_config() {
+  local c=$STATE/containerd
+  local common="root = \"$c/root\"
+state = \"$c/state\"
 # snapshotters the tests do not use (the v1 runtime must stay: the tasks service needs it)
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+disabled_plugins = [\"io.containerd.snapshotter.v1.aufs\", \"io.containerd.snapshotter.v1.btrfs\",
+  \"io.containerd.snapshotter.v1.zfs\", \"io.containerd.snapshotter.v1.devmapper\"]
 [grpc]
-  address = "$SOCK"
+  address = \"$SOCK\"
 [ttrpc]
-  address = "$SOCK.ttrpc"
+  address = \"$SOCK.ttrpc\""
+  if [ "$RUNTIME" = containerd-1.6 ]; then
+    local cri='plugins."io.containerd.grpc.v1.cri"'
+    cat <<EOF
+version = 2
+$common
 [plugins."io.containerd.internal.v1.opt"]
   path = "$c/opt"
 [$cri]
@@ -268,23 +323,111 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [$cri.registry]
     config_path = "$c/certs.d"
 EOF
+  else
+    # containerd 2.x: the CRI plugin is split into runtime and images plugins (config format 3)
+    local rt="plugins.'io.containerd.cri.v1.runtime'" im="plugins.'io.containerd.cri.v1.images'"
+    cat <<EOF
+version = 3
+$common
+[$rt]
+  # this VM has no CAP_SYS_RESOURCE: without this every pod sandbox fails
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  [$rt.containerd]
+    default_runtime_name = "runc"
+    [$rt.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [$rt.containerd.runtimes.runc.options]
+        Root = "$STATE/runc"
+  [$rt.cni]
+    bin_dirs = ["$STATE/cni/bin"]
+    conf_dir = "$STATE/cni/net.d"
+[$im]
+  snapshotter = "overlayfs"
+  [$im.pinned_images]
+    sandbox = "$REGISTRY/e2e/pause:latest"
+  [$im.registry]
+    config_path = "$c/certs.d"
+EOF
+  fi
+}
+
+start_containerd() {
+  local rbin=$1 c=$STATE/containerd
+  mkdir -p "$c/certs.d/$REGISTRY" "$c/certs.d/$AUTH_REGISTRY" "$(dirname "$SOCK")"
+  containerd_config >"$c/config.toml"
   for r in $REGISTRY $AUTH_REGISTRY; do
     printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$r" "$r" >"$c/certs.d/$r/hosts.toml"
   done
-  cat >"$STATE/cni/net.d/10-image-prefetcher-e2e.conflist" <<EOF
-{"cniVersion": "0.4.0", "name": "image-prefetcher-e2e", "plugins": [
-  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam", "ranges": [[{"subnet": "$POD_SUBNET"}]]}},
-  {"type": "loopback"}]}
-EOF
-  # the bridge exists before the first pod: its address is the node IP
-  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
-    ip link add "$BRIDGE" type bridge
-    ip addr add "$NODE_IP/${POD_SUBNET#*/}" dev "$BRIDGE"
-    ip link set "$BRIDGE" up
+  if [ -n "$rbin" ]; then
+    # containerd finds its shim on PATH: ours first, not Debian's 1.6 shim
+    start_bg containerd env PATH="$rbin:$PATH" "$rbin/containerd" --config "$c/config.toml"
+  else
+    start_bg containerd containerd --config "$c/config.toml"
   fi
-  start_bg containerd containerd --config "$c/config.toml"
-  wait_for 20 "containerd on $SOCK" containerd ctr -a "$SOCK" version
+}
+
+start_crio() {
+  local rbin=$1 c=$STATE/crio
+  mkdir -p "$c/conf.d" "$(dirname "$SOCK")"
+  # The harness' own policy and registries: accept any image, and the loopback registries over plain HTTP.
+  echo '{"default": [{"type": "insecureAcceptAnything"}]}' >"$c/policy.json"
+  cat >"$c/registries.conf" <<EOF
+unqualified-search-registries = []
+[[registry]]
+location = "$REGISTRY"
+insecure = true
+[[registry]]
+location = "$AUTH_REGISTRY"
+insecure = true
+EOF
+  cat >"$c/crio.conf" <<EOF
+[crio]
+root = "$c/storage"
+runroot = "$c/run/storage"
+storage_driver = "overlay"
+log_dir = "$c/pod-logs"
+version_file = "$c/run/version"
+version_file_persist = "$c/version"
+clean_shutdown_file = "$c/clean.shutdown"
+[crio.api]
+listen = "$SOCK"
+stream_address = "127.0.0.1"
+stream_port = "0"
+[crio.runtime]
+default_runtime = "crun"
+cgroup_manager = "cgroupfs"
+conmon_cgroup = "pod"
+pinns_path = "$rbin/pinns"
+namespaces_dir = "$c/run/ns"
+container_exits_dir = "$c/run/exits"
+container_attach_socket_dir = "$c/run/attach"
+hooks_dir = []
+[crio.runtime.runtimes.crun]
+runtime_path = "$(command -v crun)"
+runtime_root = "$c/run/crun"
+monitor_path = "$(command -v conmon)"
+[crio.image]
+pause_image = "$REGISTRY/e2e/pause:latest"
+# empty: run the pause image's own command (ours is busybox sleep, not /pause)
+pause_command = ""
+signature_policy = "$c/policy.json"
+[crio.network]
+network_dir = "$STATE/cni/net.d"
+plugin_dirs = ["$STATE/cni/bin"]
+EOF
+  start_bg crio "$rbin/crio" --config "$c/crio.conf" --config-dir "$c/conf.d" --registries-conf "$c/registries.conf"
+}
+
+start_runtime() {
+  local rbin=$1
+  write_cni
+  case $RUNTIME in
+    cri-o) start_crio "$rbin" ;;
+    *) start_containerd "$rbin" ;;
+  esac
+  wait_for 60 "$RUNTIME on $SOCK" "$RUNTIME_PROC" "$BIN/crireset" --probe --timeout 2s --socket "$SOCK"
+  log "runtime: $("$BIN/crireset" --probe --socket "$SOCK")"
 }
 
 # ---------------------------------------------------------------- Kubernetes
@@ -435,6 +578,9 @@ write_env() {
     echo "# image-prefetcher e2e environment ($mode), written by e2e/cluster.sh up at $(date -Is)"
     echo "export IMAGE_PREFETCHER_E2E_MODE='$mode'"
     echo "export IMAGE_PREFETCHER_E2E_STATE='$STATE'"
+    echo "export IMAGE_PREFETCHER_E2E_RUNTIME='$RUNTIME'"
+    echo "export IMAGE_PREFETCHER_E2E_RUNTIME_VERSION='$("$BIN/crireset" --probe --socket "$SOCK" 2>/dev/null | cut -d' ' -f2)'"
+    echo "export IMAGE_PREFETCHER_E2E_HOST_ROOT='$HOSTROOT'"
     echo "export IMAGE_PREFETCHER_E2E_CRI_SOCKET='$SOCK'"
     echo "export IMAGE_PREFETCHER_E2E_CRI_ENDPOINT='unix://$SOCK'"
     echo "export IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE='k8s.io'"
@@ -478,20 +624,23 @@ up() {
     [ -z "$busy" ] || die "port $p is in use by a process this harness did not start: $busy"
   done
   install_packages
-  local kbin=""
+  local kbin="" rbin
+  rbin=$(runtime_bin) || die "building the $RUNTIME runtime failed"
   if [ "$mode" = full ]; then
     kbin=$(K8S_VERSION=$K8S_VERSION "$ROOT/e2e/build-kubernetes.sh") || die "building Kubernetes $K8S_VERSION failed"
   fi
   record_host
   mkdir -p "$STATE"
   echo "$mode" >"$STATE/mode"
+  echo "$RUNTIME" >"$STATE/runtime"
   # a fresh node and cluster every time; registry content (deterministic) and PKI are kept
   rm -rf --one-file-system "$STATE/containerd/root" "$STATE/containerd/state" "$STATE/runc" "$STATE/etcd" \
+    "$STATE/crio" "$HOSTROOT" \
     "$STATE/kubelet" "$STATE/cni/ipam" "$STATE/agent-image-pushed" "$STATE/apiserver-certs"
   build_tools
   start_registries
   push_test_images
-  start_containerd
+  start_runtime "$rbin"
   if [ "$mode" = full ]; then
     gen_pki
     start_control_plane "$kbin"
@@ -535,17 +684,19 @@ down() {
   stop_many kube-controller-manager kube-scheduler kubelet
   # 2) every pod sandbox through CRI, so containerd itself removes netns, CNI state, shm and rootfs mounts.
   #    After a crash containerd may be gone while its shims and mounts live on: start it again to clean up.
-  if [ -f "$STATE/containerd/config.toml" ] && [ -d "$STATE/containerd/state" ]; then
-    if ! alive containerd; then
-      start_bg containerd containerd --config "$STATE/containerd/config.toml"
-      wait_for 20 "containerd (for cleanup)" containerd ctr -a "$SOCK" version
+  local rstate=$STATE/containerd/state
+  [ "$RUNTIME" = cri-o ] && rstate=$STATE/crio/run
+  if [ -f "$PIDS/$RUNTIME_PROC.cmd" ] && [ -d "$rstate" ]; then
+    if ! alive "$RUNTIME_PROC"; then
+      eval "start_bg $RUNTIME_PROC $(cat "$PIDS/$RUNTIME_PROC.cmd")"
+      wait_for 30 "$RUNTIME (for cleanup)" "$RUNTIME_PROC" "$BIN/crireset" --probe --timeout 2s --socket "$SOCK"
     fi
     if [ -x "$BIN/crireset" ]; then
       "$BIN/crireset" --socket "$SOCK" || log "crireset failed; continuing"
     fi
   fi
   # 3) the rest, by recorded PID
-  stop_many containerd kube-apiserver registry-auth registry
+  stop_many "$RUNTIME_PROC" kube-apiserver registry-auth registry
   stop_many etcd
   # 4) mounts left under our dirs (kubelet volume tmpfs, anything containerd did not get to), deepest first
   local mnt
@@ -555,13 +706,17 @@ down() {
   ip link del "$BRIDGE" 2>/dev/null || true
   # containerd's runtime state (shim bundles, sandboxes) is meaningless once it is down and nothing is
   # mounted below it; removing it keeps a second down from restarting containerd for nothing
-  if ! grep -q " $STATE/containerd/state/" /proc/mounts; then rm -rf --one-file-system "$STATE/containerd/state"; fi
+  if ! grep -q " $rstate/" /proc/mounts; then rm -rf --one-file-system "$rstate"; fi
+  # CRI-O's overlay storage stays mounted on its root after shutdown; image content is not kept between runs
+  if [ -d "$STATE/crio/storage" ]; then
+    for mnt in $(awk -v s="$STATE/crio/storage" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r); do umount "$mnt" 2>/dev/null || true; done
+  fi
   # 5) kubelet cgroups (cgroupfs driver: /kubepods under every v1 hierarchy), deepest first
   for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
     [ -d "$c" ] && find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null
   done
   restore_host
-  rm -f "$ENV_FILE" "$STATE/mode"
+  rm -f "$ENV_FILE" "$STATE/mode" "$STATE/runtime" "$PIDS"/*.cmd
   local left
   if left=$(leftovers); then
     [ -n "$quiet" ] || log "down: nothing left behind"
@@ -575,7 +730,8 @@ status() {
   local mode n f
   mode=$(cat "$STATE/mode" 2>/dev/null || echo none)
   echo "state: $STATE  mode: $mode  env file: $([ -f "$ENV_FILE" ] && echo "$ENV_FILE" || echo "none (not up)")"
-  for n in registry registry-auth containerd etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do
+  echo "runtime: $RUNTIME"
+  for n in registry registry-auth containerd crio etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do
     f=$PIDS/$n.pid
     if alive $n; then echo "  $n: running (pid $(cut -d' ' -f1 "$f"))";
     elif [ -f "$f" ]; then echo "  $n: DEAD (recorded pid $(cut -d' ' -f1 "$f"); log $LOGS/$n.log)";
@@ -603,7 +759,8 @@ reusable() {
   local have n
   have=$(cat "$STATE/mode" 2>/dev/null)
   [ "$have" = full ] || [ "$have" = "$1" ] || return 1
-  for n in registry registry-auth containerd; do alive $n || return 1; done
+  [ "$(cat "$STATE/runtime" 2>/dev/null)" = "${IMAGE_PREFETCHER_E2E_RUNTIME:-containerd}" ] || return 1
+  for n in registry registry-auth "$RUNTIME_PROC"; do alive $n || return 1; done
   if [ "$have" = full ]; then
     for n in etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do alive $n || return 1; done
   fi
@@ -621,11 +778,40 @@ reusable() {
   fi
 }
 
+# Fault tests stop one component and start it again: only by its recorded PID, and with the exact command
+# line it was started with; start-component returns once the component answers again.
+stop_component() {
+  local name=${1:?usage: stop-component NAME}
+  [ -f "$PIDS/$name.cmd" ] || die "no component '$name' in this environment (see $PIDS)"
+  alive "$name" || die "$name is not running"
+  stop_many "$name"
+  log "stopped $name"
+}
+
+start_component() {
+  local name=${1:?usage: start-component NAME}
+  [ -f "$PIDS/$name.cmd" ] || die "no component '$name' in this environment (see $PIDS)"
+  alive "$name" && die "$name is already running"
+  # keep the log of the earlier run: a test may want to read what happened before the stop
+  [ -f "$LOGS/$name.log" ] && mv "$LOGS/$name.log" "$LOGS/$name.log.$(date +%s)"
+  eval "start_bg $name $(cat "$PIDS/$name.cmd")"
+  case $name in
+    kube-apiserver) wait_for 90 "kube-apiserver /readyz" kube-apiserver sh -c "curl -sf --cacert '$PKI/ca.crt' https://127.0.0.1:6443/readyz | grep -qx ok" ;;
+    containerd | crio) wait_for 60 "$name on $SOCK" "$name" "$BIN/crireset" --probe --timeout 2s --socket "$SOCK" ;;
+    etcd) wait_for 20 etcd etcd curl -sf http://127.0.0.1:2379/health ;;
+    registry) wait_for 20 "registry on $REGISTRY" registry curl -sf "http://$REGISTRY/v2/" ;;
+    *) sleep 1; alive "$name" || die "$name exited right after its start (log: $LOGS/$name.log)" ;;
+  esac
+  log "started $name"
+}
+
 case ${1:-} in
+  stop-component) need_root; shift; stop_component "$@" ;;
+  start-component) need_root; shift; start_component "$@" ;;
   up) shift; need_root; lock; reusable "${1:-full}" || up "${1:-full}" ;;
   down) need_root; lock; down ;;
   status) status ;;
   env) [ -f "$ENV_FILE" ] && cat "$ENV_FILE" || die "no environment is up ($ENV_FILE missing): run e2e/cluster.sh up" ;;
   push-agent-image) need_root; lock; AGENT_IMAGE_MODE=1; push_agent_image; [ -f "$STATE/mode" ] && write_env "$(cat "$STATE/mode")" "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE" 2>/dev/null)" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -30,6 +30,18 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
+// The runtimes e2e/cluster.sh can run (IMAGE_PREFETCHER_E2E_RUNTIME).
+const (
+	RuntimeContainerd   = "containerd" // containerd 2.x, built from its Go module
+	RuntimeContainerd16 = "containerd-1.6"
+	RuntimeCRIO         = "cri-o"
+)
+
+// IsContainerd says whether the runtime is a containerd (either version): its native API is on the socket.
+func (e *Env) IsContainerd() bool {
+	return e.Runtime == RuntimeContainerd || e.Runtime == RuntimeContainerd16
+}
+
 // Mode is how much of the environment a test needs.
 type Mode string
 
@@ -53,6 +65,13 @@ const (
 type Env struct {
 	Mode  Mode
 	State string
+	// Runtime is the container runtime the harness runs (RuntimeContainerd, RuntimeContainerd16 or
+	// RuntimeCRIO); RuntimeVersion is what it reports over CRI.
+	Runtime        string
+	RuntimeVersion string
+	// HostRoot is laid out like a node's / for the runtime's socket (run/containerd/containerd.sock or
+	// run/crio/crio.sock): the agent's --host-root detection finds the socket there.
+	HostRoot string
 	// CRISocket is the containerd socket path (no scheme); CRIEndpoint is unix://CRISocket.
 	CRISocket, CRIEndpoint string
 	// ContainerdNamespace holds the images pulled through CRI (k8s.io).
@@ -139,6 +158,9 @@ func LoadFile(path string) (*Env, error) {
 	e := &Env{
 		Mode:                Mode(vars["IMAGE_PREFETCHER_E2E_MODE"]),
 		State:               vars["IMAGE_PREFETCHER_E2E_STATE"],
+		Runtime:             vars["IMAGE_PREFETCHER_E2E_RUNTIME"],
+		RuntimeVersion:      vars["IMAGE_PREFETCHER_E2E_RUNTIME_VERSION"],
+		HostRoot:            vars["IMAGE_PREFETCHER_E2E_HOST_ROOT"],
 		CRISocket:           vars["IMAGE_PREFETCHER_E2E_CRI_SOCKET"],
 		CRIEndpoint:         vars["IMAGE_PREFETCHER_E2E_CRI_ENDPOINT"],
 		ContainerdNamespace: vars["IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE"],
@@ -161,6 +183,11 @@ func LoadFile(path string) (*Env, error) {
 	}
 	if e.Mode != Runtime && e.Mode != Full {
 		return nil, fmt.Errorf("%s: unknown mode %q", path, e.Mode)
+	}
+	switch e.Runtime {
+	case RuntimeContainerd, RuntimeContainerd16, RuntimeCRIO:
+	default:
+		return nil, fmt.Errorf("%s: unknown runtime %q (an environment from an older harness: run e2e/cluster.sh up again)", path, e.Runtime)
 	}
 	for name, v := range map[string]string{"CRI socket": e.CRISocket, "registry": e.Registry, "auth registry": e.AuthRegistry} {
 		if v == "" {

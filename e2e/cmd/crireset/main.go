@@ -19,6 +19,7 @@ import (
 func main() {
 	socket := flag.String("socket", "", "CRI socket path")
 	timeout := flag.Duration("timeout", 60*time.Second, "overall time limit")
+	probe := flag.Bool("probe", false, "only check that the runtime answers CRI Version (the harness' readiness check, the same for every runtime)")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("crireset: ")
@@ -27,10 +28,32 @@ func main() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
+	if *probe {
+		if err := version(ctx, *socket); err != nil {
+			log.Print(err)
+			os.Exit(1)
+		}
+		return
+	}
 	if err := reset(ctx, *socket); err != nil {
 		log.Print(err)
 		os.Exit(1)
 	}
+}
+
+// version prints the runtime's name and version once it answers CRI Version.
+func version(ctx context.Context, socket string) error {
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("connect %s: %w", socket, err)
+	}
+	defer conn.Close()
+	v, err := runtimeapi.NewRuntimeServiceClient(conn).Version(ctx, &runtimeapi.VersionRequest{})
+	if err != nil {
+		return fmt.Errorf("CRI Version on %s: %w", socket, err)
+	}
+	fmt.Println(v.GetRuntimeName(), v.GetRuntimeVersion())
+	return nil
 }
 
 func reset(ctx context.Context, socket string) error {
