@@ -48,6 +48,6 @@ fi
 if [ ! -x "$BIN/pinns" ]; then
   log "make pinns (C, static)"
   make -s -C "$SRC/pinns" >&2
-  install -m 0755 "$SRC/pinns/pinns" "$BIN/pinns"
+  install -m 0755 "$SRC/bin/pinns" "$BIN/pinns"
 fi
 echo "$BIN"
