@@ -13,11 +13,14 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -136,10 +139,20 @@ func Dial(ctx context.Context, endpoint string, timeout time.Duration) (*Client,
 	}
 	probe.Close()
 
+	// The dialer remembers its last failure: when Version fails, the
+	// connection's own fate (refused, reset) says more than the RPC's status.
+	var dialMu sync.Mutex
+	var dialErr error
 	conn, err := grpc.NewClient("passthrough:///"+path,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return d.DialContext(ctx, "unix", addr)
+			c, err := d.DialContext(ctx, "unix", addr)
+			if err != nil {
+				dialMu.Lock()
+				dialErr = err
+				dialMu.Unlock()
+			}
+			return c, err
 		}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsgSize)),
 	)
@@ -155,8 +168,33 @@ func Dial(ctx context.Context, endpoint string, timeout time.Duration) (*Client,
 	v, err := c.Runtime.Version(ctx, &runtimeapi.VersionRequest{})
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("CRI socket %s: runtime did not answer Version within %s: %w", path, timeout, err)
+		dialMu.Lock()
+		defer dialMu.Unlock()
+		return nil, versionError(path, timeout, err, dialErr)
 	}
 	c.RuntimeName, c.RuntimeVersion = v.GetRuntimeName(), v.GetRuntimeVersion()
 	return c, nil
+}
+
+// versionError says why the runtime at path did not answer Version: only a
+// runtime that really kept silent until the deadline "did not answer within";
+// one that refused or dropped the connection at once is reported as refused.
+func versionError(path string, timeout time.Duration, err, dialErr error) error {
+	switch {
+	case errors.Is(dialErr, syscall.ECONNREFUSED):
+		return fmt.Errorf("CRI socket %s: connection refused: nobody listens on it (is the runtime running?): %w", path, dialErr)
+	case dialErr != nil:
+		return fmt.Errorf("CRI socket %s: connect: %w", path, dialErr)
+	}
+	switch status.Code(err) {
+	case codes.DeadlineExceeded:
+		return fmt.Errorf("CRI socket %s: runtime did not answer Version within %s: %w", path, timeout, err)
+	case codes.Unavailable:
+		return fmt.Errorf("CRI socket %s: connection refused at once: the server closed the connection without answering "+
+			"Version (is this a CRI runtime's socket, and is the runtime ready?): %w", path, err)
+	case codes.Unimplemented:
+		return fmt.Errorf("CRI socket %s: the server does not serve the CRI v1 RuntimeService (is this a CRI runtime's socket?): %w", path, err)
+	default:
+		return fmt.Errorf("CRI socket %s: Version: %w", path, err)
+	}
 }

@@ -162,6 +162,20 @@ func TestDialFailsFast(t *testing.T) {
 		}
 	}()
 
+	// A socket whose server drops every connection at once (a non-CRI
+	// server, a runtime shutting down): refused, not "did not answer".
+	closing := filepath.Join(dir, "closing.sock")
+	cl := listen(t, closing)
+	go func() {
+		for {
+			c, err := cl.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+
 	file := filepath.Join(dir, "file")
 	os.WriteFile(file, nil, 0o600)
 
@@ -172,6 +186,7 @@ func TestDialFailsFast(t *testing.T) {
 		{"not a socket", file, "not a unix socket"},
 		{"nobody listens", "unix://" + stale, "nobody listens"},
 		{"no answer", silent, "did not answer"},
+		{"refused at once", closing, "refused"},
 		{"tcp", "tcp://127.0.0.1:1", "only unix sockets"},
 	}
 	for _, tt := range tests {
@@ -188,8 +203,12 @@ func TestDialFailsFast(t *testing.T) {
 			if p := strings.TrimPrefix(tt.endpoint, "unix://"); tt.name != "tcp" && !strings.Contains(err.Error(), p) {
 				t.Errorf("error %q does not name %s", err, p)
 			}
-			if d := time.Since(start); d > 10*time.Second {
+			d := time.Since(start)
+			if d > 10*time.Second {
 				t.Errorf("took %s", d)
+			}
+			if tt.name != "no answer" && strings.Contains(err.Error(), "did not answer") {
+				t.Errorf("error %q says the runtime did not answer in time; it failed at once (%s)", err, d)
 			}
 		})
 	}
