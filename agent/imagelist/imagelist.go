@@ -58,20 +58,25 @@ type LineError struct {
 	Err    error
 }
 
-// maxQuoted bounds how much of a bad line an error message repeats.
-const maxQuoted = 200
+// MaxShown bounds how many bytes of a bad line (and of the parser's error
+// about it, which repeats the line) logs, events and error messages show: a
+// garbage list must not turn into a garbage log.
+const MaxShown = 256
 
 func (e *LineError) Error() string {
-	return fmt.Sprintf("%s:%d: parse %q: %s", e.Source, e.Line, shorten(e.Text), shorten(fmt.Sprint(e.Err)))
+	return fmt.Sprintf("%s:%d: parse %q: %s", e.Source, e.Line, Shorten(e.Text), Shorten(fmt.Sprint(e.Err)))
 }
 
-// shorten keeps error messages readable when a line is huge (the reference
-// library repeats the whole name in its errors).
-func shorten(s string) string {
-	if len(s) <= maxQuoted {
+// ShortText is the line as logs and events show it: at most MaxShown bytes.
+func (e *LineError) ShortText() string { return Shorten(e.Text) }
+
+// Shorten cuts s to at most MaxShown bytes (on a UTF-8 boundary) and marks
+// the cut with "...".
+func Shorten(s string) string {
+	if len(s) <= MaxShown {
 		return s
 	}
-	return strings.ToValidUTF8(s[:maxQuoted], "") + "..."
+	return strings.ToValidUTF8(s[:MaxShown], "") + fmt.Sprintf("...(%d bytes)", len(s))
 }
 
 func (e *LineError) Unwrap() error { return e.Err }
@@ -92,7 +97,8 @@ type List struct {
 	Digest string
 }
 
-// ParseFile reads and parses the list at path. The error is for I/O only;
+// ParseFile reads and parses the list at path. The error is for I/O only
+// (missing file, a directory in its place, no permission) and names the path;
 // malformed lines are in List.Errors.
 func ParseFile(path string) (*List, error) {
 	data, err := os.ReadFile(path)

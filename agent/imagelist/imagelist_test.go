@@ -219,3 +219,40 @@ func TestLongLineErrorIsBounded(t *testing.T) {
 		t.Errorf("error message is %d bytes long", n)
 	}
 }
+
+func TestParseFileErrorsNameThePathOnce(t *testing.T) {
+	dir := t.TempDir()
+	for name, path := range map[string]string{
+		"missing":   filepath.Join(dir, "missing.txt"),
+		"directory": dir,
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := ParseFile(path)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			msg := err.Error()
+			if !strings.Contains(msg, path) || strings.Count(msg, "read image list") != 1 {
+				t.Errorf("error %q: want the path named and one \"read image list\" prefix", msg)
+			}
+		})
+	}
+}
+
+func TestHugeBadLineIsShownShort(t *testing.T) {
+	huge := strings.Repeat("Ab!", 40000) // 120 KB of garbage on one line
+	l := Parse(strings.NewReader("busybox\n"+huge+"\n"), "list.txt")
+	if len(l.Errors) != 1 {
+		t.Fatalf("%d errors, want 1", len(l.Errors))
+	}
+	le := l.Errors[0]
+	if n := len(le.ShortText()); n > MaxShown+32 {
+		t.Errorf("ShortText is %d bytes, want at most about %d", n, MaxShown)
+	}
+	if n := len(le.Error()); n > 3*MaxShown {
+		t.Errorf("Error() is %d bytes for a %d-byte line, want it bounded", n, len(huge))
+	}
+	if !strings.Contains(le.ShortText(), "120000 bytes") {
+		t.Errorf("ShortText %q does not say how long the line was", le.ShortText())
+	}
+}
