@@ -41,6 +41,8 @@ func writeEnv(t *testing.T, dir, mode string) {
 	text := fmt.Sprintf(`# written by a test
 export IMAGE_PREFETCHER_E2E_MODE='%s'
 export IMAGE_PREFETCHER_E2E_STATE='%s'
+export IMAGE_PREFETCHER_E2E_RUNTIME='cri-o'
+export IMAGE_PREFETCHER_E2E_RUNTIME_VERSION='1.35.2'
 export IMAGE_PREFETCHER_E2E_CRI_SOCKET='%s'
 export IMAGE_PREFETCHER_E2E_REGISTRY='127.0.0.1:5000'
 export IMAGE_PREFETCHER_E2E_AUTH_REGISTRY='127.0.0.1:5001'
@@ -106,7 +108,7 @@ func TestLoadFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if env.Mode != Full || env.Registry != "127.0.0.1:5000" || env.AuthRegistry != "127.0.0.1:5001" ||
+	if env.Mode != Full || env.Runtime != RuntimeCRIO || env.RuntimeVersion != "1.35.2" || env.IsContainerd() || env.Registry != "127.0.0.1:5000" || env.AuthRegistry != "127.0.0.1:5001" ||
 		env.Kubeconfig != dir+"/admin.kubeconfig" || !env.AgentImagePushed || env.Var("KUBECONFIG") != env.Kubeconfig {
 		t.Fatalf("parsed %+v", env)
 	}
@@ -115,7 +117,8 @@ func TestLoadFile(t *testing.T) {
 	for name, text := range map[string]string{
 		"no mode":     "export IMAGE_PREFETCHER_E2E_REGISTRY='x'\n",
 		"not a var":   "export IMAGE_PREFETCHER_E2E_MODE\n",
-		"no registry": "export IMAGE_PREFETCHER_E2E_MODE='runtime'\nexport IMAGE_PREFETCHER_E2E_CRI_SOCKET='/s'\n",
+		"no registry": "export IMAGE_PREFETCHER_E2E_MODE='runtime'\nexport IMAGE_PREFETCHER_E2E_RUNTIME='containerd'\nexport IMAGE_PREFETCHER_E2E_CRI_SOCKET='/s'\n",
+		"no runtime":  "export IMAGE_PREFETCHER_E2E_MODE='runtime'\nexport IMAGE_PREFETCHER_E2E_CRI_SOCKET='/s'\nexport IMAGE_PREFETCHER_E2E_REGISTRY='x'\nexport IMAGE_PREFETCHER_E2E_AUTH_REGISTRY='y'\n",
 	} {
 		if err := os.WriteFile(bad, []byte(text), 0o644); err != nil {
 			t.Fatal(err)
