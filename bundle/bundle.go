@@ -1,6 +1,7 @@
 // Package bundle builds the Kustomize bundle (base, overlays, components) the way Flux's
-// kustomize-controller does: krusty with plugins disabled and the legacy resource order. The
-// golden tests here and the end-to-end tests (server-side dry runs) share these builds.
+// kustomize-controller does: krusty with plugins disabled and the legacy resource order. It is
+// the one definition of the bundle's flavors, components and instance values: the golden tests,
+// the end-to-end tests and the KRM function all build instances through it.
 package bundle
 
 import (
@@ -10,16 +11,23 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"sort"
-	"strings"
+	"slices"
 
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/api/types"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
+
+	manifests "github.com/nodeprefetch/image-prefetcher"
 )
 
-// Flavors are the instance overlays under overlays/.
-var Flavors = []string{"vanilla", "ocp"}
+// The instance overlays under overlays/.
+const (
+	FlavorVanilla = "vanilla"
+	FlavorOCP     = "ocp"
+)
+
+// Flavors are the instance overlays, the default first.
+var Flavors = []string{FlavorVanilla, FlavorOCP}
 
 // The default instance of every overlay.
 const (
@@ -49,14 +57,19 @@ func Root() (string, error) {
 	return root, nil
 }
 
-// Kustomize renders the kustomization in dir with Flux's options: builtin plugins only, the
-// legacy (kind-based) resource order, and no load restrictions.
+// Kustomize renders the kustomization in dir on disk with Flux's options.
 func Kustomize(dir string) ([]byte, error) {
+	return kustomize(filesys.MakeFsOnDisk(), dir)
+}
+
+// kustomize renders the kustomization in dir of fsys with Flux's options: builtin plugins
+// only, the legacy (kind-based) resource order, and no load restrictions.
+func kustomize(fsys filesys.FileSystem, dir string) ([]byte, error) {
 	opts := krusty.MakeDefaultOptions()
 	opts.Reorder = krusty.ReorderOptionLegacy
 	opts.LoadRestrictions = types.LoadRestrictionsNone
 	opts.PluginConfig = types.DisabledPluginConfig()
-	m, err := krusty.MakeKustomizer(opts).Run(filesys.MakeFsOnDisk(), dir)
+	m, err := krusty.MakeKustomizer(opts).Run(fsys, dir)
 	if err != nil {
 		return nil, fmt.Errorf("kustomize build %s: %w", dir, err)
 	}
@@ -67,85 +80,58 @@ func Kustomize(dir string) ([]byte, error) {
 	return out, nil
 }
 
-// Components lists the component directories under components/.
-func Components(root string) ([]string, error) {
-	entries, err := os.ReadDir(filepath.Join(root, "components"))
+// Components lists the components the bundle ships: the directories under components/ of the
+// embedded bundle that hold a kustomization, sorted.
+func Components() ([]string, error) {
+	entries, err := fs.ReadDir(manifests.FS, "components")
 	if err != nil {
 		return nil, fmt.Errorf("list components: %w", err)
 	}
 	var names []string
 	for _, e := range entries {
-		if !e.IsDir() {
-			continue
-		}
-		if _, err := os.Stat(filepath.Join(root, "components", e.Name(), "kustomization.yaml")); err == nil {
+		if _, err := fs.Stat(manifests.FS, "components/"+e.Name()+"/kustomization.yaml"); e.IsDir() && err == nil {
 			names = append(names, e.Name())
 		}
 	}
-	sort.Strings(names)
 	return names, nil
 }
 
-// Instance describes an instance overlay derived from one of the shipped ones, as a user
-// writes it: a copy of overlays/<Flavor> with its marked values changed.
-type Instance struct {
-	Flavor     string
-	Namespace  string   // empty: the overlay's default
-	Name       string   // the instance name; empty: the overlay's default
-	Images     string   // images.txt content; empty: the overlay's sample list
-	Components []string // names under components/
+// sources are the directories of the repository an instance is built from.
+var sources = []string{"base", "overlays", "components"}
+
+// Write copies base/, overlays/ and components/ of the repository at root into dir and turns
+// the copy of overlays/<Flavor> into in, the way a user edits a copy; it returns the directory
+// of that overlay.
+func (in Instance) Write(root, dir string) (string, error) {
+	for _, sub := range sources {
+		if err := os.CopyFS(filepath.Join(dir, sub), os.DirFS(filepath.Join(root, sub))); err != nil {
+			return "", fmt.Errorf("instance: copy %s: %w", sub, err)
+		}
+	}
+	return in.write(filesys.MakeFsOnDisk(), dir)
 }
 
-// Write copies base/, components/ and overlays/ of root into dir and edits the copy of
-// overlays/<Flavor> for in; it returns the directory of that overlay.
-func (in Instance) Write(root, dir string) (string, error) {
-	for _, sub := range []string{"base", "components", "overlays"} {
-		if err := copyTree(filepath.Join(root, sub), filepath.Join(dir, sub)); err != nil {
-			return "", err
+// Render builds in from the embedded bundle, in memory.
+func (in Instance) Render() ([]byte, error) {
+	fsys := filesys.MakeFsInMemory()
+	err := fs.WalkDir(manifests.FS, ".", func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
 		}
-	}
-	overlay := filepath.Join(dir, "overlays", in.Flavor)
-	kfile := filepath.Join(overlay, "kustomization.yaml")
-	raw, err := os.ReadFile(kfile)
+		data, err := fs.ReadFile(manifests.FS, path)
+		if err != nil {
+			return err
+		}
+		return fsys.WriteFile("/"+path, data)
+	})
 	if err != nil {
-		return "", fmt.Errorf("instance %s: %w", in.Flavor, err)
+		return nil, fmt.Errorf("load the embedded bundle: %w", err)
 	}
-	k := string(raw)
-	edit := func(old, repl string) error {
-		if strings.Count(k, old) != 1 {
-			return fmt.Errorf("instance %s: expected %q exactly once in %s", in.Flavor, old, kfile)
-		}
-		k = strings.Replace(k, old, repl, 1)
-		return nil
+	overlay, err := in.write(fsys, "/")
+	if err != nil {
+		return nil, err
 	}
-	if in.Namespace != "" {
-		if err := edit("\nnamespace: "+DefaultNamespace+"\n", "\nnamespace: "+in.Namespace+"\n"); err != nil {
-			return "", err
-		}
-	}
-	if in.Name != "" {
-		if err := edit("app.kubernetes.io/instance: "+DefaultInstance+"\n", "app.kubernetes.io/instance: "+in.Name+"\n"); err != nil {
-			return "", err
-		}
-	}
-	if len(in.Components) > 0 {
-		list := "components:\n"
-		for _, c := range in.Components {
-			list += "- ../../components/" + c + "\n"
-		}
-		if err := edit("components: []\n", list); err != nil {
-			return "", err
-		}
-	}
-	if err := os.WriteFile(kfile, []byte(k), 0o644); err != nil {
-		return "", fmt.Errorf("instance %s: %w", in.Flavor, err)
-	}
-	if in.Images != "" {
-		if err := os.WriteFile(filepath.Join(overlay, "images.txt"), []byte(in.Images), 0o644); err != nil {
-			return "", fmt.Errorf("instance %s: %w", in.Flavor, err)
-		}
-	}
-	return overlay, nil
+	return kustomize(fsys, overlay)
 }
 
 // BuildInstance writes in under a new directory in tmp and renders it.
@@ -164,7 +150,7 @@ func BuildInstance(root, tmp string, in Instance) ([]byte, error) {
 // BuildAll renders every overlay as shipped and every overlay with each single component
 // added, the way docs/bundle.md tells users to add one. tmp holds the combinations' copies.
 func BuildAll(root, tmp string) ([]Build, error) {
-	comps, err := Components(root)
+	comps, err := Components()
 	if err != nil {
 		return nil, err
 	}
@@ -186,23 +172,5 @@ func BuildAll(root, tmp string) ([]Build, error) {
 	return builds, nil
 }
 
-func copyTree(src, dst string) error {
-	return filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(src, path)
-		if err != nil {
-			return err
-		}
-		target := filepath.Join(dst, rel)
-		if d.IsDir() {
-			return os.MkdirAll(target, 0o755)
-		}
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return fmt.Errorf("copy %s: %w", path, err)
-		}
-		return os.WriteFile(target, data, 0o644)
-	})
-}
+// validFlavor reports whether flavor names one of the overlays.
+func validFlavor(flavor string) bool { return slices.Contains(Flavors, flavor) }

@@ -84,7 +84,7 @@ func TestKubectlKustomizeMatchesGolden(t *testing.T) {
 	}
 	root, builds := buildAll(t)
 	tmp := t.TempDir()
-	comps, err := Components(root)
+	comps, err := Components()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,9 +195,6 @@ func TestStructure(t *testing.T) {
 func checkInstance(t *testing.T, build string, objs []Object, namespace, instance string) {
 	t.Helper()
 	flavor := strings.SplitN(build, "+", 2)[0]
-	var ds *appsv1.DaemonSet
-	var cm *corev1.ConfigMap
-	secrets := map[string]corev1.Secret{}
 	clusterPrefix := "image-prefetcher." + namespace + "." + instance
 	for _, o := range objs {
 		if ClusterScoped(o.Kind) {
@@ -222,53 +219,31 @@ func checkInstance(t *testing.T, build string, objs []Object, namespace, instanc
 		if flavor == "vanilla" && regexp.MustCompile(`privileged:\s*true`).MatchString(o.YAML) {
 			t.Errorf("%s: privileged: true in the vanilla flavor", o.Key())
 		}
-		switch o.Kind {
-		case "DaemonSet":
-			if ds != nil {
-				t.Errorf("more than one DaemonSet")
-			}
-			ds = &appsv1.DaemonSet{}
-			if err := o.Decode(ds); err != nil {
-				t.Fatal(err)
-			}
-		case "ConfigMap":
-			cm = &corev1.ConfigMap{}
-			if err := o.Decode(cm); err != nil {
-				t.Fatal(err)
-			}
-		case "Secret":
-			var s corev1.Secret
-			if err := o.Decode(&s); err != nil {
-				t.Fatal(err)
-			}
-			secrets[s.Name] = s
-		case "ClusterRole", "Role":
-			var r rbacv1.ClusterRole
-			if err := o.Decode(&r); err != nil {
-				t.Fatal(err)
-			}
-			for _, rule := range r.Rules {
-				for _, res := range rule.Resources {
-					if res == "secrets" || res == "*" {
-						t.Errorf("%s grants %v on %s", o.Key(), rule.Verbs, res)
-					}
+	}
+	ds := decodeOne[appsv1.DaemonSet](t, objs, "DaemonSet")
+	cm := decodeOne[corev1.ConfigMap](t, objs, "ConfigMap")
+	secrets := map[string]*corev1.Secret{}
+	for _, s := range decodeAll[corev1.Secret](t, objs, "Secret") {
+		secrets[s.Name] = s
+	}
+	// A Role decodes as a ClusterRole: the rules are the same type.
+	roles := append(decodeAll[rbacv1.ClusterRole](t, objs, "ClusterRole"), decodeAll[rbacv1.ClusterRole](t, objs, "Role")...)
+	for _, r := range roles {
+		for _, rule := range r.Rules {
+			for _, res := range rule.Resources {
+				if res == "secrets" || res == "*" {
+					t.Errorf("%s grants %v on %s", r.Name, rule.Verbs, res)
 				}
-				for _, v := range rule.Verbs {
-					if v == "*" || v == "escalate" || v == "bind" || v == "impersonate" {
-						t.Errorf("%s grants verb %s", o.Key(), v)
-					}
+			}
+			for _, v := range rule.Verbs {
+				if v == "*" || v == "escalate" || v == "bind" || v == "impersonate" {
+					t.Errorf("%s grants verb %s", r.Name, v)
 				}
-				if len(rule.APIGroups) == 1 && rule.APIGroups[0] == "security.openshift.io" && len(rule.ResourceNames) != 1 {
-					t.Errorf("%s: SCC use must name exactly the instance's SCC, got %v", o.Key(), rule.ResourceNames)
-				}
+			}
+			if len(rule.APIGroups) == 1 && rule.APIGroups[0] == "security.openshift.io" && len(rule.ResourceNames) != 1 {
+				t.Errorf("%s: SCC use must name exactly the instance's SCC, got %v", r.Name, rule.ResourceNames)
 			}
 		}
-	}
-	if ds == nil {
-		t.Fatal("no DaemonSet")
-	}
-	if cm == nil {
-		t.Fatal("no image-list ConfigMap")
 	}
 	if ds.Name != instance {
 		t.Errorf("DaemonSet %q, want the instance name %q (kubectl rollout status daemonset/<instance>)", ds.Name, instance)
@@ -440,7 +415,7 @@ func TestInstancesShareNoNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	comps, err := Components(root)
+	comps, err := Components()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -497,7 +472,7 @@ func TestImageListChangeRollsDaemonSet(t *testing.T) {
 	tmp := t.TempDir()
 	names := map[string]string{}
 	for _, list := range []string{"busybox:1.36.1\n", "busybox:1.36.1\nalpine:3.20\n"} {
-		out, err := BuildInstance(root, tmp, Instance{Flavor: "vanilla", Images: list})
+		out, err := BuildInstance(root, tmp, Instance{Flavor: "vanilla", Images: []byte(list)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -505,17 +480,10 @@ func TestImageListChangeRollsDaemonSet(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, o := range objs {
-			if o.Kind == "DaemonSet" {
-				var ds appsv1.DaemonSet
-				if err := o.Decode(&ds); err != nil {
-					t.Fatal(err)
-				}
-				for _, v := range ds.Spec.Template.Spec.Volumes {
-					if v.ConfigMap != nil {
-						names[list] = v.ConfigMap.Name
-					}
-				}
+		ds := decodeOne[appsv1.DaemonSet](t, objs, "DaemonSet")
+		for _, v := range ds.Spec.Template.Spec.Volumes {
+			if v.ConfigMap != nil {
+				names[list] = v.ConfigMap.Name
 			}
 		}
 	}

@@ -53,31 +53,9 @@ func TestMetricsCollectorComponent(t *testing.T) {
 
 func checkCollector(t *testing.T, objs []Object, ns, instance string) {
 	t.Helper()
-	var ds *appsv1.DaemonSet
-	var dep *appsv1.Deployment
-	var svc *corev1.Service
-	for _, o := range objs {
-		switch o.Kind {
-		case "DaemonSet":
-			ds = &appsv1.DaemonSet{}
-			if err := o.Decode(ds); err != nil {
-				t.Fatal(err)
-			}
-		case "Deployment":
-			dep = &appsv1.Deployment{}
-			if err := o.Decode(dep); err != nil {
-				t.Fatal(err)
-			}
-		case "Service":
-			svc = &corev1.Service{}
-			if err := o.Decode(svc); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	if ds == nil || dep == nil || svc == nil {
-		t.Fatalf("want a DaemonSet, a Deployment and a Service; got %v %v %v", ds != nil, dep != nil, svc != nil)
-	}
+	ds := decodeOne[appsv1.DaemonSet](t, objs, "DaemonSet")
+	dep := decodeOne[appsv1.Deployment](t, objs, "Deployment")
+	svc := decodeOne[corev1.Service](t, objs, "Service")
 	want := instance + "-results-collector"
 	if dep.Name != want || svc.Name != want || dep.Namespace != ns || svc.Namespace != ns {
 		t.Errorf("collector objects %s/%s and %s/%s, want %s/%s", dep.Namespace, dep.Name, svc.Namespace, svc.Name, ns, want)

@@ -2,7 +2,6 @@ package bundle
 
 import (
 	"slices"
-	"strings"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -18,7 +17,7 @@ func TestMaxConcurrentNodesComponent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	comps, err := Components(root)
+	comps, err := Components()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,40 +51,30 @@ func TestMaxConcurrentNodesComponent(t *testing.T) {
 
 func checkPullSlots(t *testing.T, objs []Object, ns, instance string) {
 	t.Helper()
+	want := instance + "-pull-slots"
 	var role *rbacv1.Role
+	for _, r := range decodeAll[rbacv1.Role](t, objs, "Role") {
+		if r.Name == want {
+			role = r
+		}
+	}
 	var binding *rbacv1.RoleBinding
-	var ds *appsv1.DaemonSet
-	for _, o := range objs {
-		switch o.Kind {
-		case "Role":
-			if strings.HasSuffix(o.Name, "-pull-slots") {
-				role = &rbacv1.Role{}
-				if err := o.Decode(role); err != nil {
-					t.Fatal(err)
-				}
-			}
-		case "RoleBinding":
-			if strings.HasSuffix(o.Name, "-pull-slots") {
-				binding = &rbacv1.RoleBinding{}
-				if err := o.Decode(binding); err != nil {
-					t.Fatal(err)
-				}
-			}
-		case "DaemonSet":
-			ds = &appsv1.DaemonSet{}
-			if err := o.Decode(ds); err != nil {
-				t.Fatal(err)
-			}
-		case "ClusterRole":
-			if strings.Contains(o.YAML, "leases") {
-				t.Errorf("%s grants leases cluster-wide", o.Key())
+	for _, b := range decodeAll[rbacv1.RoleBinding](t, objs, "RoleBinding") {
+		if b.Name == want {
+			binding = b
+		}
+	}
+	if role == nil || binding == nil {
+		t.Fatalf("no Role and RoleBinding %s (role %v, binding %v)", want, role != nil, binding != nil)
+	}
+	for _, r := range decodeAll[rbacv1.ClusterRole](t, objs, "ClusterRole") {
+		for _, rule := range r.Rules {
+			if slices.Contains(rule.Resources, "leases") {
+				t.Errorf("ClusterRole %s grants leases cluster-wide", r.Name)
 			}
 		}
 	}
-	if role == nil || binding == nil || ds == nil {
-		t.Fatalf("role %v binding %v daemonset %v", role != nil, binding != nil, ds != nil)
-	}
-	want := instance + "-pull-slots"
+	ds := decodeOne[appsv1.DaemonSet](t, objs, "DaemonSet")
 	if role.Name != want || role.Namespace != ns || binding.Name != want || binding.Namespace != ns {
 		t.Errorf("Role %s/%s, RoleBinding %s/%s: want %s/%s", role.Namespace, role.Name, binding.Namespace, binding.Name, ns, want)
 	}

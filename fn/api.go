@@ -1,14 +1,15 @@
 // Package fn is the image prefetcher's KRM function: from a short ImagePrefetcher
 // configuration it generates one instance of the prefetcher (namespace, ServiceAccount, RBAC,
-// image-list ConfigMap, DaemonSet, and for OpenShift the instance's SCC), derived from the
-// Kustomize bundle embedded in package bundled. It runs under kpt, as a kustomize exec
-// transformer, or standalone.
+// image-list ConfigMap, DaemonSet, the components the configuration asks for, and for OpenShift
+// the instance's SCC). It renders the real Kustomize bundle: the configuration becomes a
+// bundle.Instance, built with krusty from the embedded base/, overlays/ and components/. It runs
+// under kpt, as a kustomize exec transformer, or standalone.
 package fn
 
 import (
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/nodeprefetch/image-prefetcher/fn/bundled"
+	"github.com/nodeprefetch/image-prefetcher/bundle"
 )
 
 // The function configuration's type.
@@ -17,14 +18,11 @@ const (
 	Kind       = "ImagePrefetcher"
 )
 
-// Values of spec.flavor and spec.credentialProvider.
+// CredentialProviderNone is spec.credentialProvider's default; any other value <p> adds the
+// bundle's component <p>-credential-provider.
 const (
-	FlavorVanilla = "vanilla"
-	FlavorOCP     = "ocp"
-
-	CredentialProviderNone = "none"
-	CredentialProviderGKE  = "gke"
-	CredentialProviderECR  = "ecr"
+	CredentialProviderNone   = "none"
+	credentialProviderSuffix = "-credential-provider"
 )
 
 // ImagePrefetcher is the function configuration: one instance of the prefetcher.
@@ -57,6 +55,7 @@ type Spec struct {
 	CredentialProvider string                       `json:"credentialProvider,omitempty"`
 	MetricsCollector   bool                         `json:"metricsCollector,omitempty"`
 	Prometheus         bool                         `json:"prometheus,omitempty"`
+	Components         []string                     `json:"components,omitempty"`
 	Placement          Placement                    `json:"placement,omitempty"`
 	MaxParallelPulls   *int                         `json:"maxParallelPulls,omitempty"`
 	MaxConcurrentNodes *int                         `json:"maxConcurrentNodes,omitempty"`
@@ -64,31 +63,21 @@ type Spec struct {
 	Resources          *corev1.ResourceRequirements `json:"resources,omitempty"`
 }
 
-// Placement is where the agent pods run.
-type Placement struct {
-	NodeSelector      map[string]string   `json:"nodeSelector,omitempty"`
-	Tolerations       []corev1.Toleration `json:"tolerations,omitempty"`
-	Affinity          *corev1.Affinity    `json:"affinity,omitempty"`
-	PriorityClassName string              `json:"priorityClassName,omitempty"`
-}
+// Placement is where the agent pods run; set fields replace the bundle's.
+type Placement = bundle.Placement
 
-// Default fills every unset field but the name with the bundle's value.
+// Default fills the namespace, flavor and credential provider; other unset fields keep the
+// bundle's values.
 func (c *ImagePrefetcher) Default() error {
 	s := &c.Spec
 	if s.Namespace == "" {
-		s.Namespace = bundled.Namespace
+		s.Namespace = bundle.DefaultNamespace
 	}
 	if s.Flavor == "" {
-		s.Flavor = FlavorVanilla
+		s.Flavor = bundle.Flavors[0]
 	}
 	if s.CredentialProvider == "" {
 		s.CredentialProvider = CredentialProviderNone
-	}
-	if s.Placement.NodeSelector == nil {
-		s.Placement.NodeSelector = map[string]string{"kubernetes.io/os": "linux"}
-	}
-	if s.AgentImage == "" {
-		s.AgentImage = bundled.AgentImage
 	}
 	return nil
 }

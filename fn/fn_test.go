@@ -8,13 +8,15 @@ import (
 	"testing"
 
 	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	"sigs.k8s.io/kustomize/kyaml/fn/framework/command"
 	"sigs.k8s.io/kustomize/kyaml/fn/framework/frameworktestutil"
-	"sigs.k8s.io/kustomize/kyaml/kio"
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/fn"
+	"github.com/nodeprefetch/image-prefetcher/internal/manifesttest"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*/expected.yaml from the function's output")
@@ -50,44 +52,85 @@ func eachLineOccurs(t *testing.T, expected, actual string) {
 	}
 }
 
-// TestMatchesBundle holds the function to the bundle: for a non-default namespace, instance
-// name and list, its output equals what kustomize builds from a copy of the overlay (and
-// component) a user would edit by hand, but for the managed-by label.
+// TestMatchesBundle holds the function to the bundle: for every flavor, every component, each
+// field that adds one and a configuration with every field, its output equals what kustomize
+// builds from a copy of the overlay a user edits by hand with the same values (bundle.Instance
+// written to disk), but for the managed-by label.
 func TestMatchesBundle(t *testing.T) {
 	root, err := bundle.Root()
 	if err != nil {
 		t.Fatal(err)
 	}
-	const list = "busybox:1.36.1\nregistry.example.com/team/app:2.0\n"
-	cases := []struct {
-		name   string
-		spec   string
-		bundle bundle.Instance
-	}{
-		{"vanilla", "flavor: vanilla", bundle.Instance{Flavor: "vanilla"}},
-		{"ocp", "flavor: ocp", bundle.Instance{Flavor: "ocp"}},
-		{"gke", "credentialProvider: gke", bundle.Instance{Flavor: "vanilla", Components: []string{"gke-credential-provider"}}},
-		{"ecr-ocp", "{flavor: ocp, credentialProvider: ecr}", bundle.Instance{Flavor: "ocp", Components: []string{"ecr-credential-provider"}}},
-		{"prometheus", "prometheus: true", bundle.Instance{Flavor: "vanilla", Components: []string{"prometheus"}}},
-		{"max-concurrent-nodes", "{flavor: ocp, maxConcurrentNodes: 10}", bundle.Instance{Flavor: "ocp", Components: []string{"max-concurrent-nodes"}}},
-		{"metrics-collector", "metricsCollector: true", bundle.Instance{Flavor: "vanilla", Components: []string{"metrics-collector"}}},
+	comps, err := bundle.Components()
+	if err != nil {
+		t.Fatal(err)
+	}
+	type testCase struct {
+		name string
+		spec string // YAML lines of spec besides namespace and images
+		want bundle.Instance
+	}
+	var cases []testCase
+	for _, flavor := range bundle.Flavors {
+		f := "flavor: " + flavor + "\n"
+		add := func(name, spec string, want bundle.Instance) {
+			want.Flavor = flavor
+			cases = append(cases, testCase{flavor + "/" + name, f + spec, want})
+		}
+		add("plain", "", bundle.Instance{})
+		for _, c := range comps {
+			add("components-"+c, "components: ["+c+"]\n", bundle.Instance{Components: []string{c}})
+		}
+		add("spec.credentialProvider-gke", "credentialProvider: gke\n", bundle.Instance{Components: []string{"gke-credential-provider"}})
+		add("spec.credentialProvider-ecr", "credentialProvider: ecr\n", bundle.Instance{Components: []string{"ecr-credential-provider"}})
+		add("spec.prometheus", "prometheus: true\n", bundle.Instance{Components: []string{"prometheus"}})
+		add("spec.metricsCollector", "metricsCollector: true\n", bundle.Instance{Components: []string{"metrics-collector"}})
+		add("spec.maxConcurrentNodes", "maxConcurrentNodes: 3\n",
+			bundle.Instance{Components: []string{"max-concurrent-nodes"}, Args: []string{"--max-concurrent-nodes=3"}})
+		add("everything", `components: [pull-secret, node-placement, admission-policy]
+credentialProvider: gke
+prometheus: true
+metricsCollector: true
+maxConcurrentNodes: 3
+maxParallelPulls: 2
+pullSecrets: [registry-a, registry-b]
+agentImage: registry.example.com/image-prefetcher:v1.0.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+placement:
+  nodeSelector: {node.example.com/pool: gpu}
+  tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
+  affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: kubernetes.io/arch, operator: In, values: [amd64]}]}]}}}
+  priorityClassName: system-node-critical
+resources: {requests: {cpu: 20m, memory: 64Mi}, limits: {memory: 256Mi}}
+`, bundle.Instance{
+			Components:  []string{"admission-policy", "gke-credential-provider", "max-concurrent-nodes", "metrics-collector", "node-placement", "prometheus", "pull-secret"},
+			Args:        []string{"--max-parallel-pulls=2", "--max-concurrent-nodes=3"},
+			PullSecrets: []string{"registry-a", "registry-b"},
+			AgentImage:  "registry.example.com/image-prefetcher:v1.0.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+			Placement: bundle.Placement{
+				NodeSelector:      map[string]string{"node.example.com/pool": "gpu"},
+				Tolerations:       []corev1.Toleration{{Key: "nvidia.com/gpu", Operator: corev1.TolerationOpExists, Effect: corev1.TaintEffectNoSchedule}},
+				Affinity:          &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: []corev1.NodeSelectorTerm{{MatchExpressions: []corev1.NodeSelectorRequirement{{Key: "kubernetes.io/arch", Operator: corev1.NodeSelectorOpIn, Values: []string{"amd64"}}}}}}}},
+				PriorityClassName: "system-node-critical",
+			},
+			Resources: &corev1.ResourceRequirements{
+				Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("20m"), corev1.ResourceMemory: resource.MustParse("64Mi")},
+				Limits:   corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("256Mi")},
+			},
+		})
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			in := tc.bundle
-			in.Namespace, in.Name, in.Images = "team-a", "team-a-images", list
+			in := tc.want
+			in.Namespace, in.Name = "team-a", "team-a-images"
+			in.Images = []byte("busybox:1.36.1\nregistry.example.com/team/app:2.0\n")
 			built, err := bundle.BuildInstance(root, t.TempDir(), in)
 			if err != nil {
 				t.Fatal(err)
 			}
-			spec := tc.spec
-			if strings.HasPrefix(spec, "{") {
-				spec = strings.Trim(spec, "{}")
-			}
 			cfg := "apiVersion: " + fn.APIVersion + "\nkind: " + fn.Kind + "\nmetadata:\n  name: team-a-images\nspec:\n" +
 				"  namespace: team-a\n  images: [busybox:1.36.1, registry.example.com/team/app:2.0]\n"
-			for _, kv := range strings.Split(spec, ",") {
-				cfg += "  " + strings.TrimSpace(kv) + "\n"
+			for line := range strings.Lines(tc.spec) {
+				cfg += "  " + line
 			}
 			c, results := fn.Decode(yaml.MustParse(cfg), "")
 			if results.ExitCode() != 0 {
@@ -97,8 +140,15 @@ func TestMatchesBundle(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got := byID(t, objs, true)
-			want := byID(t, mustNodes(t, built), false)
+			for _, o := range objs {
+				if o.GetLabels()["app.kubernetes.io/managed-by"] != fn.ManagedBy {
+					t.Errorf("%s/%s lacks the managed-by label", o.GetKind(), o.GetName())
+				}
+				if _, err := o.Pipe(yaml.Lookup("metadata", "labels"), yaml.Clear("app.kubernetes.io/managed-by")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, want := manifesttest.ByID(t, objs), manifesttest.YAMLByID(t, built)
 			for id, w := range want {
 				if !reflect.DeepEqual(got[id], w) {
 					g, _ := json.MarshalIndent(got[id], "", " ")
@@ -113,37 +163,4 @@ func TestMatchesBundle(t *testing.T) {
 			}
 		})
 	}
-}
-
-func mustNodes(t *testing.T, y []byte) []*yaml.RNode {
-	t.Helper()
-	n, err := kio.FromBytes(y)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return n
-}
-
-// byID decodes objects to plain values keyed by kind/namespace/name.
-func byID(t *testing.T, nodes []*yaml.RNode, dropManagedBy bool) map[string]any {
-	t.Helper()
-	out := map[string]any{}
-	for _, n := range nodes {
-		if dropManagedBy {
-			n = n.Copy()
-			if _, err := n.Pipe(yaml.Lookup("metadata", "labels"), yaml.Clear("app.kubernetes.io/managed-by")); err != nil {
-				t.Fatal(err)
-			}
-		}
-		j, err := n.MarshalJSON()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var v any
-		if err := json.Unmarshal(j, &v); err != nil {
-			t.Fatal(err)
-		}
-		out[n.GetKind()+"/"+n.GetNamespace()+"/"+n.GetName()] = v
-	}
-	return out
 }

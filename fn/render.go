@@ -13,7 +13,7 @@ import (
 // use it to render examples without building the binary.
 func RenderFile(config string, resources ...string) ([]byte, error) {
 	var out, errOut bytes.Buffer
-	cmd := command.Build(Processor{Dir: dirOf(config)}, command.StandaloneEnabled, true)
+	cmd := command.Build(Processor{Dir: filepath.Dir(config)}, command.StandaloneEnabled, true)
 	cmd.SetArgs(append([]string{config}, resources...))
 	cmd.SetOut(&out)
 	cmd.SetErr(&errOut)
@@ -22,5 +22,3 @@ func RenderFile(config string, resources ...string) ([]byte, error) {
 	}
 	return out.Bytes(), nil
 }
-
-func dirOf(path string) string { return filepath.Dir(path) }

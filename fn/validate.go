@@ -17,6 +17,7 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
+	"github.com/nodeprefetch/image-prefetcher/bundle"
 )
 
 // Validate checks the defaulted configuration. It returns framework.Results (nil when there is
@@ -40,15 +41,24 @@ func (c *ImagePrefetcher) Validate() error {
 		r.messages("metadata.name", name, validation.IsQualifiedName(nodelabel.Key(name)))
 	}
 	r.messages("spec.namespace", s.Namespace, validation.IsDNS1123Label(s.Namespace))
-	switch s.Flavor {
-	case FlavorVanilla, FlavorOCP:
-	default:
-		r.errorf("spec.flavor", s.Flavor, "unknown flavor %q: must be %s or %s", s.Flavor, FlavorVanilla, FlavorOCP)
+	if !slices.Contains(bundle.Flavors, s.Flavor) {
+		r.errorf("spec.flavor", s.Flavor, "unknown flavor %q: must be one of %s", s.Flavor, strings.Join(bundle.Flavors, ", "))
 	}
-	switch s.CredentialProvider {
-	case CredentialProviderNone, CredentialProviderGKE, CredentialProviderECR:
-	default:
-		r.errorf("spec.credentialProvider", s.CredentialProvider, "unknown credential provider %q: must be none, gke or ecr", s.CredentialProvider)
+	components, err := bundle.Components()
+	if err != nil {
+		return err
+	}
+	if p := s.CredentialProvider; p != CredentialProviderNone && !slices.Contains(components, p+credentialProviderSuffix) {
+		r.errorf("spec.credentialProvider", p, "unknown credential provider %q: must be %s or one of %s", p, CredentialProviderNone, strings.Join(credentialProviders(components), ", "))
+	}
+	for i, name := range s.Components {
+		field := fmt.Sprintf("spec.components[%d]", i)
+		if !slices.Contains(components, name) {
+			r.errorf(field, name, "unknown component %q: must be one of %s", name, strings.Join(components, ", "))
+		}
+		if slices.Index(s.Components, name) < i {
+			r.errorf(field, name, "component %q is listed twice", name)
+		}
 	}
 	for i, img := range s.Images {
 		field := fmt.Sprintf("spec.images[%d]", i)
@@ -93,13 +103,26 @@ func (c *ImagePrefetcher) Validate() error {
 	if p := s.MaxConcurrentNodes; p != nil && *p < 0 {
 		r.errorf("spec.maxConcurrentNodes", fmt.Sprint(*p), "must be 0 (unbounded) or more")
 	}
-	if _, err := imagelist.Normalize(s.AgentImage); err != nil {
-		r.errorf("spec.agentImage", s.AgentImage, "invalid image reference: %v", err)
+	if s.AgentImage != "" {
+		if _, err := imagelist.Normalize(s.AgentImage); err != nil {
+			r.errorf("spec.agentImage", s.AgentImage, "invalid image reference: %v", err)
+		}
 	}
 	if len(r.results) == 0 {
 		return nil
 	}
 	return r.results
+}
+
+// credentialProviders are the spec.credentialProvider values the bundle's components offer.
+func credentialProviders(components []string) []string {
+	var out []string
+	for _, c := range components {
+		if p, ok := strings.CutSuffix(c, credentialProviderSuffix); ok {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 func validateToleration(r *reporter, field string, t corev1.Toleration) {

@@ -2,7 +2,6 @@
 #   make fn-build                    bin/image-prefetcher-fn (the examples' exec paths point here)
 #   make fn-tools                    the kustomize CLI for the exec-transformer test, into $(FN_TOOLS)
 #   make fn-test                     goldens, bundle equality, standalone, kpt render twice, kustomize exec
-#   make fn-bundled                  re-embed the bundle after a change to base/, overlays/ or components/
 #   make fn-hydrate                  regenerate examples/flux's committed, Flux-ready output
 #   make fn-render-example OUT=dir   render examples/standalone into dir/prefetch.yaml (cluster e2e)
 
@@ -10,7 +9,7 @@ KUSTOMIZE_VERSION ?= v5.8.1
 FN_TOOLS ?= $(HOME)/.cache/image-prefetcher/tools/kustomize-$(KUSTOMIZE_VERSION)
 FN_BIN := $(BIN)/image-prefetcher-fn
 
-.PHONY: fn-build fn-tools fn-test fn-bundled fn-hydrate fn-render-example
+.PHONY: fn-build fn-tools fn-test fn-hydrate fn-render-example
 
 fn-build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(FN_BIN) ./fn/cmd/image-prefetcher-fn
@@ -21,9 +20,6 @@ fn-tools:
 # IMAGE_PREFETCHER_E2E=1: a missing kpt or kustomize fails the entry-point tests.
 fn-test: fn-tools
 	IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 ./fn/...
-
-fn-bundled:
-	$(GO) test -count=1 ./fn/bundled -run '^TestInSync$$' -update
 
 fn-hydrate: fn-build
 	$(FN_BIN) examples/flux/prefetcher.yaml > examples/flux/clusters/dev/image-prefetcher/prefetch.yaml

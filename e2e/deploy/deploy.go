@@ -80,7 +80,7 @@ func Overlay(root, dir string, o Options) (string, error) {
 		Flavor:     "vanilla",
 		Namespace:  o.Namespace,
 		Name:       o.Instance,
-		Images:     ImagesFile(o.Images),
+		Images:     []byte(ImagesFile(o.Images)),
 		Components: o.Components,
 	}
 	if _, err := in.Write(root, dir); err != nil {

@@ -6,7 +6,6 @@ package main
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -15,11 +14,11 @@ import (
 	"strings"
 	"testing"
 
-	"sigs.k8s.io/kustomize/kyaml/kio"
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/fn"
+	"github.com/nodeprefetch/image-prefetcher/internal/manifesttest"
 )
 
 // binary is the function built once for the package's tests; repo is the repository root.
@@ -107,28 +106,6 @@ func copyExample(t *testing.T, name string) string {
 	return dst
 }
 
-// objects decodes YAML into plain values keyed by kind/namespace/name.
-func objects(t *testing.T, y string) map[string]any {
-	t.Helper()
-	nodes, err := kio.FromBytes([]byte(y))
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string]any{}
-	for _, n := range nodes {
-		j, err := n.MarshalJSON()
-		if err != nil {
-			t.Fatal(err)
-		}
-		var v any
-		if err := json.Unmarshal(j, &v); err != nil {
-			t.Fatal(err)
-		}
-		out[n.GetKind()+"/"+n.GetNamespace()+"/"+n.GetName()] = v
-	}
-	return out
-}
-
 func kinds(objs map[string]any) []string {
 	var ks []string
 	for id := range objs {
@@ -143,7 +120,7 @@ func TestStandalone(t *testing.T) {
 	if err != nil {
 		t.Fatalf("%v: %s", err, stderr)
 	}
-	objs := objects(t, out)
+	objs := manifesttest.YAMLByID(t, []byte(out))
 	if len(objs) != 6 {
 		t.Errorf("standalone vanilla render: %d objects (%v), want 6", len(objs), kinds(objs))
 	}
@@ -267,7 +244,7 @@ func TestKptRenderTwice(t *testing.T) {
 	if !ok {
 		t.Fatalf("kpt wrote no my-images.yaml; files: %v", first)
 	}
-	objs := objects(t, out)
+	objs := manifesttest.YAMLByID(t, []byte(out))
 	if _, ok := objs["DaemonSet/prefetch-images/my-images"]; !ok || len(objs) != 6 {
 		t.Errorf("kpt render: %v, want the 6 objects of a vanilla instance", kinds(objs))
 	}
@@ -293,7 +270,7 @@ func TestKptRenderTwice(t *testing.T) {
 	}
 	third := render()
 	var cms []string
-	for id := range objects(t, third["my-images.yaml"]) {
+	for id := range manifesttest.YAMLByID(t, []byte(third["my-images.yaml"])) {
 		if strings.HasPrefix(id, "ConfigMap/") {
 			cms = append(cms, id)
 		}
@@ -320,7 +297,7 @@ func TestKustomizeExec(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, w := objects(t, out), objects(t, string(want)); !reflect.DeepEqual(got, w) {
+	if got, w := manifesttest.YAMLByID(t, []byte(out)), manifesttest.YAMLByID(t, want); !reflect.DeepEqual(got, w) {
 		t.Errorf("kustomize exec output differs from the standalone render:\n%s", out)
 	}
 
@@ -360,7 +337,7 @@ func TestFluxHydrated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, w := objects(t, string(built)), objects(t, string(want)); !reflect.DeepEqual(got, w) {
+	if got, w := manifesttest.YAMLByID(t, built), manifesttest.YAMLByID(t, want); !reflect.DeepEqual(got, w) {
 		t.Errorf("Flux's plugin-less build of %s differs from the render", hydrated)
 	}
 }
