@@ -37,16 +37,20 @@ PIDS=$STATE/pids LOGS=$STATE/logs BIN=$STATE/bin PKI=$STATE/pki
 # The runtime of a running environment is the one it was started with (recorded by up); otherwise the
 # caller's choice. Its socket lies where it would on a real node, below a host root of our own: the agent's
 # socket detection (--host-root) and the DaemonSet's host mount then see the node's real layout.
-RUNTIME=${IMAGE_PREFETCHER_E2E_RUNTIME:-containerd}
-[ -f "$STATE/runtime" ] && [ "${1:-}" != up ] && RUNTIME=$(cat "$STATE/runtime")
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.2.1}
 CRIO_VERSION=${CRIO_VERSION:-v1.35.2}
 HOSTROOT=$STATE/host
-case $RUNTIME in
-  containerd | containerd-1.6) SOCK=$HOSTROOT/run/containerd/containerd.sock RUNTIME_PROC=containerd ;;
-  cri-o) SOCK=$HOSTROOT/run/crio/crio.sock RUNTIME_PROC=crio ;;
-  *) echo "IMAGE_PREFETCHER_E2E_RUNTIME=$RUNTIME: must be containerd (2.x), containerd-1.6 or cri-o" >&2; exit 2 ;;
-esac
+use_runtime() { # use_runtime <name>: RUNTIME, its process name and its socket
+  RUNTIME=$1
+  case $RUNTIME in
+    containerd | containerd-1.6) SOCK=$HOSTROOT/run/containerd/containerd.sock RUNTIME_PROC=containerd ;;
+    cri-o) SOCK=$HOSTROOT/run/crio/crio.sock RUNTIME_PROC=crio ;;
+    *) echo "IMAGE_PREFETCHER_E2E_RUNTIME=$RUNTIME: must be containerd (2.x), containerd-1.6 or cri-o" >&2; exit 2 ;;
+  esac
+}
+WANT_RUNTIME=${IMAGE_PREFETCHER_E2E_RUNTIME:-containerd}
+use_runtime "$WANT_RUNTIME"
+[ -f "$STATE/runtime" ] && use_runtime "$(cat "$STATE/runtime")"
 KUBECONFIG_ADMIN=$STATE/admin.kubeconfig
 ENV_FILE=$STATE/env.sh
 # Host paths that containerd 1.6, libcni and the kubelet create whatever their flags say. `up` records which
@@ -618,6 +622,7 @@ up() {
     [ ${#stale[@]} -gt 0 ] && log "stale environment from an earlier run (${stale[*]} still running): stopping it by its recorded PIDs"
     down quiet || die "could not clean up the earlier environment; see above"
   fi
+  use_runtime "$WANT_RUNTIME"
   local p busy
   for p in "${PORTS[@]}"; do
     busy=$(ss -Hltnp "sport = :$p" 2>/dev/null || true)
@@ -759,7 +764,7 @@ reusable() {
   local have n
   have=$(cat "$STATE/mode" 2>/dev/null)
   [ "$have" = full ] || [ "$have" = "$1" ] || return 1
-  [ "$(cat "$STATE/runtime" 2>/dev/null)" = "${IMAGE_PREFETCHER_E2E_RUNTIME:-containerd}" ] || return 1
+  [ "$RUNTIME" = "$WANT_RUNTIME" ] || return 1
   for n in registry registry-auth "$RUNTIME_PROC"; do alive $n || return 1; done
   if [ "$have" = full ]; then
     for n in etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do alive $n || return 1; done
