@@ -29,20 +29,6 @@ func ParsePolicy(s string) (Policy, error) {
 	return "", fmt.Errorf("pull policy %q: must be %s or %s", s, PolicyIfNotPresent, PolicyAlways)
 }
 
-// String, Set and Type make *Policy a pflag.Value.
-func (p *Policy) String() string { return string(*p) }
-
-func (p *Policy) Set(s string) error {
-	v, err := ParsePolicy(s)
-	if err != nil {
-		return err
-	}
-	*p = v
-	return nil
-}
-
-func (p *Policy) Type() string { return "policy" }
-
 // Config bounds the work of one pass. Field comments name the command-line
 // flag that sets each field; Validate's errors use those names.
 type Config struct {

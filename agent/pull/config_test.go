@@ -108,8 +108,4 @@ func TestParsePolicy(t *testing.T) {
 			t.Errorf("ParsePolicy(%q): no error", in)
 		}
 	}
-	var p Policy
-	if err := p.Set("always"); err != nil || p.String() != "Always" || p.Type() == "" {
-		t.Errorf("Set: %v, %q", err, p)
-	}
 }
