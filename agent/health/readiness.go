@@ -13,8 +13,10 @@ import (
 // counted, to keep the probe's answer short.
 const maxNamed = 3
 
-// Readiness holds whether every image of the current list is present, for
-// Server.Ready. It starts not ready. Safe for concurrent use.
+// Readiness holds whether the agent's node is in the state the contract
+// promises, for Server.Ready: every image of the current list is present AND
+// the node's label says so (it was written). It starts not ready. Safe for
+// concurrent use.
 type Readiness struct {
 	mu  sync.Mutex
 	err error
@@ -33,14 +35,21 @@ func (r *Readiness) Check() error {
 
 // SetResults makes readiness follow a finished pass: ready only when no image
 // of the list failed.
-func (r *Readiness) SetResults(results []pull.Result) {
+func (r *Readiness) SetResults(results []pull.Result) { r.SetOutcome(results, nil) }
+
+// SetOutcome makes readiness follow a finished pass: ready only when no image
+// of the list failed and the outcome was recorded on the node (labelErr nil;
+// the label write's error otherwise). A node whose label could not be written
+// is not ready even with every image present: workloads schedule on the
+// label, so a rollout must not look complete while the node does not say so.
+func (r *Readiness) SetOutcome(results []pull.Result, labelErr error) {
 	var missing []string
 	for _, res := range results {
 		if res.Outcome == pull.OutcomeFailed {
 			missing = append(missing, res.Image)
 		}
 	}
-	var err error
+	var errs []error
 	if len(missing) > 0 {
 		named := missing
 		if len(named) > maxNamed {
@@ -50,11 +59,14 @@ func (r *Readiness) SetResults(results []pull.Result) {
 		if len(missing) > maxNamed {
 			msg += fmt.Sprintf(" and %d more", len(missing)-maxNamed)
 		}
-		err = errors.New(msg)
+		errs = append(errs, errors.New(msg))
+	}
+	if labelErr != nil {
+		errs = append(errs, fmt.Errorf("node label not written (retried within seconds): %w", labelErr))
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.err, r.set = err, true
+	r.err, r.set = errors.Join(errs...), true
 }
 
 // SetNotReady marks the agent not ready, for example when a new list starts

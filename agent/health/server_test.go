@@ -2,6 +2,7 @@ package health
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -222,5 +223,25 @@ func TestReadiness(t *testing.T) {
 	r.SetNotReady("new list started")
 	if err := r.Check(); err == nil || err.Error() != "new list started" {
 		t.Errorf("Check = %v", err)
+	}
+}
+
+// Ready means the list is whole AND the node's label says so: every image
+// present but the label write failed is not ready.
+func TestReadinessNeedsTheLabelWritten(t *testing.T) {
+	var r Readiness
+	all := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}, {Image: "b", Outcome: pull.OutcomePulled}}
+	r.SetOutcome(all, errors.New("node node-1: label: connection refused"))
+	err := r.Check()
+	if err == nil || !strings.Contains(err.Error(), "node label not written") || !strings.Contains(err.Error(), "connection refused") {
+		t.Errorf("Check = %v, want not ready naming the label write", err)
+	}
+	r.SetOutcome(append(all, pull.Result{Image: "c", Outcome: pull.OutcomeFailed}), errors.New("refused"))
+	if err := r.Check(); err == nil || !strings.Contains(err.Error(), "1 of 3 images missing: c") || !strings.Contains(err.Error(), "label") {
+		t.Errorf("Check = %v, want both reasons", err)
+	}
+	r.SetOutcome(all, nil)
+	if err := r.Check(); err != nil {
+		t.Errorf("whole list, label written: %v", err)
 	}
 }
