@@ -27,10 +27,36 @@ import (
 
 // Exit codes of the commands.
 const (
-	ExitOK     = 0
-	ExitFailed = 1 // some image is not present, or the pass could not run
-	ExitUsage  = 2
+	ExitOK = 0
+	// ExitFailed: some image is not present, the pass could not run (no CRI
+	// runtime, unreadable list), or it was interrupted.
+	ExitFailed = 1
+	// ExitUsage: bad flags or arguments, nothing else.
+	ExitUsage = 2
+	// ExitNotRecorded: the command was asked to label (--label, the default)
+	// and the node could not be written: the label write (label and list
+	// annotation, one patch) failed within --label-write-timeout, or no
+	// Kubernetes client could be set up (kubeconfig missing or invalid, not
+	// in a cluster). The node's label then does not say what the pass found,
+	// so this code wins over ExitFailed.
+	ExitNotRecorded = 3
 )
+
+// defaultRetryAfter is the first delay of `run` after a pass that failed or
+// could not write its outcome; it doubles up to --recheck-interval.
+const defaultRetryAfter = 5 * time.Second
+
+// labelRetryCap bounds the delay between passes while the node's label is
+// not written: the outcome is known and workloads wait on the label, and a
+// retry of a node that holds the list costs one read and one patch.
+const labelRetryCap = 30 * time.Second
+
+// clientError is a failure to set up the Kubernetes client: not a usage
+// error, but a node that cannot be written (ExitNotRecorded).
+type clientError struct{ err error }
+
+func (e *clientError) Error() string { return e.err.Error() }
+func (e *clientError) Unwrap() error { return e.err }
 
 // errShutdown is the cancellation cause when SIGTERM or SIGINT arrives.
 var errShutdown = errors.New("shutdown requested")
@@ -40,7 +66,8 @@ the Node image-prefetcher.stackrox.io/<instance>=succeeded|failed.
 
 Usage:
   image-prefetcher run   [flags]   serve /healthz /readyz /metrics, pass now and every --recheck-interval
-  image-prefetcher fetch [flags]   one pass; exit 0 only if every image is present
+  image-prefetcher fetch [flags]   one pass; exit 0 only if every image is present and the node says so
+                                   (1 images missing, 2 bad flags, 3 node label not written)
   image-prefetcher collect [flags] the results collector (alias aggregate-metrics; see docs/collector.md)
   image-prefetcher version
 
@@ -108,6 +135,10 @@ func command(ctx context.Context, name string, args []string, stdout, stderr io.
 	p, err := newPrefetcher(opts, server, stderr, nil)
 	if err != nil {
 		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		var ce *clientError
+		if errors.As(err, &ce) {
+			return ExitNotRecorded
+		}
 		return ExitUsage
 	}
 	defer p.close()
@@ -123,20 +154,48 @@ func command(ctx context.Context, name string, args []string, stdout, stderr io.
 		return p.serve(ctx)
 	}
 	rep, err := p.pass(ctx)
+	return p.fetchExit(rep, err)
+}
+
+// maxMissingLogged bounds the summary lines of a failed fetch.
+const maxMissingLogged = 20
+
+// fetchExit logs the end of a fetch and returns its exit code.
+func (p *prefetcher) fetchExit(rep passReport, err error) int {
+	code := ExitOK
 	switch {
 	case err != nil:
 		p.log.Error("fetch failed", "error", err.Error())
-		return ExitFailed
+		code = ExitFailed
 	case rep.Canceled:
 		p.log.Error("fetch interrupted before the list was complete")
-		return ExitFailed
+		code = ExitFailed
 	case rep.State != nodelabel.Succeeded:
+		logged, badLines := 0, 0
 		for _, f := range rep.Failed() {
-			p.log.Error("missing image", "image", f.Image, "reason", string(f.Reason))
+			if f.Reason == pull.ReasonInvalidReference && f.Line > 0 {
+				badLines++ // logged once already, when the list was read
+				continue
+			}
+			if logged++; logged <= maxMissingLogged {
+				p.log.Error("missing image", "image", f.Image, "reason", string(f.Reason))
+			}
 		}
-		return ExitFailed
+		if logged > maxMissingLogged {
+			p.log.Error("more missing images, not logged", "count", logged-maxMissingLogged)
+		}
+		if badLines > 0 {
+			p.log.Error("the list has bad lines (logged above)", "badLines", badLines)
+		}
+		code = ExitFailed
 	}
-	return ExitOK
+	if rep.LabelErr != nil {
+		p.log.Error("fetch could not write the node label: the node does not say what this pass found",
+			"label", nodelabel.Key(p.opts.Instance), "state", string(rep.State), "exitCode", ExitNotRecorded,
+			"error", rep.LabelErr.Error())
+		code = ExitNotRecorded
+	}
+	return code
 }
 
 // newPrefetcher checks the options and builds the pass machinery. client is
@@ -169,15 +228,14 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 		return nil, err
 	}
 	p := &prefetcher{
-		opts:      opts,
-		cfg:       cfg,
-		metrics:   metrics.New(),
-		readiness: &health.Readiness{},
+		opts:       opts,
+		cfg:        cfg,
+		metrics:    metrics.New(),
+		readiness:  &health.Readiness{},
+		retryAfter: defaultRetryAfter,
+		server:     server,
 	}
 	if opts.Label {
-		if err := nodelabel.ValidateInstance(opts.Instance); err != nil {
-			return nil, fmt.Errorf("--instance: %w", err)
-		}
 		if client == nil {
 			if client, err = kubeClient(opts.Kubeconfig); err != nil {
 				return nil, err
@@ -215,16 +273,21 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 		cfg, err = rest.InClusterConfig()
 	}
 	if err != nil {
-		return nil, fmt.Errorf("kubernetes client config (--kubeconfig=%q; use --label=false to pull without labelling): %w", kubeconfig, err)
+		return nil, &clientError{fmt.Errorf("kubernetes client config (--kubeconfig=%q; use --label=false to pull without labelling): %w", kubeconfig, err)}
 	}
 	cfg.UserAgent = "image-prefetcher/" + Version
-	return kubernetes.NewForConfig(cfg)
+	c, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, &clientError{fmt.Errorf("kubernetes client (--kubeconfig=%q): %w", kubeconfig, err)}
+	}
+	return c, nil
 }
 
 // serve is the `run` command: the HTTP endpoints plus a pass now and after
-// every --recheck-interval. A failed pass is retried sooner, with a growing
-// delay capped by the interval, so a runtime that was restarting or a
-// registry that was briefly down do not cost a whole interval.
+// every --recheck-interval. A pass that failed, or whose outcome could not be
+// written on the node, is retried sooner, from a few seconds on and doubling
+// (see nextWait), so a runtime that was restarting, a registry or an API
+// server that was briefly down do not cost a whole interval.
 func (p *prefetcher) serve(ctx context.Context) int {
 	g, ctx := errgroup.WithContext(ctx)
 	if p.opts.ListenAddress != "" {
@@ -232,18 +295,17 @@ func (p *prefetcher) serve(ctx context.Context) int {
 		g.Go(func() error { return srv.Run(ctx, p.opts.ListenAddress) })
 	}
 	g.Go(func() error {
-		retry := 10 * time.Second
+		retry := p.retryAfter
 		for {
 			rep, err := p.pass(ctx)
-			wait := p.opts.RecheckInterval
-			if err != nil || rep.State == nodelabel.Failed {
-				wait = min(retry, wait)
-				retry = min(2*retry, p.opts.RecheckInterval)
-			} else {
-				retry = 10 * time.Second
-			}
-			if rep.Canceled {
+			if rep.Canceled || ctx.Err() != nil {
 				return nil
+			}
+			var wait time.Duration
+			wait, retry = p.nextWait(rep, err, retry)
+			if wait < p.opts.RecheckInterval {
+				p.log.Info("next pass soon", "in", wait.Round(time.Millisecond), "labelWritten", rep.LabelErr == nil,
+					"state", string(rep.State))
 			}
 			t := time.NewTimer(wait)
 			select {
@@ -261,4 +323,23 @@ func (p *prefetcher) serve(ctx context.Context) int {
 	}
 	p.log.Info("agent stopped")
 	return ExitOK
+}
+
+// nextWait returns how long to wait before the next pass, and the retry delay
+// after that one. A pass that failed (an image missing, no runtime) is retried
+// after retry, doubling up to the interval. A node whose label was not written
+// is retried on the same growing schedule but never more than labelRetryCap
+// apart: the outcome is known, only the write is missing, and it is what
+// workloads schedule on. A pass with everything recorded waits the interval.
+func (p *prefetcher) nextWait(rep passReport, err error, retry time.Duration) (wait, next time.Duration) {
+	interval := p.opts.RecheckInterval
+	grow := min(2*retry, interval)
+	switch {
+	case rep.LabelErr != nil:
+		return min(retry, labelRetryCap, interval), grow
+	case err != nil || rep.State == nodelabel.Failed:
+		return min(retry, interval), grow
+	default:
+		return interval, p.retryAfter
+	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
@@ -106,7 +107,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.IntVar(&o.MaxHedges, "max-hedges", o.MaxHedges, "Extra PullImage calls per attempt, --hedge-after apart.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
-	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of the node label write, separate from the pass's.")
+	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of each node label write (and of the events), separate from the pass's: transient API errors (server down, 5xx, 429, conflicts) are retried until it is spent.")
 	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "debug, info, warn or error.")
 	o.PullSlotOptions.addFlags(fs)
@@ -121,6 +122,14 @@ func (o *Options) validate(withServer bool) error {
 	var errs []error
 	if o.Label && o.NodeName == "" {
 		errs = append(errs, errors.New("--node-name is empty and $NODE_NAME is unset"))
+	}
+	// The instance also names the pull slot Leases and the collector's
+	// results, so a bad name is a usage error with --label=false too; only an
+	// unset one is allowed there.
+	if o.Label || o.Instance != "" {
+		if err := nodelabel.ValidateInstance(o.Instance); err != nil {
+			errs = append(errs, fmt.Errorf("--instance: %w", err))
+		}
 	}
 	if o.ImageList == "" {
 		errs = append(errs, errors.New("--image-list-file is empty"))

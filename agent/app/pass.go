@@ -2,8 +2,10 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -20,12 +22,16 @@ import (
 // labelWriter and eventReporter are what a pass needs of agent/nodelabel;
 // both are nil when --label=false.
 type labelWriter interface {
+	// Begin: a pass starts for the list; Withdraw: likewise, and an image of
+	// it is known to be missing, so `succeeded` must go until it is back.
 	Begin(ctx context.Context, listDigest string) error
-	Set(ctx context.Context, listDigest string, state nodelabel.State) error
+	Withdraw(ctx context.Context, listDigest string) error
+	// Set records the outcome; wrote says whether the node changed.
+	Set(ctx context.Context, listDigest string, state nodelabel.State) (wrote bool, err error)
 }
 
 type eventReporter interface {
-	Report(ctx context.Context, listDigest string, results []pull.Result) error
+	Report(ctx context.Context, o nodelabel.Outcome) error
 }
 
 // prefetcher runs passes: read the list, pull what is missing, then record
@@ -47,6 +53,14 @@ type prefetcher struct {
 
 	// client is the CRI connection, dialled lazily and kept across passes.
 	client *cri.Client
+	// lastDigest is the list the previous pass was for: readiness goes to
+	// not ready as soon as another list starts.
+	lastDigest string
+	// retryAfter is the first delay after a pass that failed or could not
+	// write its outcome; it doubles up to the recheck interval.
+	retryAfter time.Duration
+	// server: the `run` command, whose readiness follows what the node holds.
+	server bool
 }
 
 // pullGate is a cluster-wide bound on pulling nodes: Acquire blocks until
@@ -55,12 +69,23 @@ type pullGate interface {
 	Acquire(ctx context.Context) (release func(), err error)
 }
 
-// passReport is the outcome of one pass.
+// passReport is the outcome of one pass: what the node holds, and whether
+// the node says so.
 type passReport struct {
-	Digest   string
-	Results  []pull.Result
-	State    nodelabel.State
-	Canceled bool // stopped by shutdown: nothing was recorded on the node
+	// Digest is the list's digest, or nodelabel.UnreadableList when the list
+	// file could not be read.
+	Digest  string
+	Results []pull.Result
+	State   nodelabel.State
+	// Missing counts the images of the list found absent before pulling (a
+	// new list, or a hole left by image GC): the label was withdrawn for them.
+	Missing int
+	// Canceled: stopped by shutdown; the outcome was not recorded on the node
+	// (a label withdrawn at the start stays withdrawn).
+	Canceled bool
+	// LabelErr is the error of the write that records State on the node; nil
+	// when it was written (or the node already said so), or with --label=false.
+	LabelErr error
 }
 
 // Failed lists the results that are not present on the node.
@@ -74,36 +99,42 @@ func (r passReport) Failed() []pull.Result {
 	return out
 }
 
-// pass runs one pass. It returns an error only when the pass could not run at
-// all (unreadable list, no CRI runtime); the node is then labelled failed.
+// maxBadLinesLogged bounds how many malformed list lines one pass logs in
+// full (each at most imagelist.MaxShown bytes); the rest are counted.
+const maxBadLinesLogged = 20
+
+// pass runs one pass: read the list, learn which images are missing, make
+// the node stop claiming a list it does not hold (new list, or a hole), pull,
+// then record the outcome (label, events, metrics, readiness). It returns an
+// error only when the pass could not run at all (unreadable list, no CRI
+// runtime); the node is then labelled failed too.
 func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	start := time.Now()
 	list, err := p.readList()
 	if err != nil {
-		p.readiness.SetNotReady(err.Error())
-		return passReport{}, err
+		return p.listUnreadable(ctx, err), err
 	}
 	rep := passReport{Digest: list.Digest}
-	for _, le := range list.Errors {
-		p.log.Error("bad image list line", "file", le.Source, "line", le.Line, "text", le.Text, "error", le.Err.Error())
-	}
-	if p.labels != nil {
-		if err := p.labels.Begin(ctx, list.Digest); err != nil {
-			// Not fatal: the pass can still pull; the final Set retries the write.
-			p.log.Error("clear stale node label", "error", err.Error())
-		}
+	p.logLineErrors(list)
+	if list.Digest != p.lastDigest {
+		p.readiness.SetNotReady("pass of list " + shortDigest(list.Digest) + " in progress")
+		p.lastDigest = list.Digest
 	}
 
-	results, err := p.pull(ctx, list)
+	pres := p.presence(ctx, list)
+	rep.Missing = len(pres.missing)
+	p.startOnNode(ctx, list, pres)
+
+	results, problems, err := p.pull(ctx, list, pres)
 	if err != nil {
 		p.log.Error("pass could not pull", "error", err.Error())
 	}
 	rep.Results = append(lineErrorResults(list), results...)
 	if ctx.Err() != nil {
 		// Only a shutdown cancels this context (the pass deadline lives
-		// inside the engine). A shutdown interrupted the pass: its outcome says nothing about the
-		// list, so the node keeps what it had (Begin already cleared a label
-		// of another list).
+		// inside the engine). Its outcome says nothing about the list, so
+		// nothing more is written: a label removed for a new list or a hole
+		// at the start stays removed, and the next start decides again.
 		rep.Canceled = true
 		p.readiness.SetNotReady("shutting down")
 		return rep, nil
@@ -113,46 +144,142 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	if err != nil || len(rep.Failed()) > 0 {
 		rep.State = nodelabel.Failed
 	}
-	p.readiness.SetResults(rep.Results)
+	p.metrics.PassFinished(rep.Results, time.Since(start))
+	if err != nil && len(rep.Results) == 0 {
+		// An empty list that could not even start still deserves an event.
+		problems = append(problems, nodelabel.Problem{Reason: nodelabel.EventReasonFailed, Key: "pass\x00" + err.Error(),
+			Message: "pass could not run: " + err.Error()})
+	}
+	p.record(ctx, &rep, problems)
+	p.readiness.SetOutcome(rep.Results, rep.LabelErr)
 	if err != nil {
 		p.readiness.SetNotReady(err.Error())
 	}
-	p.metrics.PassFinished(rep.Results, time.Since(start))
-	p.record(ctx, rep, err)
-	p.log.Info("pass finished", "state", string(rep.State), "images", len(rep.Results),
-		"failed", len(rep.Failed()), "duration", time.Since(start).Round(time.Millisecond), "listDigest", rep.Digest)
+	attrs := []any{"state", string(rep.State), "images", len(rep.Results), "failed", len(rep.Failed()),
+		"duration", time.Since(start).Round(time.Millisecond), "listDigest", rep.Digest}
+	if p.labels != nil {
+		attrs = append(attrs, "labelWritten", rep.LabelErr == nil)
+	}
+	p.log.Info("pass finished", attrs...)
 	return rep, err
+}
+
+// listUnreadable records a list file that cannot be read (missing, a
+// directory in its place, no permission): the node is labelled failed, with
+// the list annotation saying the list was unreadable (so the label cannot be
+// taken for an outcome of the previous list), and a Node Event names the path.
+func (p *prefetcher) listUnreadable(ctx context.Context, err error) passReport {
+	rep := passReport{Digest: nodelabel.UnreadableList, State: nodelabel.Failed}
+	p.log.Error("image list unreadable: the node is labelled failed", "file", p.opts.ImageList, "error", err.Error())
+	p.lastDigest = rep.Digest
+	problem := nodelabel.Problem{
+		Reason:  nodelabel.EventReasonFailed,
+		Key:     "list\x00" + err.Error(),
+		Message: fmt.Sprintf("image list %s cannot be read (node labelled failed): %v", p.opts.ImageList, err),
+	}
+	p.record(ctx, &rep, []nodelabel.Problem{problem})
+	p.readiness.SetNotReady(err.Error())
+	if p.labels != nil {
+		p.log.Info("pass finished", "state", string(rep.State), "listDigest", rep.Digest, "labelWritten", rep.LabelErr == nil)
+	}
+	return rep
+}
+
+// logLineErrors logs the malformed lines of the list, each once and cut to
+// imagelist.MaxShown bytes, and at most maxBadLinesLogged of them per pass.
+func (p *prefetcher) logLineErrors(list *imagelist.List) {
+	for i := range list.Errors {
+		le := &list.Errors[i]
+		if i == maxBadLinesLogged {
+			p.log.Error("more bad image list lines, not logged", "file", le.Source, "count", len(list.Errors)-i,
+				"badLines", len(list.Errors))
+			return
+		}
+		p.log.Error("bad image list line", "file", le.Source, "line", le.Line, "text", le.ShortText(),
+			"error", imagelist.Shorten(le.Err.Error()))
+	}
 }
 
 // readList reads the list file every pass: a mounted ConfigMap may change in
 // place.
 func (p *prefetcher) readList() (*imagelist.List, error) {
-	l, err := imagelist.ParseFile(p.opts.ImageList)
-	if err != nil {
-		return nil, fmt.Errorf("read image list: %w", err)
-	}
-	return l, nil
+	return imagelist.ParseFile(p.opts.ImageList)
 }
 
-// pull connects to the runtime (once) and runs the engine over the list.
-func (p *prefetcher) pull(ctx context.Context, list *imagelist.List) ([]pull.Result, error) {
+// presence is what the node held when the pass started.
+type presence struct {
+	// known: the runtime answered for every image; missing is then exact.
+	known   bool
+	missing []imagelist.Entry
+	// err: the runtime could not be reached (dial) or asked (ImageStatus).
+	err error
+}
+
+// presence connects to the runtime (once) and, when the answer matters
+// (labels, readiness or the cluster-wide gate), asks it which images of the
+// list are missing before anything is pulled.
+func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presence {
 	if p.client == nil {
 		c, err := p.dial(ctx)
 		if err != nil {
-			return failAll(list.Entries, pull.ReasonUnavailable, err), err
+			return presence{err: err}
 		}
 		p.client = c
 	}
+	if p.labels == nil && p.gate == nil && !p.server {
+		return presence{}
+	}
+	missing, err := p.missing(ctx, list.Entries)
+	if err != nil {
+		return presence{err: err}
+	}
+	return presence{known: true, missing: missing}
+}
+
+// startOnNode makes the node stop claiming what it does not hold before any
+// pull starts: a label of another list is removed (Begin), and when an image
+// of this list is known to be missing, `succeeded` is withdrawn too, so that
+// the re-pull (and a shutdown in its middle) never runs under `succeeded`.
+// Both write only on change: a steady state costs nothing here.
+func (p *prefetcher) startOnNode(ctx context.Context, list *imagelist.List, pres presence) {
+	if pres.known && len(pres.missing) > 0 {
+		named := make([]string, 0, min(len(pres.missing), 3))
+		for _, e := range pres.missing[:min(len(pres.missing), 3)] {
+			named = append(named, e.Ref)
+		}
+		p.readiness.SetNotReady(fmt.Sprintf("%d of %d images missing, pulling them: %s",
+			len(pres.missing), len(list.Entries), strings.Join(named, ", ")))
+		if p.labels == nil {
+			return
+		}
+		p.log.Info("images of the list missing: the label does not say succeeded until they are back",
+			"missing", len(pres.missing), "images", len(list.Entries), "first", named[0])
+		if err := p.labels.Withdraw(ctx, list.Digest); err != nil {
+			// Not fatal: the pass still pulls; the final Set retries the write.
+			p.log.Error("withdraw node label", "error", err.Error())
+			return
+		}
+		p.metrics.SetLabelState("")
+		return
+	}
+	if p.labels == nil {
+		return
+	}
+	if err := p.labels.Begin(ctx, list.Digest); err != nil {
+		p.log.Error("clear stale node label", "error", err.Error())
+	}
+}
+
+// pull runs the engine over the list. It also returns the problems with the
+// agent's credential files, which never stop a pull.
+func (p *prefetcher) pull(ctx context.Context, list *imagelist.List, pres presence) ([]pull.Result, []nodelabel.Problem, error) {
+	if p.client == nil {
+		return failAll(list.Entries, pull.ReasonUnavailable, pres.err), nil, pres.err
+	}
 	// The keyring is built every pass so that rotated pull secrets (mounted
 	// Secrets are updated in place) are used without a restart.
-	keyring, err := credentials.NewKeyring(p.opts.DockerConfigs, p.opts.CredProviderConfig, p.opts.CredProviderBinDir)
-	if err != nil {
-		err = fmt.Errorf("load credentials: %w", err)
-		return failAll(list.Entries, pull.ReasonInvalidConfig, err), err
-	}
-	for _, w := range keyring.Warnings() {
-		p.log.Warn("credentials", "warning", w.Error())
-	}
+	keyring := credentials.NewKeyring(p.opts.DockerConfigs, p.opts.CredProviderConfig, p.opts.CredProviderBinDir)
+	problems := p.credentialProblems(keyring)
 	engine := &pull.Engine{
 		Images:   p.client.Images,
 		Creds:    keyring,
@@ -160,24 +287,51 @@ func (p *prefetcher) pull(ctx context.Context, list *imagelist.List) ([]pull.Res
 		Config:   p.cfg,
 	}
 	if p.gate != nil && p.cfg.Policy != pull.PolicyAlways {
-		missing, err := p.missing(ctx, list.Entries)
-		if err != nil {
-			return failAll(list.Entries, pull.ReasonUnavailable, err), err
+		if pres.err != nil {
+			return failAll(list.Entries, pull.ReasonUnavailable, pres.err), problems, pres.err
 		}
-		if len(missing) == 0 {
+		if len(pres.missing) == 0 {
 			// Everything is present: no slot needed, the engine only confirms.
-			return engine.Run(ctx, list.Entries), nil
+			return engine.Run(ctx, list.Entries), problems, nil
 		}
 	}
 	if p.gate != nil {
 		release, err := p.gate.Acquire(ctx)
 		if err != nil {
 			err = fmt.Errorf("wait for a cluster-wide pull slot: %w", err)
-			return failAll(list.Entries, pull.ReasonUnavailable, err), err
+			return failAll(list.Entries, pull.ReasonUnavailable, err), problems, err
 		}
 		defer release()
 	}
-	return engine.Run(ctx, list.Entries), nil
+	return engine.Run(ctx, list.Entries), problems, nil
+}
+
+// credentialProblems logs what could not be used of the credential files and
+// turns it into Node Event problems: whole files left out, and entries left
+// out of files that loaded. Messages name the file (and key), never a secret.
+func (p *prefetcher) credentialProblems(k *credentials.Keyring) []nodelabel.Problem {
+	var out []nodelabel.Problem
+	for _, err := range k.Problems() {
+		p.log.Error("credential file skipped: pulls go on without it (anonymous where no other credential matches)",
+			"error", err.Error())
+		out = append(out, nodelabel.Problem{
+			Reason:  nodelabel.EventReasonCredentialFileSkipped,
+			Key:     "credentials\x00" + err.Error(),
+			Message: "credential file skipped, pulls go on without it: " + err.Error(),
+		})
+	}
+	for _, w := range k.Warnings() {
+		p.log.Warn("credentials", "warning", w.Error())
+		var ee *credentials.EntryError
+		if errors.As(w, &ee) {
+			out = append(out, nodelabel.Problem{
+				Reason:  nodelabel.EventReasonCredentialFileSkipped,
+				Key:     "credentials\x00" + w.Error(),
+				Message: "credential entry skipped: " + w.Error(),
+			})
+		}
+	}
+	return out
 }
 
 // missing returns the entries the runtime does not hold, with one
@@ -216,22 +370,27 @@ func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {
 
 // record writes the pass's outcome to the node: label first (what workloads
 // schedule on), then events. Both use their own time budgets, so an expired
-// pass deadline does not stop `failed` from being written.
-func (p *prefetcher) record(ctx context.Context, rep passReport, passErr error) {
+// pass deadline does not stop `failed` from being written. The label write's
+// error is kept in rep: `fetch` exits ExitNotRecorded for it, `run` retries it
+// within seconds and stays not ready meanwhile.
+func (p *prefetcher) record(ctx context.Context, rep *passReport, problems []nodelabel.Problem) {
 	if p.labels == nil {
 		return
 	}
-	if err := p.labels.Set(ctx, rep.Digest, rep.State); err != nil {
+	wrote, err := p.labels.Set(ctx, rep.Digest, rep.State)
+	if err != nil {
+		rep.LabelErr = err
 		p.log.Error("write node label", "state", string(rep.State), "error", err.Error())
 	} else {
 		p.metrics.SetLabelState(string(rep.State))
+		if wrote {
+			p.log.Info("node label written", "label", nodelabel.Key(p.opts.Instance), "value", string(rep.State))
+		}
 	}
-	results := rep.Results
-	if passErr != nil && len(results) == 0 {
-		// An empty list that could not even start still deserves an event.
-		results = []pull.Result{{Image: "(list)", Outcome: pull.OutcomeFailed, Reason: pull.ReasonUnavailable, Err: passErr}}
-	}
-	if err := p.events.Report(ctx, rep.Digest, results); err != nil {
+	// The success event follows the label's change, not the pass: a node that
+	// already said succeeded for this list (steady state, warm fetch) gets none.
+	o := nodelabel.Outcome{Digest: rep.Digest, Results: rep.Results, Problems: problems, LabelChanged: wrote}
+	if err := p.events.Report(ctx, o); err != nil {
 		p.log.Error("record node events", "error", err.Error())
 	}
 }
@@ -244,7 +403,8 @@ func lineErrorResults(list *imagelist.List) []pull.Result {
 	for i := range list.Errors {
 		le := list.Errors[i]
 		out = append(out, pull.Result{
-			Image:   le.Text,
+			// Cut: a garbage line must not flood events, readiness or logs.
+			Image:   le.ShortText(),
 			Line:    le.Line,
 			Outcome: pull.OutcomeFailed,
 			Reason:  pull.ReasonInvalidReference,
@@ -266,4 +426,11 @@ func (p *prefetcher) close() {
 	if p.client != nil {
 		p.client.Close()
 	}
+}
+
+func shortDigest(d string) string {
+	if len(d) > 12 {
+		return d[:12]
+	}
+	return d
 }

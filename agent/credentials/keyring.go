@@ -3,6 +3,7 @@ package credentials
 import (
 	"context"
 	"errors"
+	"strings"
 )
 
 // Keyring is the agent's Provider: kubelet credential provider plugins first
@@ -13,20 +14,46 @@ type Keyring struct {
 	configs  []*DockerConfig
 	plugins  *PluginProvider
 	warnings []error
+	problems []error
 }
 
 var _ Provider = (*Keyring)(nil)
 
+// FileError is a credential file that could not be used at all: missing,
+// unreadable, not a docker config, or a credential provider config that does
+// not load. Its message names the file and what is wrong, never a secret.
+type FileError struct {
+	File string
+	Err  error
+}
+
+func (e *FileError) Error() string {
+	msg := e.Err.Error()
+	if !strings.Contains(msg, e.File) {
+		msg = e.File + ": " + msg
+	}
+	return msg
+}
+
+func (e *FileError) Unwrap() error { return e.Err }
+
 // NewKeyring loads the docker config files (pull secrets) and, when
 // pluginConfigPath is set, the kubelet credential provider config whose plugin
-// binaries live in pluginBinDir. A file that cannot be read or parsed at all is
-// an error; bad entries inside a file are skipped and reported by Warnings.
-func NewKeyring(dockerConfigPaths []string, pluginConfigPath, pluginBinDir string, opts ...Option) (*Keyring, error) {
+// binaries live in pluginBinDir.
+//
+// No file can stop the keyring from being built: a file that cannot be used
+// at all is left out and reported by Problems (as a *FileError), bad entries
+// inside a file are left out and reported by Warnings, and everything that
+// does load is used. A pull then goes on with the credentials that loaded,
+// anonymous where none match, as the kubelet pulls when a pull secret is
+// missing: one broken secret must not block images that need no credential.
+func NewKeyring(dockerConfigPaths []string, pluginConfigPath, pluginBinDir string, opts ...Option) *Keyring {
 	k := &Keyring{}
 	for _, path := range dockerConfigPaths {
 		c, err := LoadDockerConfig(path)
 		if err != nil {
-			return nil, err
+			k.problems = append(k.problems, &FileError{File: path, Err: err})
+			continue
 		}
 		k.configs = append(k.configs, c)
 		k.warnings = append(k.warnings, c.Warnings...)
@@ -34,16 +61,22 @@ func NewKeyring(dockerConfigPaths []string, pluginConfigPath, pluginBinDir strin
 	if pluginConfigPath != "" {
 		pp, err := NewPluginProvider(pluginConfigPath, pluginBinDir, opts...)
 		if err != nil {
-			return nil, err
+			k.problems = append(k.problems, &FileError{File: pluginConfigPath, Err: err})
+		} else {
+			k.plugins = pp
+			k.warnings = append(k.warnings, pp.Warnings()...)
 		}
-		k.plugins = pp
-		k.warnings = append(k.warnings, pp.Warnings()...)
 	}
-	return k, nil
+	return k
 }
 
-// Warnings lists what was skipped while loading (bad docker config entries,
-// unsupported plugins). None of them holds a secret.
+// Problems lists the files that could not be used at all (each a
+// *FileError). None of them holds a secret.
+func (k *Keyring) Problems() []error { return k.problems }
+
+// Warnings lists what was skipped inside files that loaded (bad docker config
+// entries, each an *EntryError; unsupported plugins; ignored credential
+// helpers). None of them holds a secret.
 func (k *Keyring) Warnings() []error { return k.warnings }
 
 // Lookup returns the credentials to try for image, in order; none means

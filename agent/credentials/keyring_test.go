@@ -2,7 +2,9 @@ package credentials
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -36,9 +38,9 @@ func TestKeyringDockerConfigOrder(t *testing.T) {
 		"127.0.0.1:5001": {"username":"a-host","password":"1"},
 		"index.docker.io": {"username":"c-hub","password":"11"}
 	}}`)
-	k, err := NewKeyring([]string{a, b, c}, "", "")
-	if err != nil {
-		t.Fatal(err)
+	k := NewKeyring([]string{a, b, c}, "", "")
+	if p := k.Problems(); len(p) != 0 {
+		t.Fatal(p)
 	}
 	src := func(file, key string) string { return fmt.Sprintf("dockerconfig %s[%q]", file, key) }
 	tests := []struct {
@@ -91,15 +93,46 @@ func TestKeyringDockerConfigOrder(t *testing.T) {
 func TestNewKeyringErrors(t *testing.T) {
 	dir := t.TempDir()
 	good := writeFile(t, dir, "good", `{"auths":{"a.io":{"auth":"`+b64("u:p")+`"},"b.io":{"auth":"*"}}}`)
-	bad := writeFile(t, dir, "bad", `{"auths":[]}`)
-	if _, err := NewKeyring([]string{good, bad}, "", ""); err == nil || !strings.Contains(err.Error(), bad) {
-		t.Errorf("error %v does not name %s", err, bad)
-	}
-	k, err := NewKeyring([]string{good}, "", "")
-	if err != nil {
-		t.Fatal(err)
+	k := NewKeyring([]string{good}, "", "")
+	if p := k.Problems(); len(p) != 0 {
+		t.Fatal(p)
 	}
 	if w := k.Warnings(); len(w) != 1 || !strings.Contains(w[0].Error(), good+`: auths["b.io"].auth`) {
 		t.Errorf("warnings = %q", w)
+	}
+}
+
+// One broken or missing file is reported and left out; the other files are
+// still used, and an image no loaded credential matches is pulled anonymously.
+func TestKeyringSkipsBrokenFiles(t *testing.T) {
+	dir := t.TempDir()
+	const secret = "s3cr3t-in-broken-file"
+	good := writeFile(t, dir, "good/.dockerconfigjson", `{"auths":{"private.example.com":{"username":"u","password":"p"}}}`)
+	broken := writeFile(t, dir, "broken/.dockerconfigjson", `{"auths":{"public.example.com":{"password":"`+secret+`"`)
+	wrongShape := writeFile(t, dir, "shape/.dockerconfigjson", `{"auths":[]}`)
+	missing := filepath.Join(dir, "missing/.dockerconfigjson")
+	badPlugins := writeFile(t, dir, "providers.yaml", "kind: Nonsense\n")
+
+	k := NewKeyring([]string{broken, missing, good, wrongShape}, badPlugins, dir)
+	problems := k.Problems()
+	if len(problems) != 4 {
+		t.Fatalf("problems = %q, want one per unusable file (4)", problems)
+	}
+	for i, file := range []string{broken, missing, wrongShape, badPlugins} {
+		var fe *FileError
+		if !errors.As(problems[i], &fe) || fe.File != file || !strings.Contains(problems[i].Error(), file) {
+			t.Errorf("problem %d = %v, want a FileError naming %s", i, problems[i], file)
+		}
+		if strings.Contains(problems[i].Error(), secret) {
+			t.Errorf("problem %d quotes a secret: %v", i, problems[i])
+		}
+	}
+	creds, err := k.Lookup(context.Background(), "private.example.com/app:1")
+	if err != nil || len(creds) != 1 || creds[0].Auth.Username != "u" {
+		t.Errorf("the good file is not used: %v, %v", sources(creds), err)
+	}
+	creds, err = k.Lookup(context.Background(), "public.example.com/app:1")
+	if err != nil || len(creds) != 0 {
+		t.Errorf("public image: %v, %v; want anonymous", sources(creds), err)
 	}
 }

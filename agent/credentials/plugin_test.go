@@ -401,9 +401,9 @@ func TestKeyringPluginsFirst(t *testing.T) {
 		providerYAML("broken", `"127.0.0.1:5001"`, "1m", map[string]string{"PLUGIN_MODE": "fail"}),
 	), "gke-credential-provider", "broken")
 	dc := writeFile(t, t.TempDir(), "a/.dockerconfigjson", `{"auths":{"127.0.0.1:5001":{"username":"u","password":"p"}}}`)
-	k, err := NewKeyring([]string{dc}, cfg, bin)
-	if err != nil {
-		t.Fatal(err)
+	k := NewKeyring([]string{dc}, cfg, bin)
+	if p := k.Problems(); len(p) != 0 {
+		t.Fatal(p)
 	}
 	creds, err := k.Lookup(context.Background(), "127.0.0.1:5001/private/rand:img-0")
 	if err == nil || !strings.Contains(err.Error(), "credential provider plugin broken") {

@@ -23,6 +23,10 @@ import (
 const (
 	EventReasonFailed    = "PrefetchFailed"
 	EventReasonSucceeded = "PrefetchSucceeded"
+	// EventReasonCredentialFileSkipped: a --docker-config file (or an entry in
+	// it, or the credential provider config) could not be used; the pulls went
+	// on without it.
+	EventReasonCredentialFileSkipped = "PrefetchCredentialFileSkipped"
 )
 
 // Defaults used when the corresponding Events field is zero.
@@ -39,15 +43,17 @@ const (
 const eventNamespace = metav1.NamespaceDefault
 
 // Events records Kubernetes Events on the Node: a Warning per failed image
-// with the classified reason, and a Normal event when the whole list is
-// present.
+// with the classified reason, a Warning per problem with the agent's inputs
+// (unreadable list, unusable credential file), and a Normal event when the
+// node's label has just become `succeeded`.
 //
 // Events are created synchronously, within WriteTimeout detached from the
 // caller's cancellation, so they are delivered before `fetch` exits even when
 // the pass ran out of time. To keep a long-running agent from flooding the
 // API, an image that keeps failing for the same reason is reported again only
 // after RepeatAfter, and at most MaxFailureEvents failures are reported per
-// call (the rest are counted in one summary event).
+// call (the rest are counted in one summary event). A steady state records
+// nothing: the Normal event follows the label's change, not the pass.
 //
 // Messages come from CRI errors and image references; credentials never reach
 // them.
@@ -64,17 +70,45 @@ type Events struct {
 	Backoff *wait.Backoff
 	// MaxFailureEvents caps the Warning events of one call. Default DefaultMaxFailureEvents.
 	MaxFailureEvents int
-	// RepeatAfter is how long an unchanged failure is not reported again. Default DefaultRepeatAfter.
+	// RepeatAfter is how long an unchanged failure or problem is not reported
+	// again. Default DefaultRepeatAfter.
 	RepeatAfter time.Duration
+	// RequestTimeout bounds one create request. Default DefaultRequestTimeout.
+	RequestTimeout time.Duration
 
 	mu  sync.Mutex
 	now func() time.Time // for tests
 	// reported holds when each current failure (image and reason) was last
-	// reported.
+	// reported; problems likewise, by Problem.Key.
 	reported map[string]time.Time
-	// succeededFor is the list digest the last Normal event was recorded for;
-	// empty after a failure, so the next success is reported again.
-	succeededFor string
+	problems map[string]time.Time
+}
+
+// Problem is a fault in the agent's inputs that is not one image's failure:
+// an unreadable list, a credential file that could not be used.
+type Problem struct {
+	// Reason is the event reason, e.g. EventReasonFailed or
+	// EventReasonCredentialFileSkipped.
+	Reason string
+	// Key identifies the problem across passes (e.g. the file and the error),
+	// so that an unchanged problem is not reported again before RepeatAfter.
+	Key string
+	// Message names the file and what is wrong; never a secret.
+	Message string
+}
+
+// Outcome is what one pass found, as Report records it.
+type Outcome struct {
+	// Digest is the list's digest (the value of the list annotation).
+	Digest   string
+	Results  []pull.Result
+	Problems []Problem
+	// LabelChanged says that this pass changed the node's label to what the
+	// results say (the labeler wrote it). The Normal PrefetchSucceeded event
+	// is recorded only then: a node that already said `succeeded` for this
+	// list (a steady state in `run`, a warm `fetch` in a new process) costs no
+	// event.
+	LabelChanged bool
 }
 
 func (e *Events) clock() time.Time {
@@ -84,9 +118,9 @@ func (e *Events) clock() time.Time {
 	return time.Now()
 }
 
-// Report records the events for one finished pass over the list with digest
-// listDigest. It returns the errors of the events that could not be created.
-func (e *Events) Report(ctx context.Context, listDigest string, results []pull.Result) error {
+// Report records the events for one finished pass. It returns the errors of
+// the events that could not be created.
+func (e *Events) Report(ctx context.Context, o Outcome) error {
 	if e.Client == nil || e.Node == "" {
 		return errors.New("node events: no Kubernetes client or node name")
 	}
@@ -110,12 +144,29 @@ func (e *Events) Report(ctx context.Context, listDigest string, results []pull.R
 	}
 
 	var errs []error
+	// Problems first: an unreadable list or a skipped credential file
+	// explains the failures that follow.
+	problems := make(map[string]time.Time)
+	for _, pr := range o.Problems {
+		if last, ok := e.problems[pr.Key]; ok && now.Sub(last) < repeat {
+			problems[pr.Key] = last
+			continue
+		}
+		if err := e.create(ctx, corev1.EventTypeWarning, pr.Reason, pr.Message); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		problems[pr.Key] = now
+	}
+	e.problems = problems
+
 	reported := make(map[string]time.Time)
-	sent, suppressed := 0, 0
-	for _, r := range results {
+	sent, suppressed, failed := 0, 0, 0
+	for _, r := range o.Results {
 		if r.Outcome != pull.OutcomeFailed {
 			continue
 		}
+		failed++
 		reason := r.Reason
 		if reason == pull.ReasonNone {
 			reason = pull.ReasonUnknown
@@ -145,17 +196,11 @@ func (e *Events) Report(ctx context.Context, listDigest string, results []pull.R
 	// Failures that are gone are forgotten, so a recurrence is reported at once.
 	e.reported = reported
 
-	failed := len(reported) > 0 || sent > 0 || suppressed > 0 || len(errs) > 0
-	switch {
-	case failed:
-		e.succeededFor = ""
-	case e.succeededFor != listDigest:
+	if failed == 0 && o.LabelChanged {
 		msg := fmt.Sprintf("all %d images of the list are present (instance %s, list %s)",
-			len(results), e.Instance, listDigest)
+			len(o.Results), e.Instance, o.Digest)
 		if err := e.create(ctx, corev1.EventTypeNormal, EventReasonSucceeded, msg); err != nil {
 			errs = append(errs, err)
-		} else {
-			e.succeededFor = listDigest
 		}
 	}
 	return errors.Join(errs...)
@@ -212,7 +257,7 @@ func (e *Events) create(ctx context.Context, eventType, reason, message string) 
 		ReportingController: "image-prefetcher.stackrox.io/agent",
 		ReportingInstance:   e.Node,
 	}
-	err := retryTransient(ctx, e.Backoff, func() error {
+	err := retryTransient(ctx, e.Backoff, e.RequestTimeout, func(ctx context.Context) error {
 		_, err := e.Client.CoreV1().Events(eventNamespace).Create(ctx, ev, metav1.CreateOptions{})
 		return err
 	})

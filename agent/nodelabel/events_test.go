@@ -46,7 +46,7 @@ func TestEventsForFailures(t *testing.T) {
 	// The pass's context is already cancelled: events are still delivered.
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := ev.Report(ctx, digestA, results); err != nil {
+	if err := ev.Report(ctx, Outcome{Digest: digestA, Results: results}); err != nil {
 		t.Fatal(err)
 	}
 	events := listEvents(t, client)
@@ -102,9 +102,10 @@ func TestEventsSuccessAndRepeat(t *testing.T) {
 		}
 		return n
 	}
-	step := func(results []pull.Result, digest string, warnings, normals int) {
+	// changed: the pass changed the node's label (the labeler wrote it).
+	step := func(results []pull.Result, digest string, changed bool, warnings, normals int) {
 		t.Helper()
-		if err := ev.Report(ctx, digest, results); err != nil {
+		if err := ev.Report(ctx, Outcome{Digest: digest, Results: results, LabelChanged: changed}); err != nil {
 			t.Fatal(err)
 		}
 		if got := count(corev1.EventTypeWarning); got != warnings {
@@ -115,16 +116,16 @@ func TestEventsSuccessAndRepeat(t *testing.T) {
 		}
 	}
 
-	step(ok, digestA, 0, 1)  // whole list present
-	step(ok, digestA, 0, 1)  // steady state: nothing new
-	step(bad, digestA, 1, 1) // a failure
-	step(bad, digestA, 1, 1) // the same failure again soon: not repeated
+	step(ok, digestA, true, 0, 1)   // whole list present, label just written
+	step(ok, digestA, false, 0, 1)  // steady state: nothing new
+	step(bad, digestA, true, 1, 1)  // a failure
+	step(bad, digestA, false, 1, 1) // the same failure again soon: not repeated
 	now = now.Add(DefaultRepeatAfter)
-	step(bad, digestA, 2, 1) // still failing much later: reported again
-	step(ok, digestA, 2, 2)  // recovered
-	step(ok, digestB, 2, 3)  // a new list fully present
-	step(bad, digestB, 3, 3) // failing again after recovery: reported at once
-
+	step(bad, digestA, false, 2, 1) // still failing much later: reported again
+	step(ok, digestA, true, 2, 2)   // recovered
+	step(ok, digestB, true, 2, 3)   // a new list fully present
+	step(bad, digestB, true, 3, 3)  // failing again after recovery: reported at once
+	step(ok, digestB, false, 3, 3)  // the node already said succeeded (another process wrote it): no event
 	for _, e := range listEvents(t, client) {
 		if e.Type == corev1.EventTypeNormal {
 			if e.Reason != EventReasonSucceeded || !strings.Contains(e.Message, "all 2 images") {
@@ -141,7 +142,7 @@ func TestEventsCapped(t *testing.T) {
 	for i := range 10 {
 		results = append(results, failed(fmt.Sprintf("img%d", i), pull.ReasonNotFound, nil))
 	}
-	if err := ev.Report(context.Background(), digestA, results); err != nil {
+	if err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: results}); err != nil {
 		t.Fatal(err)
 	}
 	events := listEvents(t, client)
@@ -170,7 +171,7 @@ func TestEventsRetryAndForbidden(t *testing.T) {
 		return false, nil, nil
 	})
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
-	if err := ev.Report(context.Background(), digestA, []pull.Result{failed("x", pull.ReasonNotFound, nil)}); err != nil {
+	if err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: []pull.Result{failed("x", pull.ReasonNotFound, nil)}}); err != nil {
 		t.Fatal(err)
 	}
 	if len(listEvents(t, client)) != 1 || calls != 2 {
@@ -182,13 +183,13 @@ func TestEventsRetryAndForbidden(t *testing.T) {
 		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "events"}, "", errors.New("denied"))
 	})
 	ev = &Events{Client: denied, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
-	err := ev.Report(context.Background(), digestA, []pull.Result{failed("x", pull.ReasonNotFound, nil)})
+	err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: []pull.Result{failed("x", pull.ReasonNotFound, nil)}})
 	if err == nil || !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "needs create on events") {
 		t.Errorf("Report = %v, want Forbidden with an RBAC hint", err)
 	}
 	// Undelivered failures are tried again on the next call.
 	denied.ReactionChain = denied.ReactionChain[1:]
-	if err := ev.Report(context.Background(), digestA, []pull.Result{failed("x", pull.ReasonNotFound, nil)}); err != nil {
+	if err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: []pull.Result{failed("x", pull.ReasonNotFound, nil)}}); err != nil {
 		t.Fatal(err)
 	}
 	if n := len(listEvents(t, denied)); n != 1 {
@@ -201,10 +202,79 @@ func TestEventsUseOwnDeadline(t *testing.T) {
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, WriteTimeout: time.Hour, Backoff: &fastBackoff}
 	expired, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Minute))
 	defer cancel()
-	if err := ev.Report(expired, digestA, []pull.Result{failed("x", pull.ReasonTimeout, context.DeadlineExceeded)}); err != nil {
+	if err := ev.Report(expired, Outcome{Digest: digestA, Results: []pull.Result{failed("x", pull.ReasonTimeout, context.DeadlineExceeded)}}); err != nil {
 		t.Fatal(err)
 	}
 	if n := len(listEvents(t, client.Clientset)); n != 1 {
 		t.Errorf("%d events, want 1", n)
 	}
+}
+
+// A warm `fetch` is a new process: its Events has no memory, and the node
+// already says succeeded for the list, so the labeler writes nothing and no
+// event is recorded either.
+func TestEventsWarmFetchRecordsNothing(t *testing.T) {
+	client := fake.NewClientset()
+	ok := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}}
+	for range 3 {
+		ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
+		if err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: ok}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(client.Actions()); n != 0 {
+		t.Errorf("%d API requests for passes that changed nothing, want 0: %v", n, client.Actions())
+	}
+}
+
+func TestEventsProblems(t *testing.T) {
+	client := fake.NewClientset()
+	now := time.Unix(1000, 0)
+	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
+	ev.now = func() time.Time { return now }
+	bad := Problem{Reason: EventReasonCredentialFileSkipped, Key: "/etc/creds/a", Message: "docker config /etc/creds/a skipped: invalid JSON at byte offset 3"}
+	list := Problem{Reason: EventReasonFailed, Key: "list", Message: "image list /etc/list cannot be read: is a directory"}
+	ok := []pull.Result{{Image: "a", Outcome: pull.OutcomePulled}}
+	report := func(changed bool, problems ...Problem) {
+		t.Helper()
+		if err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: ok, Problems: problems, LabelChanged: changed}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reasons := func() map[string]int {
+		m := map[string]int{}
+		for _, e := range listEvents(t, client) {
+			m[e.Type+" "+e.Reason+": "+e.Message]++
+		}
+		return m
+	}
+	report(true, bad, list)
+	got := reasons()
+	if got["Warning "+bad.Reason+": "+bad.Message] != 1 || got["Warning "+list.Reason+": "+list.Message] != 1 {
+		t.Errorf("events %v: want one Warning per problem", got)
+	}
+	// A problem does not hide that every image is present.
+	if n := count(got, "Normal "+EventReasonSucceeded); n != 1 {
+		t.Errorf("%d PrefetchSucceeded events, want 1: %v", n, got)
+	}
+	report(false, bad, list) // the same problems soon after: not repeated
+	if n := len(listEvents(t, client)); n != 3 {
+		t.Errorf("%d events after a repeat, want 3", n)
+	}
+	now = now.Add(DefaultRepeatAfter)
+	report(false, bad) // still there much later: reported again; list problem gone
+	report(false, bad, list)
+	if n := len(listEvents(t, client)); n != 5 {
+		t.Errorf("%d events, want 5 (bad repeated after RepeatAfter, the list's problem reported again once it came back)", n)
+	}
+}
+
+func count(m map[string]int, prefix string) int {
+	n := 0
+	for k, v := range m {
+		if strings.HasPrefix(k, prefix) {
+			n += v
+		}
+	}
+	return n
 }

@@ -60,3 +60,9 @@ func ValidateInstance(instance string) error {
 	}
 	return nil
 }
+
+// UnreadableList is the list annotation's value while the instance's list
+// file cannot be read: the label then says `failed` for "the configured list,
+// unreadable" (never an outcome of an earlier list), and the first readable
+// list replaces both.
+const UnreadableList = "unreadable"

@@ -5,7 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
+	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -15,18 +18,21 @@ import (
 	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/util/retry"
 )
 
 // Defaults used when the corresponding Labeler field is zero.
 const (
-	DefaultWriteTimeout = 30 * time.Second
-	DefaultMaxCacheAge  = time.Minute
+	DefaultWriteTimeout   = 30 * time.Second
+	DefaultMaxCacheAge    = time.Minute
+	DefaultRequestTimeout = 10 * time.Second
 )
 
-// DefaultBackoff spaces retries of one API call: 0.2s, 0.4s, 0.8s, 1.6s, 3.2s
-// (about 6s of waiting in total), well inside DefaultWriteTimeout.
-var DefaultBackoff = wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.1, Steps: 6}
+// DefaultBackoff spaces the retries of one write: 0.2 s doubling up to 4 s,
+// with jitter. It sets no limit on the number of retries, on purpose: a write
+// ends when it succeeds, when it fails permanently (Forbidden, NotFound, ...)
+// or when its time budget (WriteTimeout) is spent, never because a retry count
+// ran out. Once the API server is back, the write lands within one cap (4-5 s).
+var DefaultBackoff = wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.25, Steps: math.MaxInt32, Cap: 4 * time.Second}
 
 // Labeler maintains one instance's label and list annotation on one Node.
 //
@@ -38,16 +44,25 @@ var DefaultBackoff = wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, J
 //
 // Writes never run on the caller's context: each write gets WriteTimeout of
 // its own, detached from the caller's cancellation, so a pass that ran out of
-// time or a SIGTERM still records `failed`.
+// time or a SIGTERM still records `failed`. Within that budget a write is
+// retried on every transient error (API server down or restarting, conflict,
+// 429, 5xx) for as long as the budget lasts.
 //
 // A Labeler is safe for concurrent use; calls are serialized.
 type Labeler struct {
 	Client   kubernetes.Interface
 	Node     string
 	Instance string
-	// WriteTimeout bounds one write, retries included. Default DefaultWriteTimeout.
+	// WriteTimeout bounds one write, retries included: the write is retried
+	// until it is spent. Default DefaultWriteTimeout.
 	WriteTimeout time.Duration
-	// Backoff spaces retries of transient API errors. Default DefaultBackoff.
+	// RequestTimeout bounds one request within the write, so that a request
+	// that hangs (a connection to a dead server) is abandoned and retried on a
+	// new one. Default DefaultRequestTimeout.
+	RequestTimeout time.Duration
+	// Backoff spaces retries of transient API errors. Its Steps do not end the
+	// retries (only the budget does): after Steps growths, or at Cap, the
+	// delay stays constant. Default DefaultBackoff.
 	Backoff *wait.Backoff
 	// MaxCacheAge is how long the node state learned from the last read or
 	// write is trusted before the node is read again, so that a label someone
@@ -101,18 +116,35 @@ func (l *Labeler) Begin(ctx context.Context, listDigest string) error {
 	if listDigest == "" {
 		return errors.New("node labeler: empty list digest")
 	}
-	return l.update(ctx, func(cur observed) bool { return cur.hasDigest && cur.digest == listDigest },
+	_, err := l.update(ctx, func(cur observed) bool { return cur.hasDigest && cur.digest == listDigest },
 		nil, &listDigest, "start list "+listDigest)
+	return err
+}
+
+// Withdraw is Begin for a node known not to hold the whole list (an image of
+// it is missing): besides what Begin does, a `succeeded` label is removed even
+// when it describes this list, so the node stops claiming the list while it
+// is pulled again. A `failed` label of this list stays (it is still true), and
+// a node that already carries no `succeeded` for the list costs no write.
+func (l *Labeler) Withdraw(ctx context.Context, listDigest string) error {
+	if listDigest == "" {
+		return errors.New("node labeler: empty list digest")
+	}
+	_, err := l.update(ctx, func(cur observed) bool {
+		return cur.hasDigest && cur.digest == listDigest && !(cur.hasLabel && cur.label == string(Succeeded))
+	}, nil, &listDigest, "withdraw "+string(Succeeded)+" for list "+listDigest)
+	return err
 }
 
 // Set records state for the list with digest listDigest, unless the node
-// already says exactly that.
-func (l *Labeler) Set(ctx context.Context, listDigest string, state State) error {
+// already says exactly that. wrote reports whether the node was changed (false
+// when it already said so, as in a steady state or a warm `fetch`).
+func (l *Labeler) Set(ctx context.Context, listDigest string, state State) (wrote bool, err error) {
 	if !state.Valid() {
-		return fmt.Errorf("node labeler: invalid state %q (want %q or %q)", state, Succeeded, Failed)
+		return false, fmt.Errorf("node labeler: invalid state %q (want %q or %q)", state, Succeeded, Failed)
 	}
 	if listDigest == "" {
-		return errors.New("node labeler: empty list digest")
+		return false, errors.New("node labeler: empty list digest")
 	}
 	value := string(state)
 	return l.update(ctx, func(cur observed) bool {
@@ -123,15 +155,17 @@ func (l *Labeler) Set(ctx context.Context, listDigest string, state State) error
 // Remove deletes this instance's label and annotation from the node, for
 // uninstall and cleanup. Removing what is not there writes nothing.
 func (l *Labeler) Remove(ctx context.Context) error {
-	return l.update(ctx, func(cur observed) bool { return !cur.hasLabel && !cur.hasDigest }, nil, nil, "remove")
+	_, err := l.update(ctx, func(cur observed) bool { return !cur.hasLabel && !cur.hasDigest }, nil, nil, "remove")
+	return err
 }
 
 // update patches this instance's label and annotation to label and digest
 // (nil removes the key) unless done says the node already holds what is
-// wanted. It runs under the write budget, detached from ctx's cancellation.
-func (l *Labeler) update(ctx context.Context, done func(observed) bool, label, digest *string, what string) error {
+// wanted. It runs under the write budget, detached from ctx's cancellation,
+// and reports whether it patched the node.
+func (l *Labeler) update(ctx context.Context, done func(observed) bool, label, digest *string, what string) (bool, error) {
 	if err := l.check(); err != nil {
-		return err
+		return false, err
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -139,12 +173,15 @@ func (l *Labeler) update(ctx context.Context, done func(observed) bool, label, d
 	defer cancel()
 	cur, err := l.current(ctx)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if !cur.unknown && done(cur) {
-		return nil
+		return false, nil
 	}
-	return l.patch(ctx, label, digest, what)
+	if err := l.patch(ctx, label, digest, what); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // writeContext detaches from the caller's cancellation and deadline (but
@@ -168,7 +205,7 @@ func (l *Labeler) current(ctx context.Context) (observed, error) {
 		return *l.known, nil
 	}
 	var node *corev1.Node
-	err := l.retry(ctx, func() error {
+	err := l.retry(ctx, func(ctx context.Context) error {
 		var err error
 		node, err = l.Client.CoreV1().Nodes().Get(ctx, l.Node, metav1.GetOptions{})
 		return err
@@ -210,7 +247,7 @@ func (l *Labeler) patch(ctx context.Context, label, digest *string, what string)
 		return fmt.Errorf("node %s: encode patch: %w", l.Node, err)
 	}
 	var node *corev1.Node
-	err = l.retry(ctx, func() error {
+	err = l.retry(ctx, func(ctx context.Context) error {
 		var err error
 		node, err = l.Client.CoreV1().Nodes().Patch(ctx, l.Node, types.MergePatchType, body, metav1.PatchOptions{})
 		return err
@@ -224,36 +261,64 @@ func (l *Labeler) patch(ctx context.Context, label, digest *string, what string)
 	return nil
 }
 
-func (l *Labeler) retry(ctx context.Context, fn func() error) error {
-	return retryTransient(ctx, l.Backoff, fn)
+func (l *Labeler) retry(ctx context.Context, fn func(context.Context) error) error {
+	return retryTransient(ctx, l.Backoff, l.RequestTimeout, fn)
 }
 
-// retryTransient runs fn until it succeeds, fails permanently, or ctx ends.
-// The requests made by fn must use ctx, so that they fail fast once the write
-// budget is spent.
-func retryTransient(ctx context.Context, b *wait.Backoff, fn func() error) error {
+// retryTransient runs fn until it succeeds, fails permanently, or ctx (the
+// write's time budget) ends; transient failures are retried with backoff for
+// as long as the budget lasts, however many that takes. Each call of fn gets a
+// context bounded by requestTimeout, which its requests must use: a request
+// that hangs is abandoned and retried rather than eating the whole budget.
+func retryTransient(ctx context.Context, b *wait.Backoff, requestTimeout time.Duration, fn func(context.Context) error) error {
 	backoff := DefaultBackoff
 	if b != nil {
 		backoff = *b
 	}
-	var last error
-	err := retry.OnError(backoff, func(err error) bool {
-		return ctx.Err() == nil && Transient(err)
-	}, func() error {
-		last = fn()
-		return last
-	})
-	if err != nil {
-		return err
+	if requestTimeout <= 0 {
+		requestTimeout = DefaultRequestTimeout
 	}
-	// OnError returns nil when fn fails with an error that wraps a context
-	// error (it takes it for the end of its own wait): a write that ran out of
-	// time would pass for a success. fn's last error is the truth.
-	return last
+	start := time.Now()
+	attempts := 0
+	var last error
+	// DelayFunc, unlike ExponentialBackoff, never stops on its own: after
+	// Steps (or at Cap) the delay stays constant. Only ctx ends the loop.
+	err := backoff.DelayFunc().Until(ctx, true, true, func(ctx context.Context) (bool, error) {
+		attempts++
+		rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+		defer cancel()
+		last = fn(rctx)
+		switch {
+		case last == nil:
+			return true, nil
+		case ctx.Err() != nil:
+			return false, last // the budget ended during the request
+		case Transient(last), rctx.Err() != nil:
+			// A request that ran out of its own time is retried on a new one.
+			return false, nil
+		default:
+			// Permanent, or a context error that is not ours (for example
+			// client-go's rate limiter giving up): never taken for success.
+			return false, last
+		}
+	})
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil && last != nil {
+		return fmt.Errorf("gave up after %d attempts in %s, when the write's time budget ended: %w",
+			attempts, time.Since(start).Round(time.Millisecond), last)
+	}
+	return err
 }
 
-// Transient reports whether an API error is worth retrying.
+// Transient reports whether an API error is worth retrying. Context errors
+// are not: whether a request that ran out of time is retried depends on whose
+// context ended, which retryTransient knows.
 func Transient(err error) bool {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return false
+	}
 	switch {
 	case apierrors.IsConflict(err),
 		apierrors.IsServerTimeout(err),
@@ -264,7 +329,13 @@ func Transient(err error) bool {
 		apierrors.IsUnexpectedServerError(err),
 		utilnet.IsConnectionRefused(err),
 		utilnet.IsConnectionReset(err),
-		utilnet.IsProbableEOF(err):
+		utilnet.IsProbableEOF(err),
+		utilnet.IsHTTP2ConnectionLost(err),
+		utilnet.IsTimeout(err), // includes TLS handshake timeouts
+		errors.Is(err, syscall.EHOSTUNREACH),
+		errors.Is(err, syscall.ENETUNREACH),
+		errors.Is(err, syscall.EPIPE),
+		errors.Is(err, net.ErrClosed):
 		return true
 	}
 	return false

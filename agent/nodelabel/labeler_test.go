@@ -4,7 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/url"
+	"os"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -14,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
@@ -94,11 +100,11 @@ func TestSetAddsReplacesAndKeepsOthers(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantKeys(t, getNode(t, client), "", digestA)
-	if err := l.Set(ctx, digestA, Failed); err != nil {
+	if _, err := l.Set(ctx, digestA, Failed); err != nil {
 		t.Fatal(err)
 	}
 	wantKeys(t, getNode(t, client), "failed", digestA)
-	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+	if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 		t.Fatal(err)
 	}
 	node := getNode(t, client)
@@ -128,7 +134,7 @@ func TestSetAddsReplacesAndKeepsOthers(t *testing.T) {
 func TestPatchNamesOnlyThisInstance(t *testing.T) {
 	client := fake.NewClientset(newNode(nil, nil))
 	l := newLabeler(client)
-	if err := l.Set(context.Background(), digestA, Failed); err != nil {
+	if _, err := l.Set(context.Background(), digestA, Failed); err != nil {
 		t.Fatal(err)
 	}
 	var patches []k8stesting.PatchAction
@@ -160,7 +166,7 @@ func TestNoWriteWhenUnchanged(t *testing.T) {
 		if err := l.Begin(ctx, digestA); err != nil {
 			t.Fatal(err)
 		}
-		if err := l.Set(ctx, digestA, Succeeded); err != nil {
+		if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -229,7 +235,7 @@ func TestExternalChangeIsRepaired(t *testing.T) {
 	l := newLabeler(client)
 	l.now = func() time.Time { return now }
 	ctx := context.Background()
-	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+	if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 		t.Fatal(err)
 	}
 	// Someone removes the label behind the agent's back.
@@ -238,13 +244,13 @@ func TestExternalChangeIsRepaired(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Within the cache age the agent trusts what it wrote ...
-	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+	if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 		t.Fatal(err)
 	}
 	wantKeys(t, getNode(t, client), "", digestA)
 	// ... and once it is older, it reads the node again and repairs it.
 	now = now.Add(DefaultMaxCacheAge)
-	if err := l.Set(ctx, digestA, Succeeded); err != nil {
+	if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 		t.Fatal(err)
 	}
 	wantKeys(t, getNode(t, client), "succeeded", digestA)
@@ -331,7 +337,7 @@ func TestWriteDoesNotUsePassContext(t *testing.T) {
 	// SIGTERM: the pass's context is cancelled.
 	cancelled, cancel2 := context.WithCancel(context.Background())
 	cancel2()
-	if err := l.Set(cancelled, digestB, Failed); err != nil {
+	if _, err := l.Set(cancelled, digestB, Failed); err != nil {
 		t.Fatalf("Set on a cancelled context: %v", err)
 	}
 	wantKeys(t, getNode(t, client.Clientset), "failed", digestB)
@@ -366,7 +372,7 @@ func TestRetryOnTransientErrors(t *testing.T) {
 				}
 				return false, nil, nil
 			})
-			if err := newLabeler(client).Set(context.Background(), digestA, Failed); err != nil {
+			if _, err := newLabeler(client).Set(context.Background(), digestA, Failed); err != nil {
 				t.Fatalf("Set: %v", err)
 			}
 			if got := countVerb(client, "patch"); got != 3 {
@@ -383,7 +389,7 @@ func TestPermanentErrors(t *testing.T) {
 		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, nodeName,
 			errors.New(`User "system:serviceaccount:x:y" cannot patch resource "nodes"`))
 	})
-	err := newLabeler(client).Set(context.Background(), digestA, Failed)
+	_, err := newLabeler(client).Set(context.Background(), digestA, Failed)
 	if err == nil || !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "ServiceAccount needs") {
 		t.Errorf("Set = %v, want a Forbidden error with an RBAC hint", err)
 	}
@@ -392,7 +398,7 @@ func TestPermanentErrors(t *testing.T) {
 	}
 
 	missing := fake.NewClientset()
-	err = (&Labeler{Client: missing, Node: "gone", Instance: instance}).Set(context.Background(), digestA, Failed)
+	_, err = (&Labeler{Client: missing, Node: "gone", Instance: instance}).Set(context.Background(), digestA, Failed)
 	if err == nil || !apierrors.IsNotFound(err) || !strings.Contains(err.Error(), "--node-name") {
 		t.Errorf("Set on a missing node = %v, want NotFound naming --node-name", err)
 	}
@@ -406,7 +412,7 @@ func TestContextErrorIsNotSwallowed(t *testing.T) {
 	client.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, fmt.Errorf("client rate limiter Wait returned an error: %w", context.DeadlineExceeded)
 	})
-	err := newLabeler(client).Set(context.Background(), digestA, Failed)
+	_, err := newLabeler(client).Set(context.Background(), digestA, Failed)
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Set = %v, want the deadline error", err)
 	}
@@ -414,7 +420,7 @@ func TestContextErrorIsNotSwallowed(t *testing.T) {
 	ev.Client.(*fake.Clientset).PrependReactor("create", "events", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, fmt.Errorf("wrapped: %w", context.Canceled)
 	})
-	if err := ev.Report(context.Background(), digestA, []pull.Result{failed("x", pull.ReasonNotFound, nil)}); !errors.Is(err, context.Canceled) {
+	if err := ev.Report(context.Background(), Outcome{Digest: digestA, Results: []pull.Result{failed("x", pull.ReasonNotFound, nil)}}); !errors.Is(err, context.Canceled) {
 		t.Errorf("Report = %v, want the cancellation error", err)
 	}
 }
@@ -431,7 +437,7 @@ func TestGetForbiddenFallsBackToPatch(t *testing.T) {
 		if err := l.Begin(ctx, digestA); err != nil {
 			t.Fatal(err)
 		}
-		if err := l.Set(ctx, digestA, Failed); err != nil {
+		if _, err := l.Set(ctx, digestA, Failed); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -449,7 +455,7 @@ func TestInvalidInput(t *testing.T) {
 		"bad instance": (&Labeler{Client: client, Node: nodeName, Instance: "Bad_Name"}).Begin(ctx, digestA),
 		"no node":      (&Labeler{Client: client, Instance: instance}).Begin(ctx, digestA),
 		"no digest":    newLabeler(client).Begin(ctx, ""),
-		"bad state":    newLabeler(client).Set(ctx, digestA, "done"),
+		"bad state":    second(newLabeler(client).Set(ctx, digestA, "done")),
 	} {
 		if err == nil {
 			t.Errorf("%s: no error", name)
@@ -460,10 +466,194 @@ func TestInvalidInput(t *testing.T) {
 	}
 }
 
+func second(_ bool, err error) error { return err }
+
 func copyMap(m map[string]string) map[string]string {
 	out := make(map[string]string, len(m))
 	for k, v := range m {
 		out[k] = v
 	}
 	return out
+}
+
+// refused is what client-go returns while the API server is down.
+var refused = &url.Error{Op: "Patch", URL: "https://127.0.0.1:6443/api/v1/nodes/" + nodeName,
+	Err: &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}}
+
+// downUntil makes every node request fail as refused until the returned
+// function is called or the deadline passes, like an API server that is
+// stopped and started again.
+func downUntil(client *fake.Clientset, until time.Time) {
+	client.PrependReactor("*", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if time.Now().Before(until) {
+			return true, nil, refused
+		}
+		return false, nil, nil
+	})
+}
+
+// The write keeps trying for as long as its time budget lasts, whatever the
+// backoff's step count says: here the steps run out after ~30 ms, the API
+// server is down for 700 ms and the budget is 10 s.
+func TestWriteRetriesUntilItsBudgetEnds(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	downUntil(client, time.Now().Add(700*time.Millisecond))
+	l := newLabeler(client)
+	l.Backoff = &wait.Backoff{Duration: 10 * time.Millisecond, Factor: 2, Steps: 3, Cap: 50 * time.Millisecond}
+	l.WriteTimeout = 10 * time.Second
+	start := time.Now()
+	wrote, err := l.Set(context.Background(), digestA, Succeeded)
+	if err != nil || !wrote {
+		t.Fatalf("Set after a 700 ms outage with a 10 s budget: wrote %v, %v", wrote, err)
+	}
+	if d := time.Since(start); d < 700*time.Millisecond || d > 3*time.Second {
+		t.Errorf("Set took %s; want it to end soon after the outage (700 ms)", d)
+	}
+	wantKeys(t, getNode(t, client), "succeeded", digestA)
+}
+
+func TestWriteGivesUpOnlyWhenItsBudgetEnds(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	downUntil(client, time.Now().Add(time.Hour))
+	l := newLabeler(client)
+	l.Backoff = &wait.Backoff{Duration: 10 * time.Millisecond, Factor: 2, Steps: 2}
+	l.WriteTimeout = 400 * time.Millisecond
+	start := time.Now()
+	_, err := l.Set(context.Background(), digestA, Failed)
+	took := time.Since(start)
+	if err == nil {
+		t.Fatal("Set succeeded against a server that is down")
+	}
+	if took < 400*time.Millisecond || took > 2*time.Second {
+		t.Errorf("Set gave up after %s, want when its 400 ms budget ended", took)
+	}
+	if !utilnet.IsConnectionRefused(err) || !strings.Contains(err.Error(), "time budget") {
+		t.Errorf("error %q: want the last API error (connection refused) and the budget named", err)
+	}
+	if n := len(client.Actions()); n < 10 {
+		t.Errorf("%d requests in 400 ms with 10-20 ms between them, want many more: it stopped retrying", n)
+	}
+}
+
+// hangClient lets the first hang node requests wait until their context
+// ends, like a request to a server that went silent.
+type hangClient struct {
+	*fake.Clientset
+	mu   sync.Mutex
+	hang int
+}
+
+func (c *hangClient) CoreV1() typedcorev1.CoreV1Interface { return hangCore{c.Clientset.CoreV1(), c} }
+
+type hangCore struct {
+	typedcorev1.CoreV1Interface
+	c *hangClient
+}
+
+func (hc hangCore) Nodes() typedcorev1.NodeInterface {
+	return hangNodes{hc.CoreV1Interface.Nodes(), hc.c}
+}
+
+type hangNodes struct {
+	typedcorev1.NodeInterface
+	c *hangClient
+}
+
+func (n hangNodes) wait(ctx context.Context) error {
+	n.c.mu.Lock()
+	hang := n.c.hang > 0
+	n.c.hang--
+	n.c.mu.Unlock()
+	if hang {
+		<-ctx.Done()
+		return fmt.Errorf("request canceled: %w", ctx.Err())
+	}
+	return nil
+}
+
+func (n hangNodes) Get(ctx context.Context, name string, opts metav1.GetOptions) (*corev1.Node, error) {
+	if err := n.wait(ctx); err != nil {
+		return nil, err
+	}
+	return n.NodeInterface.Get(ctx, name, opts)
+}
+
+func (n hangNodes) Patch(ctx context.Context, name string, pt types.PatchType, data []byte, opts metav1.PatchOptions,
+	sub ...string) (*corev1.Node, error) {
+	if err := n.wait(ctx); err != nil {
+		return nil, err
+	}
+	return n.NodeInterface.Patch(ctx, name, pt, data, opts, sub...)
+}
+
+// A request that hangs is abandoned after RequestTimeout and retried, so it
+// cannot eat the write's whole budget.
+func TestHangingRequestIsRetried(t *testing.T) {
+	client := &hangClient{Clientset: fake.NewClientset(newNode(nil, nil)), hang: 2}
+	l := newLabeler(client)
+	l.RequestTimeout = 100 * time.Millisecond
+	l.WriteTimeout = 10 * time.Second
+	start := time.Now()
+	if _, err := l.Set(context.Background(), digestA, Failed); err != nil {
+		t.Fatalf("Set: %v", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("Set took %s with two hanging requests of 100 ms each", d)
+	}
+	wantKeys(t, getNode(t, client.Clientset), "failed", digestA)
+}
+
+func TestWithdraw(t *testing.T) {
+	for _, tc := range []struct {
+		name                  string
+		label, digest         string
+		wantLabel, wantDigest string
+		wantPatches           int
+	}{
+		{"succeeded for this list", "succeeded", digestA, "", digestA, 1},
+		{"failed for this list stays", "failed", digestA, "failed", digestA, 0},
+		{"nothing yet for this list", "", digestA, "", digestA, 0},
+		{"succeeded for another list", "succeeded", digestB, "", digestA, 1},
+		{"no label, no annotation", "", "", "", digestA, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			labels, anns := map[string]string{"keep": "me"}, map[string]string{}
+			if tc.label != "" {
+				labels[Key(instance)] = tc.label
+			}
+			if tc.digest != "" {
+				anns[AnnotationKey(instance)] = tc.digest
+			}
+			client := fake.NewClientset(newNode(labels, anns))
+			l := newLabeler(client)
+			for range 2 { // the second call finds the node as wanted
+				if err := l.Withdraw(context.Background(), digestA); err != nil {
+					t.Fatal(err)
+				}
+			}
+			node := getNode(t, client)
+			wantKeys(t, node, tc.wantLabel, tc.wantDigest)
+			if node.Labels["keep"] != "me" {
+				t.Errorf("other label lost: %v", node.Labels)
+			}
+			if got := countVerb(client, "patch"); got != tc.wantPatches {
+				t.Errorf("%d patches, want %d", got, tc.wantPatches)
+			}
+		})
+	}
+}
+
+func TestSetReportsWhetherItWrote(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	l := newLabeler(client)
+	for i, want := range []bool{true, false, false} {
+		wrote, err := l.Set(context.Background(), digestA, Succeeded)
+		if err != nil || wrote != want {
+			t.Errorf("Set #%d: wrote %v, %v; want %v", i+1, wrote, err, want)
+		}
+	}
+	// A new process (a second fetch) reads the node and writes nothing either.
+	if wrote, err := newLabeler(client).Set(context.Background(), digestA, Succeeded); err != nil || wrote {
+		t.Errorf("Set by a new labeler on a node that already says so: wrote %v, %v", wrote, err)
+	}
 }

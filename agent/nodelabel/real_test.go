@@ -103,7 +103,7 @@ func TestRealAPIServer(t *testing.T) {
 	if err := l.Begin(expired, digestA); err != nil {
 		t.Fatalf("Begin: %v", err)
 	}
-	if err := l.Set(expired, digestA, Failed); err != nil {
+	if _, err := l.Set(expired, digestA, Failed); err != nil {
 		t.Fatalf("Set failed on an expired context: %v", err)
 	}
 
@@ -136,7 +136,7 @@ func TestRealAPIServer(t *testing.T) {
 		if err := l.Begin(ctx, digestA); err != nil {
 			t.Fatal(err)
 		}
-		if err := l.Set(ctx, digestA, Failed); err != nil {
+		if _, err := l.Set(ctx, digestA, Failed); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -163,8 +163,8 @@ func TestRealAPIServer(t *testing.T) {
 	// Events reach the API server and carry the image and reason.
 	ev := &Events{Client: client, Node: node, Instance: inst}
 	image := "127.0.0.1:5000/" + inst + ":missing"
-	if err := ev.Report(expired, digestB, []pull.Result{{Image: image, Outcome: pull.OutcomeFailed,
-		Reason: pull.ReasonNotFound, Err: errors.New("not found")}}); err != nil {
+	if err := ev.Report(expired, Outcome{Digest: digestB, Results: []pull.Result{{Image: image, Outcome: pull.OutcomeFailed,
+		Reason: pull.ReasonNotFound, Err: errors.New("not found")}}}); err != nil {
 		t.Fatalf("Report: %v", err)
 	}
 	events, err := client.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
