@@ -44,7 +44,7 @@ const (
 
 // defaultRetryAfter is the first delay of `run` after a pass that failed or
 // could not write its outcome; it doubles up to --recheck-interval.
-const defaultRetryAfter = 5 * time.Second
+const defaultRetryAfter = 10 * time.Second
 
 // labelRetryCap bounds the delay between passes while the node's label is
 // not written: the outcome is known and workloads wait on the label, and a

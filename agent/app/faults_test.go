@@ -522,7 +522,7 @@ func TestInstanceValidatedWithoutLabel(t *testing.T) {
 }
 
 func TestNextWait(t *testing.T) {
-	p := &prefetcher{opts: &Options{RecheckInterval: 5 * time.Minute}, retryAfter: 5 * time.Second}
+	p := &prefetcher{opts: &Options{RecheckInterval: 5 * time.Minute}, retryAfter: defaultRetryAfter}
 	ok := passReport{State: nodelabel.Succeeded}
 	bad := passReport{State: nodelabel.Failed}
 	unrecorded := passReport{State: nodelabel.Succeeded, LabelErr: errors.New("refused")}
@@ -533,7 +533,7 @@ func TestNextWait(t *testing.T) {
 		w, retry = p.nextWait(bad, nil, retry)
 		waits = append(waits, w)
 	}
-	if want := []time.Duration{5 * time.Second, 10 * time.Second, 20 * time.Second, 40 * time.Second}; !equalDurations(waits, want) {
+	if want := []time.Duration{10 * time.Second, 20 * time.Second, 40 * time.Second, 80 * time.Second}; !equalDurations(waits, want) {
 		t.Errorf("failed pass waits %v, want %v", waits, want)
 	}
 	retry = p.retryAfter
@@ -543,7 +543,7 @@ func TestNextWait(t *testing.T) {
 		w, retry = p.nextWait(unrecorded, nil, retry)
 		waits = append(waits, w)
 	}
-	if want := []time.Duration{5 * time.Second, 10 * time.Second, 20 * time.Second, labelRetryCap, labelRetryCap}; !equalDurations(waits, want) {
+	if want := []time.Duration{10 * time.Second, 20 * time.Second, labelRetryCap, labelRetryCap, labelRetryCap}; !equalDurations(waits, want) {
 		t.Errorf("unrecorded outcome waits %v, want %v", waits, want)
 	}
 	if w, next := p.nextWait(ok, nil, time.Minute); w != 5*time.Minute || next != p.retryAfter {
