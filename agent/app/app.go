@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/health"
+	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
@@ -173,7 +174,8 @@ func (p *prefetcher) fetchExit(rep passReport, err error) int {
 	case rep.State != nodelabel.Succeeded:
 		logged, badLines := 0, 0
 		for _, f := range rep.Failed() {
-			if f.Reason == pull.ReasonInvalidReference && f.Line > 0 {
+			var le *imagelist.LineError
+			if errors.As(f.Err, &le) {
 				badLines++ // logged once already, when the list was read
 				continue
 			}
