@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
@@ -134,8 +135,8 @@ func TestComponentRoleIsEnoughAgainstRealAPIServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if h := ptrString(le.Spec.HolderIdentity); h != "" || ptrInt32Value(le.Spec.LeaseTransitions) != 1 {
-		t.Errorf("after both released: holder %q transitions %d, want empty and 1", h, ptrInt32Value(le.Spec.LeaseTransitions))
+	if h := ptr.Deref(le.Spec.HolderIdentity, ""); h != "" || ptr.Deref(le.Spec.LeaseTransitions, 0) != 1 {
+		t.Errorf("after both released: holder %q transitions %d, want empty and 1", h, ptr.Deref(le.Spec.LeaseTransitions, 0))
 	}
 	if _, err := sa.CoordinationV1().Leases(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
 		t.Errorf("list leases in default as the agent: %v, want Forbidden", err)
