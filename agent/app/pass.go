@@ -337,9 +337,17 @@ func (p *prefetcher) credentialProblems(k *credentials.Keyring) []nodelabel.Prob
 // missing returns the entries the runtime does not hold, with one
 // ImageStatus call each.
 func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) ([]imagelist.Entry, error) {
+	// A runtime that hangs must not hang the pass before the engine (and its
+	// deadlines) even starts: each answer gets --cri-dial-timeout.
+	timeout := p.opts.DialTimeout
+	if timeout <= 0 {
+		timeout = cri.DefaultTimeout
+	}
 	var out []imagelist.Entry
 	for _, e := range entries {
-		st, err := p.client.Images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: e.Ref}})
+		sctx, cancel := context.WithTimeout(ctx, timeout)
+		st, err := p.client.Images.ImageStatus(sctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: e.Ref}})
+		cancel()
 		if err != nil {
 			return nil, fmt.Errorf("image status %s: %w", e.Ref, err)
 		}
