@@ -209,12 +209,51 @@ func TestScenarioServerDryRunEveryBuild(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Minimal CRDs for the kinds a plain cluster lacks (OpenShift's SCC, Prometheus Operator's
-	// PodMonitor): they accept any content, so the dry run checks everything else for real.
-	for _, crd := range []struct{ group, kind, plural, scope string }{
-		{"security.openshift.io", "SecurityContextConstraints", "securitycontextconstraints", "Cluster"},
-		{"monitoring.coreos.com", "PodMonitor", "podmonitors", "Namespaced"},
-	} {
+	installMinimalCRDs(t, env, sccCRD, podMonitorCRD)
+
+	// The overlays' namespace must exist for the namespaced objects of a dry run.
+	if _, err := cs.CoreV1().Namespaces().Get(ctx, bundle.DefaultNamespace, metav1.GetOptions{}); err != nil {
+		// --save-config: kubectl apply warns about objects made without it.
+		if out, err := kubectl(t, env, nil, "create", "namespace", bundle.DefaultNamespace, "--save-config"); err != nil {
+			t.Fatalf("create namespace %s: %v\n%s", bundle.DefaultNamespace, err, out)
+		}
+		t.Cleanup(func() {
+			_ = cs.CoreV1().Namespaces().Delete(context.Background(), bundle.DefaultNamespace, metav1.DeleteOptions{})
+		})
+	}
+
+	for _, b := range builds {
+		// The REST mapper of a fresh kubectl sees the new CRDs; a failure is retried once in
+		// case discovery was cached before they were served.
+		out, err := kubectl(t, env, b.YAML, "apply", "--dry-run=server", "-f", "-")
+		if err != nil && strings.Contains(out, "no matches for kind") {
+			time.Sleep(2 * time.Second)
+			out, err = kubectl(t, env, b.YAML, "apply", "--dry-run=server", "-f", "-")
+		}
+		if err != nil {
+			t.Errorf("%s: kubectl apply --dry-run=server: %v\n%s", b.Name, err, out)
+			continue
+		}
+		if strings.Contains(strings.ToLower(out), "warning") {
+			t.Errorf("%s: the API server warned:\n%s", b.Name, out)
+		}
+		t.Logf("%s: %d objects accepted", b.Name, strings.Count(out, "(server dry run)"))
+	}
+}
+
+// minimalCRD is a CRD for a kind a plain cluster lacks (OpenShift's SCC, Prometheus Operator's PodMonitor):
+// it accepts any content, so that applying the bundle checks everything else for real.
+type minimalCRD struct{ group, kind, plural, scope string }
+
+var (
+	sccCRD        = minimalCRD{"security.openshift.io", "SecurityContextConstraints", "securitycontextconstraints", "Cluster"}
+	podMonitorCRD = minimalCRD{"monitoring.coreos.com", "PodMonitor", "podmonitors", "Namespaced"}
+)
+
+// installMinimalCRDs creates the CRDs that are not installed yet, and deletes them when the test ends.
+func installMinimalCRDs(t *testing.T, env *clusterenv.Env, crds ...minimalCRD) {
+	t.Helper()
+	for _, crd := range crds {
 		name := crd.plural + "." + crd.group
 		if out, err := kubectl(t, env, nil, "get", "crd", name); err == nil {
 			t.Logf("CRD %s already installed; using it", name)
@@ -245,34 +284,5 @@ spec:
 		if out, err := kubectl(t, env, nil, "wait", "--for=condition=Established", "crd/"+name, "--timeout=60s"); err != nil {
 			t.Fatalf("CRD %s not established: %v\n%s", name, err, out)
 		}
-	}
-
-	// The overlays' namespace must exist for the namespaced objects of a dry run.
-	if _, err := cs.CoreV1().Namespaces().Get(ctx, bundle.DefaultNamespace, metav1.GetOptions{}); err != nil {
-		// --save-config: kubectl apply warns about objects made without it.
-		if out, err := kubectl(t, env, nil, "create", "namespace", bundle.DefaultNamespace, "--save-config"); err != nil {
-			t.Fatalf("create namespace %s: %v\n%s", bundle.DefaultNamespace, err, out)
-		}
-		t.Cleanup(func() {
-			_ = cs.CoreV1().Namespaces().Delete(context.Background(), bundle.DefaultNamespace, metav1.DeleteOptions{})
-		})
-	}
-
-	for _, b := range builds {
-		// The REST mapper of a fresh kubectl sees the new CRDs; a failure is retried once in
-		// case discovery was cached before they were served.
-		out, err := kubectl(t, env, b.YAML, "apply", "--dry-run=server", "-f", "-")
-		if err != nil && strings.Contains(out, "no matches for kind") {
-			time.Sleep(2 * time.Second)
-			out, err = kubectl(t, env, b.YAML, "apply", "--dry-run=server", "-f", "-")
-		}
-		if err != nil {
-			t.Errorf("%s: kubectl apply --dry-run=server: %v\n%s", b.Name, err, out)
-			continue
-		}
-		if strings.Contains(strings.ToLower(out), "warning") {
-			t.Errorf("%s: the API server warned:\n%s", b.Name, out)
-		}
-		t.Logf("%s: %d objects accepted", b.Name, strings.Count(out, "(server dry run)"))
 	}
 }

@@ -143,9 +143,9 @@ install_packages() {
   done
   # the runnable test images need a static busybox (Debian's busybox package is dynamically linked)
   if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then missing+=(busybox-static); fi
-  # CRI-O is built here with cgo (seccomp, gpgme) and runs containers through conmon and crun
+  # CRI-O is built here with cgo (seccomp, gpgme) and runs containers through conmon and runc
   if [ "$RUNTIME" = cri-o ]; then
-    for pair in conmon:conmon crun:crun pkg-config:pkg-config; do
+    for pair in conmon:conmon pkg-config:pkg-config; do
       command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
     done
     for pkg in libseccomp-dev libgpgme-dev; do
@@ -216,6 +216,9 @@ restore_host() {
       done
     done
   done
+  if grep -qx "mounted /sys/fs/cgroup/hugetlb" "$f"; then
+    umount /sys/fs/cgroup/hugetlb 2>/dev/null && rmdir /sys/fs/cgroup/hugetlb
+  fi
   for p in "${HOST_PATHS[@]}"; do
     grep -qx "path $p" "$f" && continue
     [ -e "$p" ] || continue
@@ -374,6 +377,15 @@ start_containerd() {
 start_crio() {
   local rbin=$1 c=$STATE/crio
   mkdir -p "$c/conf.d" "$(dirname "$SOCK")"
+  # CRI-O sets hugetlb limits whenever the kernel has the controller (/proc/cgroups), mounted or not; on a
+  # cgroup v1 host that leaves it unmounted, runc then fails every container ("cannot set hugetlb limit").
+  # Mount it as a node distribution would; down unmounts it again.
+  if [ ! -e /sys/fs/cgroup/cgroup.controllers ] && [ ! -d /sys/fs/cgroup/hugetlb ] &&
+    awk '$1 == "hugetlb" && $2 == 0 && $4 == 1 {found=1} END {exit !found}' /proc/cgroups; then
+    mkdir /sys/fs/cgroup/hugetlb
+    mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
+    echo "mounted /sys/fs/cgroup/hugetlb" >>"$STATE/host-before"
+  fi
   # The harness' own policy and registries: accept any image, and the loopback registries over plain HTTP.
   echo '{"default": [{"type": "insecureAcceptAnything"}]}' >"$c/policy.json"
   cat >"$c/registries.conf" <<EOF
@@ -399,7 +411,9 @@ listen = "$SOCK"
 stream_address = "127.0.0.1"
 stream_port = "0"
 [crio.runtime]
-default_runtime = "crun"
+# Debian's crun 1.8.1 refuses the OCI spec version CRI-O 1.35 writes ("unknown version specified");
+# Debian's runc runs it.
+default_runtime = "runc"
 cgroup_manager = "cgroupfs"
 conmon_cgroup = "pod"
 pinns_path = "$rbin/pinns"
@@ -407,9 +421,9 @@ namespaces_dir = "$c/run/ns"
 container_exits_dir = "$c/run/exits"
 container_attach_socket_dir = "$c/run/attach"
 hooks_dir = []
-[crio.runtime.runtimes.crun]
-runtime_path = "$(command -v crun)"
-runtime_root = "$c/run/crun"
+[crio.runtime.runtimes.runc]
+runtime_path = "$(command -v runc)"
+runtime_root = "$c/run/runc"
 monitor_path = "$(command -v conmon)"
 [crio.image]
 pause_image = "$REGISTRY/e2e/pause:latest"

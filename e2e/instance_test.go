@@ -85,6 +85,12 @@ func newInstance(t *testing.T, env *clusterenv.Env, base string, images []string
 			ListenPort:   freePort(t),
 		},
 	}
+	if env.Runtime == clusterenv.RuntimeCRIO {
+		// A CRI-O node is an OpenShift node: the ocp overlay's agent settings (socket mount, SELinux type,
+		// SCC). The SCC is applied through a minimal CRD but not enforced: that needs OpenShift.
+		in.opts.Flavor = bundle.FlavorOCP
+		installMinimalCRDs(t, env, sccCRD)
+	}
 	t.Cleanup(in.cleanup)
 	return in
 }

@@ -8,8 +8,8 @@
 //     the cluster has no kube-proxy, so the Service VIP of the API server does not route;
 //   - the metrics port: with hostNetwork it is a host port, so each instance gets its own to let
 //     several instances (and other people's) share the node;
-//   - the CRI socket directory: the harness's containerd listens under its state dir, not in
-//     /run/containerd;
+//   - the CRI socket directory: the harness's runtime listens below a host root of its own (the same
+//     layout as a node's /run/containerd or /run/crio), not on the host's own path;
 //   - optional agent flags (a short --recheck-interval) and the pull secret's content.
 //
 // Everything else (RBAC, names, probes, security context, components) is the product's.
@@ -29,6 +29,8 @@ import (
 type Options struct {
 	// Namespace and Instance name the instance (both required).
 	Namespace, Instance string
+	// Flavor is the overlay the instance is made from (default vanilla; ocp for a CRI-O node).
+	Flavor string
 	// Images is the image list, one reference per entry (images.txt of the overlay).
 	Images []string
 	// Components are names under components/ added to the instance overlay.
@@ -76,8 +78,12 @@ func Overlay(root, dir string, o Options) (string, error) {
 	if err := o.check(); err != nil {
 		return "", err
 	}
+	flavor := o.Flavor
+	if flavor == "" {
+		flavor = bundle.FlavorVanilla
+	}
 	in := bundle.Instance{
-		Flavor:     "vanilla",
+		Flavor:     flavor,
 		Namespace:  o.Namespace,
 		Name:       o.Instance,
 		Images:     []byte(ImagesFile(o.Images)),
@@ -93,7 +99,7 @@ func Overlay(root, dir string, o Options) (string, error) {
 		}
 	}
 	e2e := filepath.Join(dir, "e2e")
-	if err := Wrap(e2e, "../overlays/vanilla", o); err != nil {
+	if err := Wrap(e2e, "../overlays/"+flavor, o); err != nil {
 		return "", err
 	}
 	return e2e, nil
