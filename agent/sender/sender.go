@@ -11,7 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
+	"math"
 	"sync"
 	"time"
 
@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
@@ -44,8 +45,9 @@ type Config struct {
 	BufferSize int
 	// BatchSize bounds the results of one Submit call.
 	BatchSize int
-	// InitialBackoff and MaxBackoff bound the wait between failed sends
-	// (doubling, with jitter).
+	// InitialBackoff and MaxBackoff bound the wait between failed sends: it
+	// doubles from InitialBackoff up to MaxBackoff, plus up to 20% jitter.
+	// gRPC's reconnects follow the same schedule.
 	InitialBackoff time.Duration
 	MaxBackoff     time.Duration
 	// RPCTimeout bounds one Submit call.
@@ -54,6 +56,13 @@ type Config struct {
 	// DialOptions are added to the defaults (insecure transport, a reconnect
 	// backoff bounded by MaxBackoff).
 	DialOptions []grpc.DialOption
+}
+
+// backoff is the schedule of retries after failed sends (and of gRPC's
+// reconnects). The jitter keeps the agents of a cluster from retrying in step
+// after a collector restart.
+func (c *Config) backoff() wait.Backoff {
+	return wait.Backoff{Duration: c.InitialBackoff, Factor: 2, Jitter: 0.2, Steps: math.MaxInt32, Cap: c.MaxBackoff}
 }
 
 func (c *Config) setDefaults() {
@@ -127,12 +136,13 @@ func New(cfg Config) (*Sender, error) {
 		return nil, errors.New("collector address is empty")
 	}
 	cfg.setDefaults()
+	b := cfg.backoff()
 	opts := append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// gRPC's own reconnect backoff grows to two minutes; a collector
 		// that restarts should be found again within our own bound.
 		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: cfg.InitialBackoff, Multiplier: 1.6, Jitter: 0.2, MaxDelay: cfg.MaxBackoff},
+			Backoff:           backoff.Config{BaseDelay: b.Duration, Multiplier: b.Factor, Jitter: b.Jitter, MaxDelay: b.Cap},
 			MinConnectTimeout: 5 * time.Second,
 		}),
 	}, cfg.DialOptions...)
@@ -306,6 +316,7 @@ func (s *Sender) loop() {
 		stop = nil
 		flushDone = s.flushCtx.Done()
 	}
+	retry := s.cfg.backoff()
 	var delay time.Duration
 	for {
 		if delay > 0 {
@@ -341,23 +352,13 @@ func (s *Sender) loop() {
 			continue
 		}
 		if err := s.send(ctx, batch); err != nil {
-			delay = s.nextDelay(delay)
+			delay = retry.Step()
 			s.cfg.Log.Warn("results collector unavailable, will retry", "address", s.cfg.Address,
 				"queued", s.Stats().Queued, "retryIn", delay.Round(time.Millisecond), "error", err.Error())
 			continue
 		}
-		delay = 0
+		retry, delay = s.cfg.backoff(), 0
 	}
-}
-
-func (s *Sender) nextDelay(prev time.Duration) time.Duration {
-	d := s.cfg.InitialBackoff
-	if prev > 0 {
-		d = min(2*prev, s.cfg.MaxBackoff)
-	}
-	// Up to 20% jitter, so that the agents of a cluster do not retry in step
-	// after a collector restart.
-	return d - time.Duration(rand.Int64N(int64(d)/5+1))
 }
 
 // take moves up to BatchSize results from the queue into flight.

@@ -241,3 +241,37 @@ func TestAttemptsBecomeResults(t *testing.T) {
 		t.Errorf("failed attempt not delivered: %v", fc.got())
 	}
 }
+
+// Retries double from InitialBackoff up to MaxBackoff, with at most 20% jitter.
+func TestBackoffSchedule(t *testing.T) {
+	cfg := testConfig()
+	cfg.InitialBackoff, cfg.MaxBackoff = 100*time.Millisecond, time.Second
+	b := cfg.backoff()
+	for i, base := range []time.Duration{100, 200, 400, 800, 1000, 1000, 1000} {
+		base *= time.Millisecond
+		if d := b.Step(); d < base || d > base+base/5 {
+			t.Errorf("retry %d after %s, want %s plus at most 20%%", i+1, d, base)
+		}
+	}
+}
+
+// While the collector is down the sender waits between sends instead of
+// retrying in a tight loop.
+func TestRetriesBackOff(t *testing.T) {
+	fc := &fakeCollector{down: true}
+	cfg := testConfig()
+	cfg.InitialBackoff, cfg.MaxBackoff = 10*time.Millisecond, 40*time.Millisecond
+	s := newSender(cfg, fc)
+	s.Enqueue(res("a"))
+	time.Sleep(300 * time.Millisecond)
+	fc.mu.Lock()
+	calls := fc.calls
+	fc.mu.Unlock()
+	// 0, 10, 30, 70, 110, ... ms: about 8 sends in 300 ms.
+	if calls < 3 || calls > 12 {
+		t.Errorf("%d sends in 300 ms with a 10-40 ms backoff", calls)
+	}
+	if err := closeWithin(t, s, 10*time.Millisecond); err == nil {
+		t.Errorf("Close with the collector down: no error about the undelivered attempt")
+	}
+}
