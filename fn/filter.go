@@ -62,15 +62,13 @@ func (c *ImagePrefetcher) Filter(items []*yaml.RNode) ([]*yaml.RNode, error) {
 			continue
 		}
 		if file != "" {
-			for _, k := range []string{kioutil.PathAnnotation, kioutil.LegacyPathAnnotation} {
-				if err := d.PipeE(yaml.SetAnnotation(k, file)); err != nil {
-					return nil, err
-				}
+			// kyaml's framework adds the legacy config.kubernetes.io/ forms where the
+			// orchestrator uses them.
+			if err := d.PipeE(yaml.SetAnnotation(kioutil.PathAnnotation, file)); err != nil {
+				return nil, err
 			}
-			for _, k := range []string{kioutil.IndexAnnotation, kioutil.LegacyIndexAnnotation} {
-				if err := d.PipeE(yaml.SetAnnotation(k, strconv.Itoa(index))); err != nil {
-					return nil, err
-				}
+			if err := d.PipeE(yaml.SetAnnotation(kioutil.IndexAnnotation, strconv.Itoa(index))); err != nil {
+				return nil, err
 			}
 			index++
 		}
@@ -127,9 +125,6 @@ func (c *ImagePrefetcher) packageFile(items []*yaml.RNode) string {
 	for _, it := range items {
 		p := it.GetAnnotations()[kioutil.PathAnnotation]
 		if p == "" {
-			p = it.GetAnnotations()[kioutil.LegacyPathAnnotation]
-		}
-		if p == "" {
 			continue
 		}
 		fromFiles = true
@@ -150,9 +145,6 @@ func nextIndex(items []*yaml.RNode, file string) int {
 	for _, it := range items {
 		a := it.GetAnnotations()
 		p, idx := a[kioutil.PathAnnotation], a[kioutil.IndexAnnotation]
-		if p == "" {
-			p, idx = a[kioutil.LegacyPathAnnotation], a[kioutil.LegacyIndexAnnotation]
-		}
 		if p != file {
 			continue
 		}
