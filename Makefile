@@ -20,9 +20,20 @@ build:
 # `make unit` is the quick loop without it.
 test: check fuzz e2e
 
-check:
+# Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
+# real-cluster ones under e2e/ with the race detector. Tests that need the cluster skip here.
+STATICCHECK_VERSION ?= v0.8.2
+STATICCHECK := $(HOME)/.cache/image-prefetcher/tools/staticcheck-$(STATICCHECK_VERSION)/staticcheck
+
+check: $(STATICCHECK)
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(GO) mod tidy -diff
+	$(STATICCHECK) $(PKGS)
+	$(GO) test -race -count=1 $$($(GO) list $(PKGS) | grep -v '/e2e')
+
+$(STATICCHECK):
+	GOBIN=$(dir $(STATICCHECK)) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
 
 unit:
 	$(GO) test -count=1 $(PKGS)
