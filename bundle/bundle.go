@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/api/types"
@@ -171,6 +170,3 @@ func BuildAll(root, tmp string) ([]Build, error) {
 	}
 	return builds, nil
 }
-
-// validFlavor reports whether flavor names one of the overlays.
-func validFlavor(flavor string) bool { return slices.Contains(Flavors, flavor) }

@@ -3,6 +3,7 @@ package bundle
 import (
 	"fmt"
 	"path"
+	"slices"
 	"strconv"
 
 	"github.com/distribution/reference"
@@ -59,7 +60,7 @@ const (
 // write turns overlays/<Flavor> under dir of fsys (a copy of the bundle) into in and returns
 // its directory.
 func (in Instance) write(fsys filesys.FileSystem, dir string) (string, error) {
-	if !validFlavor(in.Flavor) {
+	if !slices.Contains(Flavors, in.Flavor) {
 		return "", fmt.Errorf("instance: unknown flavor %q (want one of %v)", in.Flavor, Flavors)
 	}
 	overlay := path.Join(dir, "overlays", in.Flavor)
