@@ -373,6 +373,11 @@ func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {
 		return nil, err
 	}
 	p.log.Info("connected to CRI runtime", "socket", c.Path, "runtime", c.RuntimeName, "version", c.RuntimeVersion)
+	if cri.JoinsConcurrentPulls(c.RuntimeName) && p.cfg.HedgeAfter > 0 && p.cfg.MaxHedges > 0 {
+		p.log.Info("hedged pulls off: this runtime makes a second pull of an image wait for the first, so a hedge cannot get past a stalled connection",
+			"runtime", c.RuntimeName, "hedgeAfter", p.cfg.HedgeAfter)
+		p.cfg.HedgeAfter = 0
+	}
 	return c, nil
 }
 

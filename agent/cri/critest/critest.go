@@ -142,6 +142,7 @@ type Server struct {
 	inflight     int
 	maxInflight  int
 	calls        []Call
+	runtimeName  string
 }
 
 var (
@@ -365,11 +366,25 @@ func (s *Server) ResetCounters() {
 	s.pulls, s.statuses, s.calls, s.maxInflight = map[string]int{}, map[string]int{}, nil, s.inflight
 }
 
+// SetRuntimeName makes Version report name instead of RuntimeName, for
+// behaviour the agent chooses by runtime.
+func (s *Server) SetRuntimeName(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.runtimeName = name
+}
+
 // Version implements RuntimeService.
 func (s *Server) Version(context.Context, *runtimeapi.VersionRequest) (*runtimeapi.VersionResponse, error) {
+	s.mu.Lock()
+	name := s.runtimeName
+	s.mu.Unlock()
+	if name == "" {
+		name = RuntimeName
+	}
 	return &runtimeapi.VersionResponse{
 		Version:           "0.1.0",
-		RuntimeName:       RuntimeName,
+		RuntimeName:       name,
 		RuntimeVersion:    RuntimeVersion,
 		RuntimeApiVersion: "v1",
 	}, nil
