@@ -2,21 +2,14 @@ package bundle
 
 import "testing"
 
-// decodeAll decodes every object of kind into a new T (e.g. appsv1.DaemonSet).
+// decodeAll is OfKind for tests.
 func decodeAll[T any](t *testing.T, objs []Object, kind string) []*T {
 	t.Helper()
-	var out []*T
-	for _, o := range objs {
-		if o.Kind != kind {
-			continue
-		}
-		v := new(T)
-		if err := o.Decode(v); err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, v)
+	all, err := OfKind[T](objs, kind)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return out
+	return all
 }
 
 // decodeOne decodes the one object of kind; the test fails unless there is exactly one.

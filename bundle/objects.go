@@ -28,6 +28,22 @@ func (o Object) Decode(into any) error {
 	return nil
 }
 
+// OfKind decodes every object of kind into a new T (e.g. appsv1.DaemonSet), in order.
+func OfKind[T any](objs []Object, kind string) ([]*T, error) {
+	var out []*T
+	for _, o := range objs {
+		if o.Kind != kind {
+			continue
+		}
+		v := new(T)
+		if err := o.Decode(v); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
 // Objects splits a multi-document build output into objects, in order.
 func Objects(data []byte) ([]Object, error) {
 	nodes, err := (&kio.ByteReader{Reader: bytes.NewReader(data), OmitReaderAnnotations: true}).Read()

@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"errors"
 	"slices"
 	"testing"
 
@@ -36,23 +37,13 @@ func TestBuild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ds appsv1.DaemonSet
-	var secret corev1.Secret
-	var cm corev1.ConfigMap
-	for _, obj := range objs {
-		var err error
-		switch obj.Kind {
-		case "DaemonSet":
-			err = obj.Decode(&ds)
-		case "Secret":
-			err = obj.Decode(&secret)
-		case "ConfigMap":
-			err = obj.Decode(&cm)
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
+	dss, err1 := bundle.OfKind[appsv1.DaemonSet](objs, "DaemonSet")
+	secrets, err2 := bundle.OfKind[corev1.Secret](objs, "Secret")
+	cms, err3 := bundle.OfKind[corev1.ConfigMap](objs, "ConfigMap")
+	if err := errors.Join(err1, err2, err3); err != nil || len(dss) != 1 || len(secrets) != 1 || len(cms) != 1 {
+		t.Fatalf("want one DaemonSet, Secret and ConfigMap: %d, %d, %d (%v)", len(dss), len(secrets), len(cms), err)
 	}
+	ds, secret, cm := dss[0], secrets[0], cms[0]
 	if ds.Name != o.Instance || ds.Namespace != o.Namespace {
 		t.Fatalf("DaemonSet %s/%s, want %s/%s", ds.Namespace, ds.Name, o.Namespace, o.Instance)
 	}
