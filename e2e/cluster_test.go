@@ -147,8 +147,13 @@ func TestNodeIsReady(t *testing.T) {
 	if env.Runtime == clusterenv.RuntimeCRIO {
 		want = "cri-o://"
 	}
-	// (the kubelet parses the version as semver and drops containerd's leading "v")
-	want += strings.TrimPrefix(env.RuntimeVersion, "v")
+	// The kubelet parses the version as semver: containerd's leading "v" and a distribution suffix such as
+	// Debian's "~ds1" are gone.
+	v := strings.TrimPrefix(env.RuntimeVersion, "v")
+	if i := strings.IndexAny(v, "~+-"); i >= 0 {
+		v = v[:i]
+	}
+	want += v
 	if got := node.Status.NodeInfo.ContainerRuntimeVersion; got != want {
 		t.Errorf("runtime %q, want %s", got, want)
 	}
