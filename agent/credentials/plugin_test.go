@@ -326,7 +326,7 @@ func TestPluginTimeoutKillsChildren(t *testing.T) {
 }
 
 func TestPluginCallerCancel(t *testing.T) {
-	cfg, bin, _ := pluginSetup(t, configYAML(providerYAML("sleepy", `"*.example.com"`, "1m", map[string]string{
+	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("sleepy", `"*.example.com"`, "1m", map[string]string{
 		"PLUGIN_MODE": "sleep",
 	})), "sleepy")
 	pp, err := NewPluginProvider(cfg, bin, WithPluginTimeout(2*time.Second))
@@ -337,6 +337,12 @@ func TestPluginCallerCancel(t *testing.T) {
 	cancel()
 	if _, err := pp.Lookup(ctx, "a.example.com/x:1"); !errors.Is(err, context.Canceled) {
 		t.Errorf("error = %v, want context.Canceled", err)
+	}
+	// The plugin still runs, detached from the cancelled caller so that other
+	// callers can share it; it writes its count file into the test's directory.
+	// Let that happen before the directory is removed.
+	for deadline := time.Now().Add(10 * time.Second); len(runs(t, count)) == 0 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 
