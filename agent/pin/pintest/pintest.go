@@ -44,7 +44,7 @@ type Server struct {
 
 	mu      sync.Mutex
 	records map[string]map[string]*imagesapi.Image // namespace -> name -> record
-	fail    map[string]codes.Code                   // record name -> code every Update of it fails with
+	fail    map[string]codes.Code                  // record name -> code every Update of it fails with
 	updates int
 	lists   int
 }
