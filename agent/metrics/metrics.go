@@ -10,6 +10,7 @@
 package metrics
 
 import (
+	"slices"
 	"sync"
 	"time"
 
@@ -32,6 +33,10 @@ const (
 // "none" is the state before the first write and after a removal.
 var LabelStates = []string{"succeeded", "failed", "none"}
 
+// PinOperations are the values of the "operation" label of the pin failure
+// counter.
+var PinOperations = []string{"pin", "release", "list"}
+
 // Metrics are the agent's collectors. The zero value is not usable; call New.
 type Metrics struct {
 	registry *prometheus.Registry
@@ -47,6 +52,8 @@ type Metrics struct {
 	lastPass      prometheus.Gauge
 	lastSuccess   prometheus.Gauge
 	passDuration  prometheus.Gauge
+	pinnedImages  prometheus.Gauge
+	pinFailures   *prometheus.CounterVec
 
 	mu    sync.Mutex
 	state string
@@ -106,10 +113,18 @@ func New() *Metrics {
 			Namespace: Namespace, Name: "last_pass_duration_seconds",
 			Help: "Duration of the last pass.",
 		}),
+		pinnedImages: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: Namespace, Name: "pinned_images",
+			Help: "Images of the current list that this instance holds pinned against the kubelet's image GC (--pin-images) after the last pass; 0 when pinning is off.",
+		}),
+		pinFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Name: "pin_failures_total",
+			Help: "Image pins that could not be set (operation pin) or let go of (release), and passes whose pins could not be read (list).",
+		}, []string{"operation"}),
 	}
 	m.registry.MustRegister(
 		m.pullDuration, m.attempts, m.failures, m.bytesPulled, m.imagesPresent, m.imagesMissing,
-		m.labelState, m.passes, m.lastPass, m.lastSuccess, m.passDuration,
+		m.labelState, m.passes, m.lastPass, m.lastSuccess, m.passDuration, m.pinnedImages, m.pinFailures,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -120,6 +135,9 @@ func New() *Metrics {
 	}
 	for _, r := range []string{"succeeded", "failed"} {
 		m.passes.WithLabelValues(r)
+	}
+	for _, op := range PinOperations {
+		m.pinFailures.WithLabelValues(op)
 	}
 	m.SetLabelState("none")
 	return m
@@ -207,4 +225,17 @@ func reasonLabel(r pull.Reason) string {
 		return string(r)
 	}
 	return string(pull.ReasonUnknown)
+}
+
+// SetPinnedImages records how many images of the list this instance holds
+// pinned.
+func (m *Metrics) SetPinnedImages(n int) { m.pinnedImages.Set(float64(n)) }
+
+// PinFailed counts one failure of a pin operation (one of PinOperations; any
+// other value is counted as "pin" rather than adding a series).
+func (m *Metrics) PinFailed(operation string) {
+	if !slices.Contains(PinOperations, operation) {
+		operation = "pin"
+	}
+	m.pinFailures.WithLabelValues(operation).Inc()
 }

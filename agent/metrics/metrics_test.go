@@ -196,3 +196,26 @@ func TestConcurrentUpdates(t *testing.T) {
 		t.Errorf("bytes = %v, want 800", got)
 	}
 }
+
+func TestPinMetrics(t *testing.T) {
+	m := New()
+	m.SetPinnedImages(3)
+	m.PinFailed("pin")
+	m.PinFailed("release")
+	m.PinFailed("release")
+	m.PinFailed("docker.io/library/busybox:latest") // never a series of its own
+	want := `
+# HELP image_prefetcher_pinned_images Images of the current list that this instance holds pinned against the kubelet's image GC (--pin-images) after the last pass; 0 when pinning is off.
+# TYPE image_prefetcher_pinned_images gauge
+image_prefetcher_pinned_images 3
+# HELP image_prefetcher_pin_failures_total Image pins that could not be set (operation pin) or let go of (release), and passes whose pins could not be read (list).
+# TYPE image_prefetcher_pin_failures_total counter
+image_prefetcher_pin_failures_total{operation="list"} 0
+image_prefetcher_pin_failures_total{operation="pin"} 2
+image_prefetcher_pin_failures_total{operation="release"} 2
+`
+	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want),
+		"image_prefetcher_pinned_images", "image_prefetcher_pin_failures_total"); err != nil {
+		t.Error(err)
+	}
+}
