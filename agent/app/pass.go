@@ -211,6 +211,9 @@ type presence struct {
 	// known: the runtime answered for every image; missing is then exact.
 	known   bool
 	missing []imagelist.Entry
+	// present are the images the runtime reported, by reference: the engine
+	// does not ask for them again.
+	present map[string]*runtimeapi.Image
 	// err: the runtime could not be reached (dial) or asked (ImageStatus).
 	err error
 }
@@ -229,11 +232,11 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 	if p.labels == nil && p.gate == nil && !p.server {
 		return presence{}
 	}
-	missing, err := p.missing(ctx, list.Entries)
+	missing, present, err := p.missing(ctx, list.Entries)
 	if err != nil {
 		return presence{err: err}
 	}
-	return presence{known: true, missing: missing}
+	return presence{known: true, missing: missing, present: present}
 }
 
 // startOnNode makes the node stop claiming what it does not hold before any
@@ -284,6 +287,7 @@ func (p *prefetcher) pull(ctx context.Context, list *imagelist.List, pres presen
 		Images:   p.client.Images,
 		Creds:    keyring,
 		Observer: append(observers{logObserver{p.log}, p.metrics}, p.extra...),
+		Present:  pres.present,
 		Config:   p.cfg,
 	}
 	if p.gate != nil && p.cfg.Policy != pull.PolicyAlways {
@@ -334,9 +338,9 @@ func (p *prefetcher) credentialProblems(k *credentials.Keyring) []nodelabel.Prob
 	return out
 }
 
-// missing returns the entries the runtime does not hold, with one
-// ImageStatus call each.
-func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) ([]imagelist.Entry, error) {
+// missing returns the entries the runtime does not hold and the images it
+// does, with one ImageStatus call each.
+func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) ([]imagelist.Entry, map[string]*runtimeapi.Image, error) {
 	// A runtime that hangs must not hang the pass before the engine (and its
 	// deadlines) even starts: each answer gets --cri-dial-timeout.
 	timeout := p.opts.DialTimeout
@@ -344,18 +348,21 @@ func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) ([]
 		timeout = cri.DefaultTimeout
 	}
 	var out []imagelist.Entry
+	present := make(map[string]*runtimeapi.Image, len(entries))
 	for _, e := range entries {
 		sctx, cancel := context.WithTimeout(ctx, timeout)
 		st, err := p.client.Images.ImageStatus(sctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: e.Ref}})
 		cancel()
 		if err != nil {
-			return nil, fmt.Errorf("image status %s: %w", e.Ref, err)
+			return nil, nil, fmt.Errorf("image status %s: %w", e.Ref, err)
 		}
 		if st.GetImage() == nil {
 			out = append(out, e)
+		} else {
+			present[e.Ref] = st.GetImage()
 		}
 	}
-	return out, nil
+	return out, present, nil
 }
 
 func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {

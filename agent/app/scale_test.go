@@ -160,16 +160,6 @@ func perNode(before, after, bgBefore, bgAfter map[string]float64, bgSecs, secs f
 	return b.String()
 }
 
-func sumCounts(m map[string]int, pred func(string) bool) int {
-	n := 0
-	for k, v := range m {
-		if pred(k) {
-			n += v
-		}
-	}
-	return n
-}
-
 func isWrite(k string) bool {
 	verb := strings.SplitN(k, " ", 2)[0]
 	return verb == "POST" || verb == "PUT" || verb == "PATCH" || verb == "DELETE"

@@ -43,6 +43,10 @@ type Engine struct {
 	Images   runtimeapi.ImageServiceClient
 	Creds    credentials.Provider // nil: anonymous pulls
 	Observer Observer             // nil: nobody is told
+	// Present holds the images of the list the caller has just found present
+	// (by ImageStatus, keyed by reference): IfNotPresent does not ask for them
+	// again, so a present image costs one ImageStatus per pass in all.
+	Present map[string]*runtimeapi.Image
 	Config
 }
 
@@ -95,6 +99,11 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 		return fail(stopReason(parent), ctx.Err())
 	}
 
+	if img := e.Present[en.Ref]; img != nil && e.Policy != PolicyAlways {
+		r.Outcome = OutcomePresent
+		setImage(&r, img)
+		return r
+	}
 	if e.Policy != PolicyAlways {
 		img, err := e.status(ctx, en.Ref)
 		if img != nil {

@@ -48,3 +48,27 @@ func TestHedgesOnlyWhereARuntimeFetchesThemApart(t *testing.T) {
 		})
 	}
 }
+
+// IfNotPresent costs one ImageStatus per present image per pass, also when
+// the pass first asks which images are missing (labels, readiness): the
+// engine reuses those answers.
+func TestPresentImageCostsOneStatusCall(t *testing.T) {
+	srv := critest.Start(t)
+	refs := []string{"registry.example/a:1", "registry.example/b:1"}
+	for _, r := range refs {
+		srv.AddImage(r, critest.Image{})
+	}
+	o := testOptions(srv.Path(), writeList(t, refs...))
+	p, _, _ := newTestPrefetcher(t, o)
+	if _, err := p.pass(context.Background()); err != nil {
+		t.Fatalf("pass: %v", err)
+	}
+	for _, r := range refs {
+		if got := srv.StatusCalls(r); got != 1 {
+			t.Errorf("%s: %d ImageStatus calls, want 1", r, got)
+		}
+	}
+	if got := srv.TotalPullCalls(); got != 0 {
+		t.Errorf("%d PullImage calls for present images", got)
+	}
+}
