@@ -15,7 +15,10 @@
 # IMAGE_PREFETCHER_E2E_RUNTIME (containerd = containerd 2.x, the default | containerd-1.6 = Debian's | cri-o),
 # K8S_VERSION (default v1.35.4), CONTAINERD_VERSION (default v2.2.1), CRIO_VERSION (default v1.35.2),
 # IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image),
-# IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one).
+# IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one),
+# IMAGE_PREFETCHER_E2E_NODE_TAINTS (kubelet --register-with-taints: the node registers tainted, as a new node
+# of a gated pool does), IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE (kubelet imageMaximumGCAge, e.g. 1m: image GC
+# deletes images unused for that long; unset: GC off).
 # Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
 set -euo pipefail
 
@@ -23,6 +26,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${IMAGE_PREFETCHER_E2E_STATE:-/var/tmp/image-prefetcher-e2e}
 K8S_VERSION=${K8S_VERSION:-v1.35.4}
 NODE_NAME=${IMAGE_PREFETCHER_E2E_NODE_NAME:-e2e-node}
+NODE_TAINTS=${IMAGE_PREFETCHER_E2E_NODE_TAINTS:-}
+IMAGE_MAX_GC_AGE=${IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE:-}
 AGENT_IMAGE_MODE=${IMAGE_PREFETCHER_E2E_AGENT_IMAGE:-auto}
 REGISTRY=127.0.0.1:5000
 AUTH_REGISTRY=127.0.0.1:5001
@@ -560,14 +565,17 @@ failSwapOn: false
 podLogsDir: $k/pod-logs
 resolvConf: /etc/resolv.conf
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"}
-# image GC would remove prefetched images behind the tests' backs; a test of GC sets its own
+# image GC would remove prefetched images behind the tests' backs: off, unless a GC test asks for
+# imageMaximumGCAge (GC then removes images unused for that long, whatever the disk usage)
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+${IMAGE_MAX_GC_AGE:+imageMaximumGCAge: $IMAGE_MAX_GC_AGE}
 serializeImagePulls: false
 rotateCertificates: false
 EOF
   start_bg kubelet "$kb/kubelet" --config="$k/config.yaml" --kubeconfig="$STATE/node.kubeconfig" \
-    --root-dir="$k/root" --cert-dir="$k/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP"
+    --root-dir="$k/root" --cert-dir="$k/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
+    ${NODE_TAINTS:+--register-with-taints="$NODE_TAINTS"}
   wait_for 90 "node $NODE_NAME Ready" kubelet sh -c \
     "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/nodes/$NODE_NAME | tr -d ' \n' | grep -q '\"type\":\"Ready\",\"status\":\"True\"'"
   # pods need the default ServiceAccount, which the controller-manager creates
@@ -619,6 +627,8 @@ write_env() {
       echo "export IMAGE_PREFETCHER_E2E_APISERVER='https://127.0.0.1:6443'"
       echo "export IMAGE_PREFETCHER_E2E_NODE_NAME='$NODE_NAME'"
       echo "export IMAGE_PREFETCHER_E2E_NODE_IP='$NODE_IP'"
+      echo "export IMAGE_PREFETCHER_E2E_NODE_TAINTS='$NODE_TAINTS'"
+      echo "export IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE='$IMAGE_MAX_GC_AGE'"
       echo "export IMAGE_PREFETCHER_E2E_POD_LOGS_DIR='$STATE/kubelet/pod-logs'"
       echo "export IMAGE_PREFETCHER_E2E_KUBE_VERSION='$K8S_VERSION'"
       echo "export IMAGE_PREFETCHER_E2E_KUBE_BIN='$kbin'"
@@ -784,6 +794,10 @@ reusable() {
   have=$(cat "$STATE/mode" 2>/dev/null)
   [ "$have" = full ] || [ "$have" = "$1" ] || return 1
   [ "$RUNTIME" = "$WANT_RUNTIME" ] || return 1
+  if [ "$have" = full ]; then # the node's settings must be the ones asked for
+    grep -qx "export IMAGE_PREFETCHER_E2E_NODE_TAINTS='$NODE_TAINTS'" "$ENV_FILE" || return 1
+    grep -qx "export IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE='$IMAGE_MAX_GC_AGE'" "$ENV_FILE" || return 1
+  fi
   for n in registry registry-auth "$RUNTIME_PROC"; do alive $n || return 1; done
   if [ "$have" = full ]; then
     for n in etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do alive $n || return 1; done
