@@ -372,3 +372,18 @@ func (p *Pinner) release(ctx context.Context, img *imagesapi.Image) (Action, err
 	}
 	return action, nil
 }
+
+// Owned returns the names of the records this instance owns, sorted. A
+// runtime without containerd's images API gives ErrUnsupported.
+func (p *Pinner) Owned(ctx context.Context) ([]string, error) {
+	imgs, err := p.Client.withLabel(ctx, OwnerLabel(p.Instance))
+	if err != nil {
+		return nil, fmt.Errorf("list the images pinned by instance %s: %w", p.Instance, err)
+	}
+	names := make([]string, 0, len(imgs))
+	for _, img := range imgs {
+		names = append(names, img.GetName())
+	}
+	slices.Sort(names)
+	return names, nil
+}

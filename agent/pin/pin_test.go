@@ -271,3 +271,17 @@ func TestNoImagesAPIIsUnsupported(t *testing.T) {
 		t.Errorf("Reconcile against a socket without the images API: %v, want ErrUnsupported", err)
 	}
 }
+
+func TestOwned(t *testing.T) {
+	srv := pintest.Start(t)
+	for _, n := range []string{imgC, imgA, imgB} {
+		srv.Add(n, criLabels)
+	}
+	a, b := newPinner(t, srv, "team-a"), newPinner(t, srv, "team-b")
+	reconcile(t, a, []string{imgC, imgA}, nil)
+	reconcile(t, b, []string{imgB}, nil)
+	got, err := a.Owned(context.Background())
+	if err != nil || !slices.Equal(got, []string{imgA, imgC}) {
+		t.Errorf("Owned = %v, %v; want [%s %s]", got, err, imgA, imgC)
+	}
+}
