@@ -48,6 +48,9 @@ type Options struct {
 
 	PullSlotOptions
 
+	// PinImages pins the listed images on containerd (see agent/pin).
+	PinImages bool
+
 	// Collector: the results collector the attempts are sent to.
 	Collector CollectorOptions
 }
@@ -106,6 +109,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.DurationVar(&o.HedgeAfter, "hedge-after", o.HedgeAfter, "When a pull attempt has not answered after this long, start another PullImage of the image on a new registry connection (first success wins); 0 disables.")
 	fs.IntVar(&o.MaxHedges, "max-hedges", o.MaxHedges, "Extra PullImage calls per attempt, --hedge-after apart.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
+	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
 	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of each node label write (and of the events), separate from the pass's: transient API errors (server down, 5xx, 429, conflicts) are retried until it is spent.")
 	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
@@ -130,6 +134,9 @@ func (o *Options) validate(withServer bool) error {
 		if err := nodelabel.ValidateInstance(o.Instance); err != nil {
 			errs = append(errs, fmt.Errorf("--instance: %w", err))
 		}
+	}
+	if o.PinImages && o.Instance == "" {
+		errs = append(errs, errors.New("--pin-images needs --instance: each instance records the pins it set"))
 	}
 	if o.ImageList == "" {
 		errs = append(errs, errors.New("--image-list-file is empty"))

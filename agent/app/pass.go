@@ -53,6 +53,8 @@ type prefetcher struct {
 
 	// client is the CRI connection, dialled lazily and kept across passes.
 	client *cri.Client
+	// pins: --pin-images, on containerd's images API (pin.go).
+	pins pinning
 	// lastDigest is the list the previous pass was for: readiness goes to
 	// not ready as soon as another list starts.
 	lastDigest string
@@ -145,6 +147,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 		rep.State = nodelabel.Failed
 	}
 	p.metrics.PassFinished(rep.Results, time.Since(start))
+	p.reconcilePins(ctx, list, results)
 	if err != nil && len(rep.Results) == 0 {
 		// An empty list that could not even start still deserves an event.
 		problems = append(problems, nodelabel.Problem{Reason: nodelabel.EventReasonFailed, Key: "pass\x00" + err.Error(),
@@ -225,6 +228,10 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 	if p.client == nil {
 		c, err := p.dial(ctx)
 		if err != nil {
+			return presence{err: err}
+		}
+		if err := p.startPinning(ctx, c); err != nil {
+			c.Close()
 			return presence{err: err}
 		}
 		p.client = c
@@ -446,6 +453,7 @@ func (p *prefetcher) close() {
 	if p.client != nil {
 		p.client.Close()
 	}
+	p.pins.close()
 }
 
 func shortDigest(d string) string {

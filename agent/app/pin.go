@@ -1,0 +1,156 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/cri"
+	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
+	"github.com/nodeprefetch/image-prefetcher/agent/pin"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+)
+
+// pinning is the state of --pin-images across passes. Pins are reconciled on
+// containerd even with the option off, so that turning it off (or an empty
+// list) lets go of every pin this instance set.
+type pinning struct {
+	// pinner is set once the runtime is known to be a containerd; it stays
+	// nil on other runtimes, where nothing of ours can be pinned.
+	pinner *pin.Pinner
+	// socket is where containerd's API is served when not on the CRI socket
+	// (tests only).
+	socket string
+}
+
+func (s *pinning) close() {
+	if s.pinner != nil {
+		s.pinner.Client.Close()
+		s.pinner = nil
+	}
+}
+
+// pinUnsupported is the error of a pass with --pin-images on a runtime that
+// cannot pin through containerd's images API.
+func pinUnsupported(c *cri.Client, cause error) error {
+	msg := fmt.Sprintf("--pin-images needs containerd's images API, which the runtime on %s (%s %s) does not serve; "+
+		"on CRI-O pin images with CRI-O's own pinned_images setting ([crio.image] in crio.conf), "+
+		"on OpenShift with a PinnedImageSet (machineconfiguration.openshift.io/v1), and run the agent without --pin-images",
+		c.Path, c.RuntimeName, c.RuntimeVersion)
+	if cause != nil {
+		return fmt.Errorf("%s: %w", msg, cause)
+	}
+	return errors.New(msg)
+}
+
+// startPinning runs when the runtime has just been reached, before anything
+// is pulled. With --pin-images, a runtime without containerd's images API
+// fails the pass here, so the misconfiguration shows at once rather than
+// after a whole pass of pulls.
+func (p *prefetcher) startPinning(ctx context.Context, c *cri.Client) error {
+	if p.opts.Instance == "" {
+		// Only with --label=false and --pin-images=false: without an
+		// instance nothing can have been pinned as ours.
+		return nil
+	}
+	if c.RuntimeName != pin.RuntimeName {
+		if p.opts.PinImages {
+			return pinUnsupported(c, nil)
+		}
+		return nil
+	}
+	path := p.pins.socket
+	if path == "" {
+		path = c.Path
+	}
+	client, err := pin.Dial(path, p.opts.DialTimeout)
+	if err != nil {
+		return fmt.Errorf("containerd images API: %w", err)
+	}
+	pinner := &pin.Pinner{Client: client, Instance: p.opts.Instance}
+	if p.opts.PinImages {
+		owned, err := pinner.Owned(ctx)
+		switch {
+		case errors.Is(err, pin.ErrUnsupported):
+			client.Close()
+			return pinUnsupported(c, err)
+		case err != nil:
+			// Not the runtime's kind, only this call: the pass goes on and
+			// its end tries again.
+			p.log.Warn("containerd images API did not answer; pins are tried again at the end of the pass", "error", err.Error())
+		default:
+			p.log.Info("pinning images through containerd's images API", "namespace", pin.Namespace,
+				"ownerLabel", pin.OwnerLabel(p.opts.Instance), "pinnedByThisInstance", len(owned))
+		}
+	}
+	p.pins.close()
+	p.pins.pinner = pinner
+	return nil
+}
+
+// pinMessages say in the logs what each pin action means.
+var pinMessages = map[pin.Action]string{
+	pin.Set:      "image pinned",
+	pin.Repaired: "image pin repaired: it had been removed",
+	pin.Claimed:  "image pinned: the pin was there already and stays when this instance lets go",
+	pin.Released: "image released by this instance: its pin stays (another instance wants it, or image-prefetcher did not set it)",
+	pin.Unpinned: "image unpinned: the kubelet's image GC may collect it again",
+}
+
+// reconcilePins pins the images of the list that are present and lets go of
+// those this instance pinned that left the list (all of them with
+// --pin-images=false). Failures are logged and counted; they never change
+// the pass's outcome, which says whether the images are present.
+func (p *prefetcher) reconcilePins(ctx context.Context, list *imagelist.List, results []pull.Result) {
+	pinner := p.pins.pinner
+	if pinner == nil {
+		return
+	}
+	var toPin, keep []string
+	if p.opts.PinImages {
+		present := map[string]bool{}
+		for _, r := range results {
+			if r.Outcome != pull.OutcomeFailed {
+				present[r.Image] = true
+			}
+		}
+		for _, e := range list.Entries {
+			name, err := pin.RecordName(e.Ref)
+			if err != nil {
+				p.log.Error("image not pinned", "image", e.Ref, "error", err.Error())
+				p.metrics.PinFailed(string(pin.OpPin))
+				continue
+			}
+			keep = append(keep, name)
+			if present[e.Ref] {
+				toPin = append(toPin, name)
+			}
+		}
+	}
+	rep, err := pinner.Reconcile(ctx, toPin, keep)
+	if err != nil {
+		if !p.opts.PinImages && errors.Is(err, pin.ErrUnsupported) {
+			// Off, and a containerd without the images API: nothing can
+			// have been pinned; stop asking.
+			p.log.Debug("no containerd images API: no pins to let go of", "error", err.Error())
+			p.pins.close()
+			return
+		}
+		p.metrics.PinFailed("list")
+		p.log.Error("image pins not reconciled (the node label is unaffected)", "error", err.Error())
+		return
+	}
+	for _, c := range rep.Changes {
+		p.log.Info(pinMessages[c.Action], "image", c.Image, "action", string(c.Action))
+	}
+	for _, f := range rep.Failures {
+		p.metrics.PinFailed(string(f.Op))
+		p.log.Error("image pin failed (the node label is unaffected)", "operation", string(f.Op), "image", f.Image,
+			"error", f.Err.Error())
+	}
+	p.metrics.SetPinnedImages(rep.Pinned)
+	if len(rep.Changes) > 0 || len(rep.Failures) > 0 {
+		p.log.Info("image pins reconciled", "pinned", rep.Pinned, "changed", len(rep.Changes), "failed", len(rep.Failures),
+			"pinImages", p.opts.PinImages)
+	}
+}
