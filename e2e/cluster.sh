@@ -17,8 +17,8 @@
 # IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image),
 # IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one),
 # IMAGE_PREFETCHER_E2E_NODE_TAINTS (kubelet --register-with-taints: the node registers tainted, as a new node
-# of a gated pool does), IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE (kubelet imageMaximumGCAge, e.g. 1m: image GC
-# deletes images unused for that long; unset: GC off).
+# of a gated pool does), IMAGE_PREFETCHER_E2E_IMAGE_GC=1 (the kubelet's image GC collects every unused image
+# that is not pinned, at the kubelet's start and every 5 minutes; unset: image GC off).
 # Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
 set -euo pipefail
 
@@ -27,7 +27,7 @@ STATE=${IMAGE_PREFETCHER_E2E_STATE:-/var/tmp/image-prefetcher-e2e}
 K8S_VERSION=${K8S_VERSION:-v1.35.4}
 NODE_NAME=${IMAGE_PREFETCHER_E2E_NODE_NAME:-e2e-node}
 NODE_TAINTS=${IMAGE_PREFETCHER_E2E_NODE_TAINTS:-}
-IMAGE_MAX_GC_AGE=${IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE:-}
+IMAGE_GC=${IMAGE_PREFETCHER_E2E_IMAGE_GC:-}
 AGENT_IMAGE_MODE=${IMAGE_PREFETCHER_E2E_AGENT_IMAGE:-auto}
 REGISTRY=127.0.0.1:5000
 AUTH_REGISTRY=127.0.0.1:5001
@@ -565,11 +565,20 @@ failSwapOn: false
 podLogsDir: $k/pod-logs
 resolvConf: /etc/resolv.conf
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"}
-# image GC would remove prefetched images behind the tests' backs: off, unless a GC test asks for
-# imageMaximumGCAge (GC then removes images unused for that long, whatever the disk usage)
+$(if [ "$IMAGE_GC" = 1 ]; then cat <<'GC'
+# IMAGE_PREFETCHER_E2E_IMAGE_GC=1: any disk usage is over the threshold and no image is too young, so every
+# GC run (at the kubelet's start, then every 5 minutes) removes every image that no container uses and the
+# runtime does not report pinned
+imageGCHighThresholdPercent: 1
+imageGCLowThresholdPercent: 0
+imageMinimumGCAge: 0s
+GC
+else cat <<'GC'
+# image GC would remove prefetched images behind the tests' backs: off
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
-${IMAGE_MAX_GC_AGE:+imageMaximumGCAge: $IMAGE_MAX_GC_AGE}
+GC
+fi)
 serializeImagePulls: false
 rotateCertificates: false
 EOF
@@ -628,7 +637,7 @@ write_env() {
       echo "export IMAGE_PREFETCHER_E2E_NODE_NAME='$NODE_NAME'"
       echo "export IMAGE_PREFETCHER_E2E_NODE_IP='$NODE_IP'"
       echo "export IMAGE_PREFETCHER_E2E_NODE_TAINTS='$NODE_TAINTS'"
-      echo "export IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE='$IMAGE_MAX_GC_AGE'"
+      echo "export IMAGE_PREFETCHER_E2E_IMAGE_GC='$IMAGE_GC'"
       echo "export IMAGE_PREFETCHER_E2E_POD_LOGS_DIR='$STATE/kubelet/pod-logs'"
       echo "export IMAGE_PREFETCHER_E2E_KUBE_VERSION='$K8S_VERSION'"
       echo "export IMAGE_PREFETCHER_E2E_KUBE_BIN='$kbin'"
@@ -796,7 +805,7 @@ reusable() {
   [ "$RUNTIME" = "$WANT_RUNTIME" ] || return 1
   if [ "$have" = full ]; then # the node's settings must be the ones asked for
     grep -qx "export IMAGE_PREFETCHER_E2E_NODE_TAINTS='$NODE_TAINTS'" "$ENV_FILE" || return 1
-    grep -qx "export IMAGE_PREFETCHER_E2E_IMAGE_MAX_GC_AGE='$IMAGE_MAX_GC_AGE'" "$ENV_FILE" || return 1
+    grep -qx "export IMAGE_PREFETCHER_E2E_IMAGE_GC='$IMAGE_GC'" "$ENV_FILE" || return 1
   fi
   for n in registry registry-auth "$RUNTIME_PROC"; do alive $n || return 1; done
   if [ "$have" = full ]; then
