@@ -27,6 +27,9 @@ const (
 	// it, or the credential provider config) could not be used; the pulls went
 	// on without it.
 	EventReasonCredentialFileSkipped = "PrefetchCredentialFileSkipped"
+	// EventReasonNodeGated: the node still carries the instance's startup
+	// taint because images of the list are missing; the message names them.
+	EventReasonNodeGated = "PrefetchNodeGated"
 )
 
 // Defaults used when the corresponding Events field is zero.

@@ -152,6 +152,23 @@ func (l *Labeler) Set(ctx context.Context, listDigest string, state State) (wrot
 	}, &value, &listDigest, "set "+value)
 }
 
+// Claim returns what the node's label says about the list listDigest, as the
+// labeler last read or wrote it: Succeeded or Failed when the label describes
+// that list, "" when the node carries no label for it or its state is not
+// known (a write failed). It makes no request.
+func (l *Labeler) Claim(listDigest string) State {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := l.known
+	if k == nil || k.unknown || !k.hasLabel || !k.hasDigest || k.digest != listDigest {
+		return ""
+	}
+	if s := State(k.label); s.Valid() {
+		return s
+	}
+	return ""
+}
+
 // Remove deletes this instance's label and annotation from the node, for
 // uninstall and cleanup. Removing what is not there writes nothing.
 func (l *Labeler) Remove(ctx context.Context) error {
