@@ -43,6 +43,14 @@ func (r *Readiness) SetResults(results []pull.Result) { r.SetOutcome(results, ni
 // is not ready even with every image present: workloads schedule on the
 // label, so a rollout must not look complete while the node does not say so.
 func (r *Readiness) SetOutcome(results []pull.Result, labelErr error) {
+	r.SetRecorded(results, labelErr, nil)
+}
+
+// SetRecorded is SetOutcome with the errors of the node writes besides the
+// label that the agent was asked for (nodeErr: the Node condition, the startup
+// taint's removal). Those keep the agent not ready too: a node still gated, or
+// a condition that does not say what the node holds, is not a finished rollout.
+func (r *Readiness) SetRecorded(results []pull.Result, labelErr, nodeErr error) {
 	var missing []string
 	for _, res := range results {
 		if res.Outcome == pull.OutcomeFailed {
@@ -63,6 +71,9 @@ func (r *Readiness) SetOutcome(results []pull.Result, labelErr error) {
 	}
 	if labelErr != nil {
 		errs = append(errs, fmt.Errorf("node label not written (retried within seconds): %w", labelErr))
+	}
+	if nodeErr != nil {
+		errs = append(errs, fmt.Errorf("node not updated (retried within seconds): %w", nodeErr))
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()

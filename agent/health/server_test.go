@@ -245,3 +245,18 @@ func TestReadinessNeedsTheLabelWritten(t *testing.T) {
 		t.Errorf("whole list, label written: %v", err)
 	}
 }
+
+// The other node writes (Node condition, startup taint) count like the label:
+// not ready until they are done.
+func TestReadinessNeedsTheNodeWrites(t *testing.T) {
+	var r Readiness
+	all := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}}
+	r.SetRecorded(all, nil, errors.New("remove startup taint: forbidden"))
+	if err := r.Check(); err == nil || !strings.Contains(err.Error(), "node not updated") || !strings.Contains(err.Error(), "startup taint") {
+		t.Errorf("Check = %v, want not ready naming the node write", err)
+	}
+	r.SetRecorded(all, nil, nil)
+	if err := r.Check(); err != nil {
+		t.Errorf("everything written: %v", err)
+	}
+}
