@@ -12,6 +12,10 @@
 // the pin only when no instance still wants it and only when image-prefetcher
 // set it: a pin set by anyone else (containerd pins its sandbox image itself)
 // is never removed.
+//
+// containerd 2.x replaces a record's labels whenever it pulls the image again
+// (its transfer service updates the whole record), which drops the pin and the
+// marks together; the next Reconcile sets them again.
 package pin
 
 import (
