@@ -194,8 +194,9 @@ func (s *Server) List(ctx context.Context, req *imagesapi.ListImagesRequest) (*i
 	}
 	var keys []string
 	for _, f := range req.GetFilters() {
-		k, ok := strings.CutPrefix(f, `labels."`)
-		if k, ok = strings.CutSuffix(k, `"`); !ok || strings.ContainsAny(k, `"=!~,`) {
+		k, prefixed := strings.CutPrefix(f, `labels."`)
+		k, quoted := strings.CutSuffix(k, `"`)
+		if !prefixed || !quoted || strings.ContainsAny(k, `"=!~,`) {
 			return nil, status.Errorf(codes.InvalidArgument, "pintest: unsupported filter %q", f)
 		}
 		keys = append(keys, k)
