@@ -8,7 +8,7 @@ PKGS := ./...
 FUZZTIME ?= 10s
 E2E := e2e/cluster.sh
 
-.PHONY: all build test check unit fuzz e2e e2e-cri-o e2e-containerd-1.6 cluster-up cluster-down demo bench golden clean
+.PHONY: all build test check unit fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6 cluster-up cluster-down demo bench golden clean
 
 all: build
 
@@ -18,7 +18,7 @@ build:
 
 # Everything, from cheap to real. CI runs exactly this. Needs root on Linux for the real cluster;
 # `make unit` is the quick loop without it.
-test: check fuzz e2e e2e-cri-o e2e-containerd-1.6
+test: check fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6
 
 # Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
 # real-cluster ones under e2e/ with the race detector. Tests that need the cluster skip here.
@@ -52,7 +52,8 @@ fuzz:
 # missing), and tears the cluster down.
 e2e: fn-tools
 	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
-	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m $(PKGS)
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m \
+	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS))' $(PKGS)
 
 # The same cluster on the other runtimes users run, with the real tests that concern the runtime:
 # the agent against it, what differs per runtime, and (CRI-O, deployed from overlays/ocp) the
@@ -63,6 +64,16 @@ E2E_CRIO_SCENARIOS := TestScenario(QuickStart|MissingTag|PrivateImage|RecheckRep
 e2e-cri-o:
 	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=cri-o $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS)|$(E2E_CRIO_SCENARIOS)$$)' ./e2e/
+
+# A node that registers with a startup taint and whose kubelet garbage-collects every unused, unpinned
+# image: the startup-taint gate and pinning against the kubelet's image GC, on containerd 2.x.
+E2E_GATE_TAINT := image-prefetcher.stackrox.io/e2e-gate=:NoSchedule
+E2E_NODE_LIFECYCLE_TESTS := TestStartupTaint|TestImageGC
+
+e2e-node-lifecycle:
+	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd \
+	  IMAGE_PREFETCHER_E2E_NODE_TAINTS='$(E2E_GATE_TAINT)' IMAGE_PREFETCHER_E2E_IMAGE_GC=1 $(E2E) up; \
+	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_NODE_LIFECYCLE_TESTS))' ./e2e/
 
 e2e-containerd-1.6:
 	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd-1.6 $(E2E) up; \
