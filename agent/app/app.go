@@ -39,7 +39,8 @@ const (
 	// annotation, one patch) failed within --label-write-timeout, or no
 	// Kubernetes client could be set up (kubeconfig missing or invalid, not
 	// in a cluster). The node's label then does not say what the pass found,
-	// so this code wins over ExitFailed.
+	// so this code wins over ExitFailed. Likewise when the Node condition or
+	// the startup taint's removal, asked for, could not be written.
 	ExitNotRecorded = 3
 )
 
@@ -197,6 +198,11 @@ func (p *prefetcher) fetchExit(rep passReport, err error) int {
 			"error", rep.LabelErr.Error())
 		code = ExitNotRecorded
 	}
+	if rep.NodeErr != nil {
+		p.log.Error("fetch could not update the node (condition or startup taint)", "exitCode", ExitNotRecorded,
+			"error", rep.NodeErr.Error())
+		code = ExitNotRecorded
+	}
 	return code
 }
 
@@ -245,6 +251,7 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 		}
 		p.labels = &nodelabel.Labeler{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
 		p.events = &nodelabel.Events{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
+		p.setupNodeGate(client)
 		log = log.With("instance", opts.Instance, "node", opts.NodeName)
 	}
 	if err := p.setupGate(client, log); err != nil {
@@ -337,7 +344,7 @@ func (p *prefetcher) nextWait(rep passReport, err error, retry time.Duration) (w
 	interval := p.opts.RecheckInterval
 	grow := min(2*retry, interval)
 	switch {
-	case rep.LabelErr != nil:
+	case rep.LabelErr != nil || rep.NodeErr != nil:
 		return min(retry, labelRetryCap, interval), grow
 	case err != nil || rep.State == nodelabel.Failed:
 		return min(retry, interval), grow

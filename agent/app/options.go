@@ -47,6 +47,7 @@ type Options struct {
 	LogLevel          string
 
 	PullSlotOptions
+	NodeGateOptions
 
 	// PinImages pins the listed images on containerd (see agent/pin).
 	PinImages bool
@@ -84,6 +85,7 @@ func defaultOptions() *Options {
 		LogFormat:                 "text",
 		LogLevel:                  "info",
 		PullSlotOptions:           defaultPullSlotOptions(),
+		NodeGateOptions:           defaultNodeGateOptions(),
 		Collector:                 defaultCollectorOptions(),
 	}
 }
@@ -115,6 +117,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
 	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "debug, info, warn or error.")
 	o.PullSlotOptions.addFlags(fs)
+	o.NodeGateOptions.addFlags(fs)
 	o.Collector.addFlags(fs)
 	if withServer {
 		fs.DurationVar(&o.RecheckInterval, "recheck-interval", o.RecheckInterval, "How often presence is re-checked and missing images re-pulled (e.g. after kubelet image GC).")
@@ -149,6 +152,9 @@ func (o *Options) validate(withServer bool) error {
 	}
 	if withServer && o.RecheckInterval <= 0 {
 		errs = append(errs, fmt.Errorf("--recheck-interval=%s: must be positive", o.RecheckInterval))
+	}
+	if err := o.NodeGateOptions.validate(o.Label, o.Instance); err != nil {
+		errs = append(errs, err)
 	}
 	if err := o.PullSlotOptions.validate(); err != nil {
 		errs = append(errs, err)

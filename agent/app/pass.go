@@ -28,6 +28,8 @@ type labelWriter interface {
 	Withdraw(ctx context.Context, listDigest string) error
 	// Set records the outcome; wrote says whether the node changed.
 	Set(ctx context.Context, listDigest string, state nodelabel.State) (wrote bool, err error)
+	// Claim is what the node's label says about the list.
+	Claim(ctx context.Context, listDigest string) (nodelabel.State, error)
 }
 
 type eventReporter interface {
@@ -50,6 +52,9 @@ type prefetcher struct {
 	// gate, when set, bounds how many nodes pull at once cluster-wide. It is
 	// asked for a slot only when some image is missing.
 	gate pullGate
+	// nodeGate: the startup taint and the Node condition (nodegate.go), nil
+	// unless asked for.
+	nodeGate *nodeGate
 
 	// client is the CRI connection, dialled lazily and kept across passes.
 	client *cri.Client
@@ -88,6 +93,11 @@ type passReport struct {
 	// LabelErr is the error of the write that records State on the node; nil
 	// when it was written (or the node already said so), or with --label=false.
 	LabelErr error
+	// NodeErr is the error of the other node writes of the outcome (the Node
+	// condition, the startup taint's removal), when asked for.
+	NodeErr error
+	// pulledAt is when the pulls of the pass ended.
+	pulledAt time.Time
 }
 
 // Failed lists the results that are not present on the node.
@@ -125,9 +135,11 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 
 	pres := p.presence(ctx, list)
 	rep.Missing = len(pres.missing)
+	p.conditionStarted(ctx, list, pres)
 	p.startOnNode(ctx, list, pres)
 
 	results, problems, err := p.pull(ctx, list, pres)
+	rep.pulledAt = time.Now()
 	if err != nil {
 		p.log.Error("pass could not pull", "error", err.Error())
 	}
@@ -154,7 +166,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 			Message: "pass could not run: " + err.Error()})
 	}
 	p.record(ctx, &rep, problems)
-	p.readiness.SetOutcome(rep.Results, rep.LabelErr)
+	p.readiness.SetRecorded(rep.Results, rep.LabelErr, rep.NodeErr)
 	if err != nil {
 		p.readiness.SetNotReady(err.Error())
 	}
@@ -396,7 +408,8 @@ func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {
 }
 
 // record writes the pass's outcome to the node: label first (what workloads
-// schedule on), then events. Both use their own time budgets, so an expired
+// schedule on), then the Node condition and the startup taint when asked for
+// (recordGate), then events. Both use their own time budgets, so an expired
 // pass deadline does not stop `failed` from being written. The label write's
 // error is kept in rep: `fetch` exits ExitNotRecorded for it, `run` retries it
 // within seconds and stays not ready meanwhile.
@@ -414,6 +427,7 @@ func (p *prefetcher) record(ctx context.Context, rep *passReport, problems []nod
 			p.log.Info("node label written", "label", nodelabel.Key(p.opts.Instance), "value", string(rep.State))
 		}
 	}
+	problems = append(problems, p.recordGate(ctx, rep)...)
 	// The success event follows the label's change, not the pass: a node that
 	// already said succeeded for this list (steady state, warm fetch) gets none.
 	o := nodelabel.Outcome{Digest: rep.Digest, Results: rep.Results, Problems: problems, LabelChanged: wrote}

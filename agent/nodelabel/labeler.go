@@ -152,21 +152,30 @@ func (l *Labeler) Set(ctx context.Context, listDigest string, state State) (wrot
 	}, &value, &listDigest, "set "+value)
 }
 
-// Claim returns what the node's label says about the list listDigest, as the
-// labeler last read or wrote it: Succeeded or Failed when the label describes
-// that list, "" when the node carries no label for it or its state is not
-// known (a write failed). It makes no request.
-func (l *Labeler) Claim(listDigest string) State {
+// Claim returns what the node's label says about the list listDigest:
+// Succeeded or Failed when the label describes that list, "" when the node
+// carries no label for it, or when its state cannot be known (RBAC without
+// get, before the first write). It reads the node only when the labeler's
+// cache is too old (the read then serves the write that follows, too).
+func (l *Labeler) Claim(ctx context.Context, listDigest string) (State, error) {
+	if err := l.check(); err != nil {
+		return "", err
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	k := l.known
-	if k == nil || k.unknown || !k.hasLabel || !k.hasDigest || k.digest != listDigest {
-		return ""
+	ctx, cancel := l.writeContext(ctx)
+	defer cancel()
+	cur, err := l.current(ctx)
+	if err != nil {
+		return "", err
 	}
-	if s := State(k.label); s.Valid() {
-		return s
+	if cur.unknown || !cur.hasLabel || !cur.hasDigest || cur.digest != listDigest {
+		return "", nil
 	}
-	return ""
+	if s := State(cur.label); s.Valid() {
+		return s, nil
+	}
+	return "", nil
 }
 
 // Remove deletes this instance's label and annotation from the node, for
