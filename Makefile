@@ -67,7 +67,7 @@ e2e-cri-o:
 
 # A node that registers with a startup taint and whose kubelet garbage-collects every unused, unpinned
 # image: the startup-taint gate and pinning against the kubelet's image GC, on containerd 2.x.
-E2E_GATE_TAINT := image-prefetcher.stackrox.io/e2e-gate=:NoSchedule
+E2E_GATE_TAINT := image-prefetcher.stackrox.io/e2e-gate:NoSchedule
 E2E_NODE_LIFECYCLE_TESTS := TestStartupTaint|TestImageGC
 
 e2e-node-lifecycle:

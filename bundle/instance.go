@@ -37,7 +37,8 @@ type Instance struct {
 	Resources *corev1.ResourceRequirements
 }
 
-// Placement is where the agent pods run; set fields replace the bundle's (and its components').
+// Placement is where the agent pods run; set fields replace the bundle's (and its components'),
+// except Tolerations, which are added to the DaemonSet's.
 type Placement struct {
 	NodeSelector      map[string]string   `json:"nodeSelector,omitempty"`
 	Tolerations       []corev1.Toleration `json:"tolerations,omitempty"`
@@ -235,8 +236,10 @@ func (in Instance) patch() []op {
 	if p.NodeSelector != nil {
 		ops = append(ops, op{"add", podSpec + "/nodeSelector", p.NodeSelector})
 	}
-	if len(p.Tolerations) > 0 {
-		ops = append(ops, op{"add", podSpec + "/tolerations", p.Tolerations})
+	// Appended, unlike the other placement values: the agent must keep tolerating its own
+	// startup taint (base/daemonset.yaml).
+	for _, t := range p.Tolerations {
+		ops = append(ops, op{"add", podSpec + "/tolerations/-", t})
 	}
 	if p.Affinity != nil {
 		ops = append(ops, op{"add", podSpec + "/affinity", p.Affinity})

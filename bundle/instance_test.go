@@ -87,12 +87,17 @@ func TestInstanceValues(t *testing.T) {
 				t.Errorf("%s: pull secret %s: volume %+v, mount %+v", flavor, s, v, m)
 			}
 		}
-		// node-placement's values are replaced, not merged.
+		// node-placement's values are replaced, not merged (but tolerations, below).
 		if len(pod.NodeSelector) != 1 || pod.NodeSelector["pool"] != "a" {
 			t.Errorf("%s: nodeSelector %v, want only pool=a", flavor, pod.NodeSelector)
 		}
-		if len(pod.Tolerations) != 1 || pod.Tolerations[0].Key != "k" {
-			t.Errorf("%s: tolerations %v, want only k", flavor, pod.Tolerations)
+		// Tolerations are added: the agent's own startup taint's, node-placement's, then these.
+		var keys []string
+		for _, tol := range pod.Tolerations {
+			keys = append(keys, tol.Key)
+		}
+		if want := []string{"image-prefetcher.stackrox.io/values", "dedicated", "k"}; !slices.Equal(keys, want) {
+			t.Errorf("%s: toleration keys %v, want %v", flavor, keys, want)
 		}
 		if pod.Affinity == nil || pod.Affinity.PodAntiAffinity == nil || pod.PriorityClassName != "system-node-critical" {
 			t.Errorf("%s: affinity %v, priorityClassName %q", flavor, pod.Affinity, pod.PriorityClassName)

@@ -69,10 +69,16 @@ func freePort(t *testing.T) int {
 // same name, and registers its cleanup.
 func newInstance(t *testing.T, env *clusterenv.Env, base string, images []string, components ...string) *instance {
 	t.Helper()
+	return newNamedInstance(t, env, "e2e-"+base+"-"+suffix(t), images, components...)
+}
+
+// newNamedInstance is newInstance with a fixed name, for what the node knows by name before the
+// instance exists (a startup taint it registered with).
+func newNamedInstance(t *testing.T, env *clusterenv.Env, name string, images []string, components ...string) *instance {
+	t.Helper()
 	if env.AgentImage == "" {
 		t.Fatalf("no agent image in the env file: run `e2e/cluster.sh push-agent-image`")
 	}
-	name := "e2e-" + base + "-" + suffix(t)
 	in := &instance{
 		t: t, env: env, cs: env.Clientset(t),
 		opts: deploy.Options{

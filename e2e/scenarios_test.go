@@ -31,8 +31,13 @@ import (
 // Pulling event.
 func workload(ctx context.Context, t *testing.T, in *instance, name, image string, policy corev1.PullPolicy) {
 	t.Helper()
-	cs := in.cs
-	ns := in.opts.Namespace
+	createSleeper(ctx, t, in, name, image, policy, map[string]string{in.labelKey(): "succeeded"})
+	requireStartedWithoutPull(ctx, t, in, name, image, policy)
+}
+
+// createSleeper creates the Deployment of workload, with nodeSelector (none: nil).
+func createSleeper(ctx context.Context, t *testing.T, in *instance, name, image string, policy corev1.PullPolicy, nodeSelector map[string]string) {
+	t.Helper()
 	replicas := int32(1)
 	grace := int64(1)
 	labels := map[string]string{"app": name}
@@ -44,7 +49,7 @@ func workload(ctx context.Context, t *testing.T, in *instance, name, image strin
 			Template: corev1.PodTemplateSpec{
 				ObjectMeta: metav1.ObjectMeta{Labels: labels},
 				Spec: corev1.PodSpec{
-					NodeSelector:                  map[string]string{in.labelKey(): "succeeded"},
+					NodeSelector:                  nodeSelector,
 					TerminationGracePeriodSeconds: &grace,
 					AutomountServiceAccountToken:  new(bool),
 					Containers: []corev1.Container{{
@@ -55,9 +60,17 @@ func workload(ctx context.Context, t *testing.T, in *instance, name, image strin
 			},
 		},
 	}
-	if _, err := cs.AppsV1().Deployments(ns).Create(ctx, d, metav1.CreateOptions{}); err != nil {
+	if _, err := in.cs.AppsV1().Deployments(in.opts.Namespace).Create(ctx, d, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("create deployment %s: %v", name, err)
 	}
+}
+
+// requireStartedWithoutPull waits for the running pod of createSleeper's Deployment name and checks
+// that the kubelet started it on the node without pulling.
+func requireStartedWithoutPull(ctx context.Context, t *testing.T, in *instance, name, image string, policy corev1.PullPolicy) {
+	t.Helper()
+	cs := in.cs
+	ns := in.opts.Namespace
 	var pod corev1.Pod
 	err := wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
 		l, err := cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
