@@ -24,6 +24,9 @@ type Instance struct {
 	Images     []byte   // images.txt; nil keeps the overlay's sample list
 	Components []string // names under components/, in this order
 	AgentImage string   // the agent image reference
+	// PinnedImageSet adds OpenShift's PinnedImageSet of the list (flavor ocp only; every
+	// reference a digest), see pinnedimageset.go.
+	PinnedImageSet bool
 
 	// PullSecrets are kubernetes.io/dockerconfigjson Secrets the user makes in the instance
 	// namespace; each is mounted at PullSecretDir/<name> and passed with --docker-config, in
@@ -76,6 +79,20 @@ func (in Instance) write(fsys filesys.FileSystem, dir string) (string, error) {
 	}
 	if err := in.edit(k, fsys, dir); err != nil {
 		return "", fmt.Errorf("instance %s: %s: %w", in.Flavor, kfile, err)
+	}
+	if in.PinnedImageSet {
+		if in.Flavor != FlavorOCP {
+			return "", fmt.Errorf("instance %s: a PinnedImageSet is OpenShift's (flavor %s); on containerd nodes use components/pin-images", in.Flavor, FlavorOCP)
+		}
+		list := in.Images
+		if list == nil {
+			if list, err = fsys.ReadFile(path.Join(overlay, "images.txt")); err != nil {
+				return "", fmt.Errorf("instance %s: %w", in.Flavor, err)
+			}
+		}
+		if err := addPinnedImageSet(k, fsys, overlay, list); err != nil {
+			return "", fmt.Errorf("instance %s: %w", in.Flavor, err)
+		}
 	}
 	out, err := k.String()
 	if err != nil {
