@@ -212,13 +212,7 @@ func TestNewListClearsLabelBeforePulling(t *testing.T) {
 	if err := os.WriteFile(list, []byte(pullable+"\n"+slow+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan passReport)
-	go func() { rep, _ := p.pass(ctx); done <- rep }()
-	deadline := time.Now().Add(10 * time.Second)
-	for cri.PullCalls(slow) == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	cancel, done := passUntilPull(p, cri, slow)
 	labels, _ := nodeLabels(t, client)
 	if v, ok := labels[nodelabel.Key(testInstance)]; ok {
 		t.Errorf("label %q kept while a new list is being pulled", v)
@@ -292,4 +286,17 @@ func TestUsageErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// passUntilPull starts a pass and returns once the runtime got a pull of ref
+// (or 10 s passed): cancel is the pass's SIGTERM, done gives its report.
+func passUntilPull(p *prefetcher, cri *critest.Server, ref string) (cancel context.CancelFunc, done <-chan passReport) {
+	ctx, cancel := context.WithCancel(context.Background())
+	reports := make(chan passReport, 1)
+	go func() { rep, _ := p.pass(ctx); reports <- rep }()
+	deadline := time.Now().Add(10 * time.Second)
+	for cri.PullCalls(ref) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	return cancel, reports
 }

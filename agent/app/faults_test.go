@@ -319,13 +319,7 @@ func TestHoleWithdrawsSucceededUntilTheListIsWhole(t *testing.T) {
 	cri.DeleteImage(pullable)
 	cri.OnPull(pullable, critest.Stall())
 	cri.ResetCounters()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan passReport)
-	go func() { rep, _ := p.pass(ctx); done <- rep }()
-	deadline := time.Now().Add(10 * time.Second)
-	for cri.PullCalls(pullable) == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	cancel, done := passUntilPull(p, cri, pullable)
 	labels, ann := nodeLabels(t, client)
 	if v, ok := labels[nodelabel.Key(testInstance)]; ok {
 		t.Errorf("label %q while an image of the list is being pulled again\n%s", v, logs)

@@ -10,7 +10,6 @@ import (
 	"context"
 	"strings"
 	"testing"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -177,13 +176,7 @@ func TestConditionFalseWhileANewListIsPulled(t *testing.T) {
 	const slow = "registry.test/app/slow:1"
 	cri.OnPull(slow, critest.Stall())
 	p.opts.ImageList = writeList(t, pullable, slow)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan passReport)
-	go func() { rep, _ := p.pass(ctx); done <- rep }()
-	deadline := time.Now().Add(10 * time.Second)
-	for cri.PullCalls(slow) == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	cancel, done := passUntilPull(p, cri, slow)
 	c := ourCondition(t, client)
 	cancel()
 	<-done
