@@ -50,6 +50,7 @@ type Spec struct {
 	Namespace          string                       `json:"namespace,omitempty"`
 	Images             []string                     `json:"images,omitempty"`
 	ImagesFile         string                       `json:"imagesFile,omitempty"`
+	FromWorkloads      *FromWorkloads               `json:"fromWorkloads,omitempty"`
 	Flavor             string                       `json:"flavor,omitempty"`
 	PullSecrets        []string                     `json:"pullSecrets,omitempty"`
 	CredentialProvider string                       `json:"credentialProvider,omitempty"`

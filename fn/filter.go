@@ -21,17 +21,51 @@ var orchestratorPrefixes = []string{"config.kubernetes.io/", "internal.config.ku
 //   - an item with the identity of a generated object is rewritten in place to equal it,
 //     keeping its comments, field order and orchestrator annotations (rendering twice is a
 //     no-op);
-//   - other items this instance generated earlier (labels managed-by and instance) are
-//     dropped: an old image-list ConfigMap, the SCC after a switch to vanilla, ...;
+//   - an item this instance generated earlier (labels managed-by and instance) that it now
+//     generates under another name (the image-list ConfigMap after a list change) is
+//     rewritten in place to the new object, the same way;
+//   - other items this instance generated earlier are dropped: the SCC after a switch to
+//     vanilla, the PodMonitor after prometheus: false, ...;
 //   - every other item passes through; generated objects not yet present are appended.
+//
+// With spec.fromWorkloads the image list takes the images of the workloads among items; their
+// problems are returned as framework.Results.
 func (c *ImagePrefetcher) Filter(items []*yaml.RNode) ([]*yaml.RNode, error) {
-	desired, err := c.Objects()
+	out, results, err := c.render(items)
+	if err != nil {
+		return nil, err
+	}
+	if results.ExitCode() != 0 {
+		return nil, results
+	}
+	return out, nil
+}
+
+// render is Filter that also returns the results (warnings too) about the items.
+func (c *ImagePrefetcher) render(items []*yaml.RNode) ([]*yaml.RNode, framework.Results, error) {
+	list, results, err := c.imageList(items)
+	if err != nil || results.ExitCode() != 0 {
+		return nil, results, err
+	}
+	out, err := c.place(items, list)
+	return out, results, err
+}
+
+// place generates the instance with list as its images.txt and puts it into items.
+func (c *ImagePrefetcher) place(items []*yaml.RNode, list string) ([]*yaml.RNode, error) {
+	desired, err := c.objects(list)
 	if err != nil {
 		return nil, err
 	}
 	byID := map[string]*yaml.RNode{}
 	for _, d := range desired {
 		byID[objectID(d)] = d
+	}
+	inInput := map[string]bool{}
+	for _, it := range items {
+		if !skipped(it) {
+			inInput[objectID(it)] = true
+		}
 	}
 	used := map[string]bool{}
 	var out []*yaml.RNode
@@ -41,8 +75,15 @@ func (c *ImagePrefetcher) Filter(items []*yaml.RNode) ([]*yaml.RNode, error) {
 			continue
 		}
 		id := objectID(it)
-		if d, ok := byID[id]; ok && !used[id] {
-			used[id] = true
+		d, ok := byID[id]
+		if !ok && c.owns(it) {
+			// An object of ours renamed, the list ConfigMap after a list change: the
+			// new one takes the old one's place (its file, position and comments), so
+			// that the change reads as what changed.
+			d, ok = renamed(desired, it, inInput, used)
+		}
+		if ok && !used[objectID(d)] {
+			used[objectID(d)] = true
 			if err := keepOrchestratorAnnotations(it, d); err != nil {
 				return nil, err
 			}
@@ -75,6 +116,22 @@ func (c *ImagePrefetcher) Filter(items []*yaml.RNode) ([]*yaml.RNode, error) {
 		out = append(out, d)
 	}
 	return out, nil
+}
+
+// renamed is the generated object that replaces the owned item old: one of its group, kind and
+// namespace that is neither in the input nor placed yet.
+func renamed(desired []*yaml.RNode, old *yaml.RNode, inInput, used map[string]bool) (*yaml.RNode, bool) {
+	scope := func(n *yaml.RNode) string {
+		id := objectID(n)
+		return id[:strings.LastIndex(id, "|")]
+	}
+	for _, d := range desired {
+		id := objectID(d)
+		if !inInput[id] && !used[id] && scope(d) == scope(old) {
+			return d, true
+		}
+	}
+	return nil, false
 }
 
 // skipped reports the items the function never changes: local configuration.
@@ -156,9 +213,10 @@ func nextIndex(items []*yaml.RNode, file string) int {
 }
 
 // Processor runs the function over a ResourceList: decode, default and validate the
-// configuration, then Filter. Configuration errors are results with field paths, returned
-// also as the error so that the process exits non-zero (framework.Execute writes the
-// results first). Dir resolves a relative spec.imagesFile.
+// configuration, then Filter. Configuration errors and the problems of the workloads it
+// takes images from are results with field paths, returned also as the error so that the
+// process exits non-zero (framework.Execute writes the results first). Dir resolves a
+// relative spec.imagesFile.
 type Processor struct {
 	Dir string
 }
@@ -172,11 +230,15 @@ func (p Processor) Process(rl *framework.ResourceList) error {
 	if results.ExitCode() != 0 {
 		return results
 	}
-	items, err := c.Filter(rl.Items)
+	items, results, err := c.render(rl.Items)
+	rl.Results = append(rl.Results, results...)
 	if err != nil {
 		r := &framework.Result{Message: err.Error(), Severity: framework.Error, ResourceRef: c.ref()}
 		rl.Results = append(rl.Results, r)
 		return framework.Results{r}
+	}
+	if results.ExitCode() != 0 {
+		return results
 	}
 	rl.Items = items
 	return nil

@@ -16,14 +16,10 @@ import (
 // together with app.kubernetes.io/instance it tells a later run which input objects it owns.
 const ManagedBy = "image-prefetcher-fn"
 
-// Objects returns the instance's objects as the bundle builds them, in its order. c must be
-// valid.
-func (c *ImagePrefetcher) Objects() ([]*yaml.RNode, error) {
-	in, err := c.instance()
-	if err != nil {
-		return nil, err
-	}
-	out, err := in.Render()
+// objects returns the instance's objects as the bundle builds them, in its order, with list as
+// its images.txt. c must be valid.
+func (c *ImagePrefetcher) objects(list string) ([]*yaml.RNode, error) {
+	out, err := c.instance(list).Render()
 	if err != nil {
 		return nil, err
 	}
@@ -39,13 +35,9 @@ func (c *ImagePrefetcher) Objects() ([]*yaml.RNode, error) {
 	return nodes, nil
 }
 
-// instance is the bundle instance the configuration describes.
-func (c *ImagePrefetcher) instance() (bundle.Instance, error) {
+// instance is the bundle instance the configuration describes, with list as its images.txt.
+func (c *ImagePrefetcher) instance(list string) bundle.Instance {
 	s := c.Spec
-	list, err := c.imageList()
-	if err != nil {
-		return bundle.Instance{}, err
-	}
 	in := bundle.Instance{
 		Flavor:      s.Flavor,
 		Namespace:   s.Namespace,
@@ -64,7 +56,7 @@ func (c *ImagePrefetcher) instance() (bundle.Instance, error) {
 		// After the component's default, so this one wins.
 		in.Args = append(in.Args, "--max-concurrent-nodes="+strconv.Itoa(*p))
 	}
-	return in, nil
+	return in
 }
 
 // components are the bundle components the configuration asks for, sorted by name so that

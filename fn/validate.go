@@ -73,7 +73,9 @@ func (c *ImagePrefetcher) Validate() error {
 	if s.ImagesFile != "" {
 		c.validateImagesFile(r)
 	}
-	if len(s.Images) == 0 && s.ImagesFile == "" {
+	if s.FromWorkloads != nil {
+		s.FromWorkloads.validate(r)
+	} else if len(s.Images) == 0 && s.ImagesFile == "" {
 		r.warnf("spec.images", "", "the image list is empty: the agents will label every node succeeded without pulling anything")
 	}
 	seen := map[string]bool{}
@@ -190,13 +192,16 @@ func (c *ImagePrefetcher) validateImagesFile(r *reporter) {
 	}
 }
 
-// imageList is the content of the instance's images.txt: the file's lines, then spec.images.
-func (c *ImagePrefetcher) imageList() (string, error) {
+// imageList is the content of the instance's images.txt: the file's lines, then spec.images,
+// then (with spec.fromWorkloads) the images of the selected workloads among items that the
+// lines before do not list already, one per line with a comment naming the workloads. The
+// agent ignores the comments and its list digest with them; the ConfigMap's hash does not.
+func (c *ImagePrefetcher) imageList(items []*yaml.RNode) (string, framework.Results, error) {
 	var b strings.Builder
 	if c.Spec.ImagesFile != "" {
 		raw, err := c.readImagesFile()
 		if err != nil {
-			return "", fmt.Errorf("read spec.imagesFile: %w", err)
+			return "", nil, fmt.Errorf("read spec.imagesFile: %w", err)
 		}
 		b.Write(raw)
 		if len(raw) > 0 && raw[len(raw)-1] != '\n' {
@@ -207,7 +212,38 @@ func (c *ImagePrefetcher) imageList() (string, error) {
 		b.WriteString(img)
 		b.WriteByte('\n')
 	}
-	return b.String(), nil
+	if c.Spec.FromWorkloads == nil {
+		return b.String(), nil, nil
+	}
+	sel, err := c.Spec.FromWorkloads.compile()
+	if err != nil {
+		return "", nil, err
+	}
+	derived, results := sel.workloadImages(items)
+	if results.ExitCode() != 0 {
+		return "", results, nil
+	}
+	listed := map[string]bool{}
+	for _, e := range imagelist.Parse(strings.NewReader(b.String()), "images").Entries {
+		listed[e.Ref] = true
+	}
+	added := 0
+	for _, w := range derived {
+		if listed[w.ref] {
+			continue
+		}
+		if added == 0 {
+			b.WriteString("# The images of the workloads (spec.fromWorkloads), each with the workloads that use it:\n")
+		}
+		added++
+		fmt.Fprintf(&b, "%s  # %s\n", w.ref, strings.Join(w.workloads, ", "))
+	}
+	if len(listed)+added == 0 {
+		r := &reporter{ref: c.ref()}
+		r.warnf("spec.fromWorkloads", "", "no image from the workloads in the input and no other image: the agents will label every node succeeded without pulling anything")
+		results = append(results, r.results...)
+	}
+	return b.String(), results, nil
 }
 
 func (c *ImagePrefetcher) ref() *yaml.ResourceIdentifier {
@@ -220,6 +256,7 @@ func (c *ImagePrefetcher) ref() *yaml.ResourceIdentifier {
 // reporter collects results about the configuration, each with its field path.
 type reporter struct {
 	ref     *yaml.ResourceIdentifier
+	file    *framework.File // where ref was read from, when known
 	results framework.Results
 }
 
@@ -229,6 +266,7 @@ func (r *reporter) add(sev framework.Severity, field, value, msg string) {
 		Severity:    sev,
 		ResourceRef: r.ref,
 		Field:       &framework.Field{Path: field, CurrentValue: value},
+		File:        r.file,
 	})
 }
 
