@@ -88,10 +88,19 @@ func runCmd(t *testing.T, dir string, name string, args ...string) (stdout, stde
 // layout the examples' relative exec paths (../../bin/image-prefetcher-fn) expect.
 func copyExample(t *testing.T, name string) string {
 	t.Helper()
+	return filepath.Join(exampleTree(t, name), "examples", name)
+}
+
+// exampleTree lays out examples/<name> for each name and bin/image-prefetcher-fn under a new
+// temporary directory, as in the repository after `make fn-build`, and returns it.
+func exampleTree(t *testing.T, names ...string) string {
+	t.Helper()
 	tmp := t.TempDir()
-	dst := filepath.Join(tmp, "examples", name)
-	if err := os.CopyFS(dst, os.DirFS(filepath.Join(repo, "examples", name))); err != nil {
-		t.Fatal(err)
+	for _, name := range names {
+		dst := filepath.Join(tmp, "examples", name)
+		if err := os.CopyFS(dst, os.DirFS(filepath.Join(repo, "examples", name))); err != nil {
+			t.Fatal(err)
+		}
 	}
 	raw, err := os.ReadFile(binary)
 	if err != nil {
@@ -103,7 +112,7 @@ func copyExample(t *testing.T, name string) string {
 	if err := os.WriteFile(filepath.Join(tmp, "bin", "image-prefetcher-fn"), raw, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	return dst
+	return tmp
 }
 
 func kinds(objs map[string]any) []string {
