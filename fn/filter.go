@@ -147,8 +147,7 @@ func skipped(it *yaml.RNode) bool {
 }
 
 func (c *ImagePrefetcher) owns(it *yaml.RNode) bool {
-	l := it.GetLabels()
-	return l["app.kubernetes.io/managed-by"] == ManagedBy && l["app.kubernetes.io/instance"] == c.Metadata.Name
+	return generated(it) && it.GetLabels()["app.kubernetes.io/instance"] == c.Metadata.Name
 }
 
 // objectID is what the API server tells objects apart by: group, kind, namespace and name.

@@ -16,6 +16,14 @@ import (
 // together with app.kubernetes.io/instance it tells a later run which input objects it owns.
 const ManagedBy = "image-prefetcher-fn"
 
+// managedByLabel carries ManagedBy.
+const managedByLabel = "app.kubernetes.io/managed-by"
+
+// generated reports whether it is an object some instance of this function generated.
+func generated(it *yaml.RNode) bool {
+	return it.GetLabels()[managedByLabel] == ManagedBy
+}
+
 // objects returns the instance's objects as the bundle builds them, in its order, with list as
 // its images.txt. c must be valid.
 func (c *ImagePrefetcher) objects(list string) ([]*yaml.RNode, error) {
@@ -28,7 +36,7 @@ func (c *ImagePrefetcher) objects(list string) ([]*yaml.RNode, error) {
 		return nil, fmt.Errorf("read the built instance: %w", err)
 	}
 	for _, n := range nodes {
-		if err := n.PipeE(yaml.LookupCreate(yaml.MappingNode, "metadata", "labels"), yaml.SetField("app.kubernetes.io/managed-by", yaml.NewScalarRNode(ManagedBy))); err != nil {
+		if err := n.PipeE(yaml.LookupCreate(yaml.MappingNode, "metadata", "labels"), yaml.SetField(managedByLabel, yaml.NewScalarRNode(ManagedBy))); err != nil {
 			return nil, fmt.Errorf("label %s: %w", n.GetName(), err)
 		}
 	}

@@ -162,7 +162,7 @@ func (s *workloadSelection) workloadImages(items []*yaml.RNode) ([]workloadImage
 	var results framework.Results
 	users := map[string][]string{}
 	for _, it := range items {
-		if skipped(it) || it.GetLabels()["app.kubernetes.io/managed-by"] == ManagedBy {
+		if skipped(it) || generated(it) {
 			continue
 		}
 		specPath, ok := podSpecPaths[schema.FromAPIVersionAndKind(it.GetApiVersion(), it.GetKind()).GroupKind()]
