@@ -27,6 +27,9 @@ func Classify(err error) Reason {
 	if err == nil {
 		return ReasonNone
 	}
+	if errors.Is(err, ErrStalled) {
+		return ReasonTimeout
+	}
 	if st, ok := status.FromError(err); ok {
 		switch st.Code() {
 		case codes.NotFound:

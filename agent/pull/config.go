@@ -42,6 +42,11 @@ type Config struct {
 	MaxAttempts           int           // --max-attempts per image; 0 = unbounded (see Engine on credentials)
 	HedgeAfter            time.Duration // --hedge-after; 0 = no hedged calls (see Engine)
 	MaxHedges             int           // --max-hedges per attempt
+	// ProgressTimeout is the no-progress window: with Engine.Progress, an
+	// attempt ends as stuck once no byte arrived for this long, and bytes
+	// that flow keep it going up to MaxAttemptTimeout. 0 turns progress
+	// watching off.
+	ProgressTimeout time.Duration // --pull-progress-timeout
 }
 
 // DefaultConfig returns the timing defaults (the reference tool's, where its
@@ -59,6 +64,9 @@ func DefaultConfig() Config {
 		// attempt's 30 s: a hedge at 10 s and one at 20 s.
 		HedgeAfter: 10 * time.Second,
 		MaxHedges:  2,
+		// Chosen by measurement (docs/benchmarks.md, "Progress-aware
+		// pulling").
+		ProgressTimeout: 20 * time.Second,
 	}
 }
 
@@ -94,6 +102,9 @@ func (c Config) Validate() error {
 	}
 	if c.MaxHedges < 0 {
 		bad("--max-hedges must not be negative (got %d)", c.MaxHedges)
+	}
+	if c.ProgressTimeout < 0 {
+		bad("--pull-progress-timeout must not be negative (got %s; 0 turns progress watching off)", c.ProgressTimeout)
 	}
 	if c.MaxAttempts < 0 {
 		bad("--max-attempts must not be negative (got %d; 0 means unbounded)", c.MaxAttempts)

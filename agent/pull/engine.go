@@ -39,10 +39,21 @@ import (
 // still waits (measured: docs/benchmarks.md), and its per-blob ingest locks
 // keep a hedge of a pull that is merely slow from downloading the same blob
 // twice. Hedges are counted in Attempt.Hedges, not as attempts.
+//
+// Progress: with Progress set (containerd) and Config.ProgressTimeout above
+// zero, every attempt runs under MaxAttemptTimeout, the outer cap, instead of
+// the escalating timeouts: an attempt whose bytes flow is not cut short, and
+// one on which no byte arrived for ProgressTimeout ends at once (ErrStalled).
+// The attempts of an image share one Transfer, so the runtime keeps what an
+// ended attempt fetched and the next one resumes there. A hedge is sent only
+// while the pull has not begun fetching blobs: later it could only wait on the
+// runtime's per-blob lock behind the hung call, and the no-progress window
+// ends such a stall instead.
 type Engine struct {
 	Images   runtimeapi.ImageServiceClient
 	Creds    credentials.Provider // nil: anonymous pulls
 	Observer Observer             // nil: nobody is told
+	Progress Progress             // nil: escalating timeouts alone
 	// Present holds the images of the list the caller has just found present
 	// (by ImageStatus, keyed by reference): IfNotPresent does not ask for them
 	// again, so a present image costs one ImageStatus per pass in all.
@@ -128,6 +139,13 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 	cur := 0             // the first credential not refused
 	sawNotFound := false // a credential got past authentication
 	sched := e.scheduler()
+	var tr Transfer
+	if e.Progress != nil && e.ProgressTimeout > 0 {
+		tr = e.Progress.Follow(ctx, en.Ref)
+	}
+	if tr != nil {
+		defer func() { tr.Close(r.Outcome == OutcomePulled) }()
+	}
 	var last error
 	var lastReason Reason
 	for {
@@ -147,8 +165,13 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 		for cur < len(tries) {
 			cred := tries[cur]
 			r.Attempts++
-			res, err := e.pullOnce(ctx, e.Images, en.Ref, cred, step.Timeout)
-			a := Attempt{Image: en.Ref, Number: r.Attempts, Start: res.start, Duration: res.duration, Timeout: step.Timeout, Hedges: res.hedges, Err: err, Reason: Classify(err)}
+			timeout := step.Timeout
+			if tr != nil {
+				timeout = e.MaxAttemptTimeout
+			}
+			res, err := e.pullOnce(ctx, en.Ref, cred, timeout, tr, r.Attempts)
+			a := Attempt{Image: en.Ref, Number: r.Attempts, Start: res.start, Duration: res.duration, Timeout: timeout,
+				Hedges: res.hedges, Err: err, Reason: Classify(err), Bytes: res.bytes}
 			if cred != nil {
 				a.Credential = cred.Source
 			}
@@ -194,16 +217,27 @@ type pullResult struct {
 	imageRef string
 	start    time.Time
 	duration time.Duration
-	hedges   int // PullImage calls started besides the first
+	hedges   int   // PullImage calls started besides the first
+	bytes    Bytes // with a Transfer
 }
 
-// pullOnce makes one attempt: a PullImage call with the attempt's timeout,
-// hedged as the Engine's comment says. It returns the first success; a
-// permanent error at once (another call would get the same answer); a
-// transient error only when no other call of the attempt is still running.
-func (e *Engine) pullOnce(ctx context.Context, images runtimeapi.ImageServiceClient, ref string, cred *credentials.Credential, timeout time.Duration) (pullResult, error) {
+// pullOnce makes one attempt (number n): a PullImage call with the attempt's
+// timeout, hedged as the Engine's comment says, watched for progress when tr
+// is set. It returns the first success; a permanent error at once (another
+// call would get the same answer); a transient error only when no other call
+// of the attempt is still running; ErrStalled when tr saw no progress for
+// ProgressTimeout.
+func (e *Engine) pullOnce(ctx context.Context, ref string, cred *credentials.Credential, timeout time.Duration, tr Transfer, n int) (res pullResult, err error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel() // ends the calls that lost
+	defer cancel()              // ends the calls that lost
+	var stalled <-chan struct{} // nil: never
+	var watch AttemptWatch
+	if tr != nil {
+		ctx = tr.Bind(ctx)
+		watch = tr.Watch(n, e.ProgressTimeout)
+		stalled = watch.Stalled()
+		defer func() { res.bytes = watch.Stop() }()
+	}
 	req := &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}
 	if cred != nil {
 		req.Auth = cred.Auth
@@ -218,10 +252,10 @@ func (e *Engine) pullOnce(ctx context.Context, images runtimeapi.ImageServiceCli
 	}
 	answers := make(chan answer, 1+hedges) // losers never block
 	call := func() {
-		resp, err := images.PullImage(ctx, req)
+		resp, err := e.Images.PullImage(ctx, req)
 		answers <- answer{resp.GetImageRef(), err}
 	}
-	res := pullResult{start: time.Now()}
+	res.start = time.Now()
 	go call()
 	running := 1
 	var hedge <-chan time.Time // nil: no (more) hedges
@@ -230,11 +264,22 @@ func (e *Engine) pullOnce(ctx context.Context, images runtimeapi.ImageServiceCli
 	}
 	for {
 		select {
+		case <-stalled:
+			res.duration = time.Since(res.start)
+			return res, fmt.Errorf("no byte arrived for %s: %w", e.ProgressTimeout, ErrStalled)
 		case <-hedge:
+			hedge = nil
+			if watch != nil && !watch.Resolving() {
+				// Blobs are being fetched: a hedge would only queue behind
+				// this call's blob locks, now and later in the attempt.
+				continue
+			}
 			go call()
 			running++
 			res.hedges++
-			hedge = nil
+			if watch != nil {
+				watch.CallStarted()
+			}
 			if res.hedges < hedges {
 				hedge = time.After(e.HedgeAfter)
 			}

@@ -39,6 +39,9 @@ type Attempt struct {
 	Reason     Reason
 	ImageRef   string // image ID the runtime returned on success
 	Size       uint64
+	// Bytes are what the runtime wrote of the image during the attempt, when
+	// the engine follows progress (Engine.Progress); zero otherwise.
+	Bytes Bytes
 }
 
 // Result is the final state of one image after a pass.
