@@ -1,0 +1,372 @@
+package progress
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	contentapi "github.com/containerd/containerd/api/services/content/v1"
+	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
+	"github.com/nodeprefetch/image-prefetcher/agent/pin"
+)
+
+const (
+	// LeaseHeader is the gRPC metadata key containerd reads a request's lease
+	// from. CRI hands the PullImage request's context down to the pull, so
+	// the pull runs under that lease instead of one of its own (containerd
+	// 1.6 and 2.x; the e2e tests check it).
+	LeaseHeader = "containerd-lease"
+	// LeasePrefix starts the ID of every lease the agent makes.
+	LeasePrefix = "image-prefetcher-"
+	// LeaseImageLabel and LeaseInstanceLabel say on a lease which image and
+	// instance it is for (`ctr -n k8s.io leases ls`).
+	LeaseImageLabel    = nodelabel.Domain + "/image"
+	LeaseInstanceLabel = nodelabel.Domain + "/instance"
+	// expireLabel is the label containerd's garbage collection deletes an
+	// expired lease by.
+	expireLabel = "containerd.io/gc.expire"
+	// LeaseLifetime is how long a lease lives: what it holds of an image not
+	// yet pulled stays for the next pass to resume from, and goes once the
+	// lease expires.
+	LeaseLifetime = 24 * time.Hour
+	// renewAfter: an older lease is replaced rather than reused, so that it
+	// cannot expire in the middle of a pull.
+	renewAfter = LeaseLifetime / 2
+	// maxManifestSize bounds the blobs read to find the image's manifest
+	// (and so its total size). Manifests are a few KiB.
+	maxManifestSize = 1 << 20
+)
+
+// Containerd is a Source on containerd's leases and content API, in the
+// namespace CRI uses. Each image gets a lease of its own, named from the
+// instance and the image, which its PullImage calls carry (Bind): everything
+// the pulls fetch is held by it and listed under it.
+type Containerd struct {
+	leases  leasesapi.LeasesClient
+	content contentapi.ContentClient
+	conn    *grpc.ClientConn
+	// Instance is part of each lease's name, so two instances pulling the
+	// same image keep leases of their own.
+	Instance string
+
+	mu     sync.Mutex
+	leased map[string]*leaseState // by lease ID
+}
+
+var _ Source = (*Containerd)(nil)
+
+// leaseState caches what does not change of a lease's blobs.
+type leaseState struct {
+	opened time.Time
+	blobs  map[string]blob // by digest
+	// ingested are the digests seen being fetched under the lease.
+	ingested map[string]bool
+	// total is the size of the manifests found among the blobs and of what
+	// they describe.
+	total int64
+}
+
+type blob struct {
+	size    int64
+	fetched bool // written under the lease, not found on the node already
+}
+
+// Dial returns a Containerd on the unix socket at path. It connects lazily.
+func Dial(path, instance string) (*Containerd, error) {
+	var d net.Dialer
+	conn, err := grpc.NewClient("passthrough:///"+path,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, "unix", addr)
+		}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("containerd socket %s: %w", path, err)
+	}
+	c := NewContainerd(conn, instance)
+	c.conn = conn
+	return c, nil
+}
+
+// NewContainerd returns a Containerd on an existing connection (closed by its
+// owner).
+func NewContainerd(conn grpc.ClientConnInterface, instance string) *Containerd {
+	return &Containerd{leases: leasesapi.NewLeasesClient(conn), content: contentapi.NewContentClient(conn),
+		Instance: instance, leased: map[string]*leaseState{}}
+}
+
+// Close closes a connection made by Dial.
+func (c *Containerd) Close() error {
+	if c.conn == nil {
+		return nil
+	}
+	return c.conn.Close()
+}
+
+// LeaseID is the lease of instance's pulls of image: stable, so that the
+// next pass finds what an unfinished one left.
+func LeaseID(instance, image string) string {
+	sum := sha256.Sum256([]byte(instance + "\x00" + image))
+	return LeasePrefix + hex.EncodeToString(sum[:16])
+}
+
+func namespaced(ctx context.Context) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, pin.NamespaceHeader, pin.Namespace)
+}
+
+// Open makes the image's lease, or reuses the one an earlier pass left.
+func (c *Containerd) Open(ctx context.Context, image string) (string, error) {
+	id := LeaseID(c.Instance, image)
+	ctx = namespaced(ctx)
+	list, err := c.leases.List(ctx, &leasesapi.ListRequest{Filters: []string{fmt.Sprintf("id==%q", id)}})
+	if err != nil {
+		return "", apiError("list leases", err)
+	}
+	opened := time.Now()
+	for _, l := range list.GetLeases() {
+		if l.GetID() != id {
+			continue
+		}
+		if created := l.GetCreatedAt().AsTime(); time.Since(created) < renewAfter {
+			c.remember(id, opened)
+			return id, nil
+		}
+		if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: id}); err != nil && status.Code(err) != codes.NotFound {
+			return "", apiError("replace old lease "+id, err)
+		}
+	}
+	labels := map[string]string{
+		LeaseImageLabel: image,
+		expireLabel:     opened.Add(LeaseLifetime).UTC().Format(time.RFC3339),
+	}
+	if c.Instance != "" {
+		labels[LeaseInstanceLabel] = c.Instance
+	}
+	if _, err := c.leases.Create(ctx, &leasesapi.CreateRequest{ID: id, Labels: labels}); err != nil && status.Code(err) != codes.AlreadyExists {
+		return "", apiError("create lease "+id, err)
+	}
+	c.remember(id, opened)
+	return id, nil
+}
+
+func (c *Containerd) remember(id string, opened time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.leased[id] = &leaseState{opened: opened, blobs: map[string]blob{}, ingested: map[string]bool{}}
+}
+
+// apiError marks the errors of a runtime that does not serve the API.
+func apiError(what string, err error) error {
+	if status.Code(err) == codes.Unimplemented {
+		return fmt.Errorf("%s: %w: %w", what, ErrUnsupported, err)
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// Bind adds the lease header to the outgoing metadata of ctx.
+func (c *Containerd) Bind(ctx context.Context, key string) context.Context {
+	return metadata.AppendToOutgoingContext(ctx, LeaseHeader, key)
+}
+
+// Poll lists the node's ingests once, then each lease's resources.
+func (c *Containerd) Poll(ctx context.Context, keys []string) (Snapshot, error) {
+	ctx = namespaced(ctx)
+	st, err := c.content.ListStatuses(ctx, &contentapi.ListStatusesRequest{})
+	if err != nil {
+		return Snapshot{}, apiError("list ingests", err)
+	}
+	snap := Snapshot{Transfers: make(map[string]State, len(keys)), Node: make(map[string]int64, len(st.GetStatuses()))}
+	expected := map[string]string{} // ingest ref -> digest
+	for _, s := range st.GetStatuses() {
+		snap.Node[s.GetRef()] = s.GetOffset()
+		expected[s.GetRef()] = s.GetExpected()
+	}
+	var errs []error
+	for _, key := range keys {
+		state, err := c.state(ctx, key, snap.Node, expected)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		snap.Transfers[key] = state
+	}
+	return snap, errors.Join(errs...)
+}
+
+// state reads one lease: its open ingests (bytes from the node's list) and
+// its blobs (sizes from Info, once each).
+func (c *Containerd) state(ctx context.Context, key string, node map[string]int64, expected map[string]string) (State, error) {
+	res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: key})
+	if err != nil {
+		return State{}, apiError("lease "+key, err)
+	}
+	c.mu.Lock()
+	ls := c.leased[key]
+	c.mu.Unlock()
+	if ls == nil {
+		return State{}, fmt.Errorf("lease %s: not opened", key)
+	}
+	s := State{Ingests: map[string]int64{}}
+	var digests []string
+	for _, r := range res.GetResources() {
+		switch r.GetType() {
+		case "ingests":
+			off, open := node[r.GetID()]
+			if !open {
+				continue // committed or aborted since
+			}
+			s.Ingests[r.GetID()] = off
+			if d := expected[r.GetID()]; d != "" {
+				c.mu.Lock()
+				ls.ingested[d] = true
+				c.mu.Unlock()
+			}
+		case "content":
+			digests = append(digests, r.GetID())
+		}
+	}
+	for _, d := range digests {
+		b, err := c.blob(ctx, ls, d)
+		if err != nil {
+			if status.Code(err) == codes.NotFound {
+				continue
+			}
+			return State{}, fmt.Errorf("lease %s: blob %s: %w", key, d, err)
+		}
+		s.Blobs++
+		if b.fetched {
+			s.Fetched += b.size
+		} else {
+			s.Present += b.size
+		}
+	}
+	c.mu.Lock()
+	s.Total = ls.total
+	c.mu.Unlock()
+	return s, nil
+}
+
+// blob returns what is known of digest under ls, asking containerd the first
+// time. A small blob is read once to see whether it is the image's manifest,
+// whose descriptors give the image's total size.
+func (c *Containerd) blob(ctx context.Context, ls *leaseState, digest string) (blob, error) {
+	c.mu.Lock()
+	b, ok := ls.blobs[digest]
+	ingested := ls.ingested[digest]
+	c.mu.Unlock()
+	if ok {
+		return b, nil
+	}
+	info, err := c.content.Info(ctx, &contentapi.InfoRequest{Digest: digest})
+	if err != nil {
+		return blob{}, err
+	}
+	// A blob counts as fetched when it was seen being fetched under the
+	// lease, or committed after the lease was opened (small blobs are often
+	// committed between two polls). Older ones were on the node already.
+	created := info.GetInfo().GetCreatedAt().AsTime()
+	b = blob{size: info.GetInfo().GetSize(), fetched: ingested || !created.Before(ls.opened.Add(-time.Second))}
+	var total int64
+	if b.size <= maxManifestSize {
+		total = c.manifestTotal(ctx, digest, b.size)
+	}
+	c.mu.Lock()
+	ls.blobs[digest] = b
+	ls.total += total
+	c.mu.Unlock()
+	return b, nil
+}
+
+// manifest is the part of an OCI or Docker image manifest or index that
+// gives sizes.
+type manifest struct {
+	Config    *descriptor  `json:"config"`
+	Layers    []descriptor `json:"layers"`
+	Manifests []descriptor `json:"manifests"`
+}
+
+type descriptor struct {
+	Size int64 `json:"size"`
+}
+
+// manifestTotal returns the size of what digest describes when it is an
+// image manifest (itself, its config and its layers) or an index (itself:
+// the manifest it leads to is another blob), else 0.
+func (c *Containerd) manifestTotal(ctx context.Context, digest string, size int64) int64 {
+	data, err := c.read(ctx, digest, size)
+	if err != nil {
+		return 0
+	}
+	return ManifestTotal(data)
+}
+
+// ManifestTotal returns the bytes an image manifest or index stands for:
+// a manifest with its config and layers, an index alone; 0 for other blobs.
+func ManifestTotal(data []byte) int64 {
+	var m manifest
+	if json.Unmarshal(data, &m) != nil {
+		return 0
+	}
+	switch {
+	case m.Config != nil && m.Layers != nil:
+		n := int64(len(data)) + m.Config.Size
+		for _, l := range m.Layers {
+			n += l.Size
+		}
+		return n
+	case len(m.Manifests) > 0:
+		return int64(len(data))
+	}
+	return 0
+}
+
+func (c *Containerd) read(ctx context.Context, digest string, size int64) ([]byte, error) {
+	stream, err := c.content.Read(ctx, &contentapi.ReadContentRequest{Digest: digest})
+	if err != nil {
+		return nil, err
+	}
+	data := make([]byte, 0, size)
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return data, nil
+			}
+			return nil, err
+		}
+		data = append(data, msg.GetData()...)
+		if int64(len(data)) > maxManifestSize {
+			return nil, fmt.Errorf("blob %s is larger than %d bytes", digest, maxManifestSize)
+		}
+	}
+}
+
+// Release deletes the lease of a pulled image: the image's own record holds
+// its content from then on. An image not pulled keeps its lease, and with it
+// the partial blobs the next pass resumes from, until the lease expires.
+func (c *Containerd) Release(ctx context.Context, key string, pulled bool) error {
+	c.mu.Lock()
+	delete(c.leased, key)
+	c.mu.Unlock()
+	if !pulled {
+		return nil
+	}
+	if _, err := c.leases.Delete(namespaced(ctx), &leasesapi.DeleteRequest{ID: key}); err != nil && status.Code(err) != codes.NotFound {
+		return fmt.Errorf("delete lease %s: %w", key, err)
+	}
+	return nil
+}
