@@ -10,6 +10,7 @@
 package metrics
 
 import (
+	"errors"
 	"slices"
 	"sync"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
@@ -54,6 +56,9 @@ type Metrics struct {
 	passDuration  prometheus.Gauge
 	pinnedImages  prometheus.Gauge
 	pinFailures   *prometheus.CounterVec
+	bytesInFlight prometheus.Gauge
+	bytesFetched  prometheus.Counter
+	stalls        prometheus.Counter
 
 	mu    sync.Mutex
 	state string
@@ -121,10 +126,23 @@ func New() *Metrics {
 			Namespace: Namespace, Name: "pin_failures_total",
 			Help: "Image pins that could not be set (operation pin) or let go of (release), and passes whose pins could not be read (list).",
 		}, []string{"operation"}),
+		bytesInFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: Namespace, Name: "pull_bytes_in_flight",
+			Help: "Bytes written so far by the pulls in progress, partial blobs included, as containerd's content store shows them; 0 between pulls and on runtimes without that API.",
+		}),
+		bytesFetched: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: Namespace, Name: "pull_fetched_bytes_total",
+			Help: "Bytes that arrived for pulls, counted as they arrive (containerd's content store); rate() is the node's pull bandwidth.",
+		}),
+		stalls: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: Namespace, Name: "pull_stalls_total",
+			Help: "Pull attempts ended because no byte arrived for --pull-progress-timeout (also counted as attempts failed with reason Timeout).",
+		}),
 	}
 	m.registry.MustRegister(
 		m.pullDuration, m.attempts, m.failures, m.bytesPulled, m.imagesPresent, m.imagesMissing,
 		m.labelState, m.passes, m.lastPass, m.lastSuccess, m.passDuration, m.pinnedImages, m.pinFailures,
+		m.bytesInFlight, m.bytesFetched, m.stalls,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -146,7 +164,10 @@ func New() *Metrics {
 // Registry is the registry holding every collector, for /metrics.
 func (m *Metrics) Registry() *prometheus.Registry { return m.registry }
 
-var _ pull.Observer = (*Metrics)(nil)
+var (
+	_ pull.Observer     = (*Metrics)(nil)
+	_ progress.Recorder = (*Metrics)(nil)
+)
 
 // AttemptFinished counts one PullImage attempt. It only updates atomic
 // counters and never blocks.
@@ -158,7 +179,17 @@ func (m *Metrics) AttemptFinished(a pull.Attempt) {
 		reason = reasonLabel(a.Reason)
 	}
 	m.attempts.WithLabelValues(outcome, reason).Inc()
+	if errors.Is(a.Err, pull.ErrStalled) {
+		m.stalls.Inc()
+	}
 }
+
+// SetPullBytesInFlight sets the bytes written so far by the pulls in
+// progress (agent/progress).
+func (m *Metrics) SetPullBytesInFlight(n int64) { m.bytesInFlight.Set(float64(n)) }
+
+// AddFetchedBytes counts bytes that arrived for pulls (agent/progress).
+func (m *Metrics) AddFetchedBytes(n int64) { m.bytesFetched.Add(float64(n)) }
 
 // ImageFinished records one image's result.
 func (m *Metrics) ImageFinished(r pull.Result) {

@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -217,5 +218,33 @@ image_prefetcher_pin_failures_total{operation="release"} 2
 	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want),
 		"image_prefetcher_pinned_images", "image_prefetcher_pin_failures_total"); err != nil {
 		t.Error(err)
+	}
+}
+
+func TestProgressMetrics(t *testing.T) {
+	m := New()
+	m.SetPullBytesInFlight(5 << 20)
+	m.AddFetchedBytes(3 << 20)
+	m.AddFetchedBytes(2 << 20)
+	stalled := fmt.Errorf("no byte arrived for 20s: %w", pull.ErrStalled)
+	m.AttemptFinished(pull.Attempt{Image: "a", Number: 1, Err: stalled, Reason: pull.Classify(stalled)})
+	m.AttemptFinished(pull.Attempt{Image: "a", Number: 2, Err: errors.New("i/o timeout"), Reason: pull.ReasonTimeout})
+	want := `
+# HELP image_prefetcher_pull_bytes_in_flight Bytes written so far by the pulls in progress, partial blobs included, as containerd's content store shows them; 0 between pulls and on runtimes without that API.
+# TYPE image_prefetcher_pull_bytes_in_flight gauge
+image_prefetcher_pull_bytes_in_flight 5.24288e+06
+# HELP image_prefetcher_pull_fetched_bytes_total Bytes that arrived for pulls, counted as they arrive (containerd's content store); rate() is the node's pull bandwidth.
+# TYPE image_prefetcher_pull_fetched_bytes_total counter
+image_prefetcher_pull_fetched_bytes_total 5.24288e+06
+# HELP image_prefetcher_pull_stalls_total Pull attempts ended because no byte arrived for --pull-progress-timeout (also counted as attempts failed with reason Timeout).
+# TYPE image_prefetcher_pull_stalls_total counter
+image_prefetcher_pull_stalls_total 1
+`
+	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want),
+		"image_prefetcher_pull_bytes_in_flight", "image_prefetcher_pull_fetched_bytes_total", "image_prefetcher_pull_stalls_total"); err != nil {
+		t.Error(err)
+	}
+	if got := testutil.ToFloat64(m.attempts.WithLabelValues(AttemptFailure, "Timeout")); got != 2 {
+		t.Errorf("failed Timeout attempts = %v, want 2 (a stall is a timeout)", got)
 	}
 }
