@@ -115,6 +115,12 @@ type JSONResult struct {
 	Outcome           string `json:"outcome"`
 	Reason            string `json:"reason,omitempty"`
 	TimeoutMs         uint64 `json:"timeout_ms,omitempty"`
+	// What the runtime wrote of the image during the attempt, what it went
+	// on from, and the image's size; absent where the agent does not follow
+	// pull progress.
+	FetchedBytes uint64 `json:"fetched_bytes,omitempty"`
+	ResumedBytes uint64 `json:"resumed_bytes,omitempty"`
+	TotalBytes   uint64 `json:"total_bytes,omitempty"`
 }
 
 // Outcome names in JSON.
@@ -133,6 +139,7 @@ func toJSON(r *resultsv1.Result) JSONResult {
 		DurationMs: r.GetDurationMs(), Node: r.GetNode(), SizeBytes: r.GetSizeBytes(), Instance: r.GetInstance(),
 		ImageRef: r.GetImageRef(), StartedAtUnixNano: r.GetStartedAtUnixNano(), Attempt: r.GetAttempt(),
 		Outcome: outcome, Reason: r.GetReason(), TimeoutMs: r.GetTimeoutMs(),
+		FetchedBytes: r.GetFetchedBytes(), ResumedBytes: r.GetResumedBytes(), TotalBytes: r.GetTotalBytes(),
 	}
 }
 

@@ -151,6 +151,9 @@ type Summary struct {
 	MaxDurationMs uint64 `json:"max_duration_ms"`
 	// Bytes adds the sizes of the successful attempts.
 	Bytes uint64 `json:"bytes"`
+	// FetchedBytes adds what every attempt fetched, failed ones included:
+	// more than Bytes means bytes fetched twice or for images that failed.
+	FetchedBytes uint64 `json:"fetched_bytes"`
 }
 
 // Summaries are the /summary document.
@@ -173,6 +176,7 @@ func Summarize(results []*resultsv1.Result) Summaries {
 			} else {
 				s.Bytes += r.GetSizeBytes()
 			}
+			s.FetchedBytes += r.GetFetchedBytes()
 			s.MaxDurationMs = max(s.MaxDurationMs, r.GetDurationMs())
 			out[k] = s
 			durations[k] = append(durations[k], r.GetDurationMs())

@@ -195,6 +195,9 @@ func (s *Sender) result(a pull.Attempt) *resultsv1.Result {
 		Attempt:           uint32(max(a.Number, 0)),
 		Outcome:           resultsv1.Outcome_OUTCOME_SUCCEEDED,
 		TimeoutMs:         uint64(max(a.Timeout, 0).Milliseconds()),
+		FetchedBytes:      uint64(max(a.Bytes.Fetched, 0)),
+		ResumedBytes:      uint64(max(a.Bytes.Resumed, 0)),
+		TotalBytes:        uint64(max(a.Bytes.Total, 0)),
 	}
 	if a.Err != nil {
 		r.Outcome = resultsv1.Outcome_OUTCOME_FAILED

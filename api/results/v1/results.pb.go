@@ -110,7 +110,18 @@ type Result struct {
 	// The runtime's error text; empty on success.
 	Error string `protobuf:"bytes,13,opt,name=error,proto3" json:"error,omitempty"`
 	// The per-attempt timeout the attempt ran under, in milliseconds.
-	TimeoutMs     uint64 `protobuf:"varint,14,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	TimeoutMs uint64 `protobuf:"varint,14,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// The bytes of the image the runtime wrote during the attempt, partial
+	// blobs included, as containerd's content store shows them; 0 where the
+	// agent does not follow pull progress (other runtimes, or
+	// --pull-progress-timeout=0).
+	FetchedBytes uint64 `protobuf:"varint,15,opt,name=fetched_bytes,json=fetchedBytes,proto3" json:"fetched_bytes,omitempty"`
+	// The bytes the attempt found from earlier attempts and went on from (a
+	// resumed pull); 0 when it started from nothing.
+	ResumedBytes uint64 `protobuf:"varint,16,opt,name=resumed_bytes,json=resumedBytes,proto3" json:"resumed_bytes,omitempty"`
+	// The size of the image's content (manifest, config and layers) when the
+	// agent knew it; 0 when not.
+	TotalBytes    uint64 `protobuf:"varint,17,opt,name=total_bytes,json=totalBytes,proto3" json:"total_bytes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -243,6 +254,27 @@ func (x *Result) GetTimeoutMs() uint64 {
 	return 0
 }
 
+func (x *Result) GetFetchedBytes() uint64 {
+	if x != nil {
+		return x.FetchedBytes
+	}
+	return 0
+}
+
+func (x *Result) GetResumedBytes() uint64 {
+	if x != nil {
+		return x.ResumedBytes
+	}
+	return 0
+}
+
+func (x *Result) GetTotalBytes() uint64 {
+	if x != nil {
+		return x.TotalBytes
+	}
+	return 0
+}
+
 type SubmitRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Results       []*Result              `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
@@ -348,7 +380,7 @@ var File_api_results_v1_results_proto protoreflect.FileDescriptor
 
 const file_api_results_v1_results_proto_rawDesc = "" +
 	"\n" +
-	"\x1capi/results/v1/results.proto\x12\x1aimageprefetcher.results.v1\"\xc0\x03\n" +
+	"\x1capi/results/v1/results.proto\x12\x1aimageprefetcher.results.v1\"\xab\x04\n" +
 	"\x06Result\x12\x1d\n" +
 	"\n" +
 	"attempt_id\x18\x01 \x01(\tR\tattemptId\x12\x1a\n" +
@@ -369,7 +401,11 @@ const file_api_results_v1_results_proto_rawDesc = "" +
 	"\x06reason\x18\f \x01(\tR\x06reason\x12\x14\n" +
 	"\x05error\x18\r \x01(\tR\x05error\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x0e \x01(\x04R\ttimeoutMs\"M\n" +
+	"timeout_ms\x18\x0e \x01(\x04R\ttimeoutMs\x12#\n" +
+	"\rfetched_bytes\x18\x0f \x01(\x04R\ffetchedBytes\x12#\n" +
+	"\rresumed_bytes\x18\x10 \x01(\x04R\fresumedBytes\x12\x1f\n" +
+	"\vtotal_bytes\x18\x11 \x01(\x04R\n" +
+	"totalBytes\"M\n" +
 	"\rSubmitRequest\x12<\n" +
 	"\aresults\x18\x01 \x03(\v2\".imageprefetcher.results.v1.ResultR\aresults\"[\n" +
 	"\x0eSubmitResponse\x12)\n" +
