@@ -2,7 +2,9 @@
 // registry the way a real network would: a one-way delay in each direction
 // (without cutting throughput, like netem), a bandwidth cap shared by all
 // connections (one link), and a stall mode in which new connections are
-// accepted but never answered. This kernel has no netem, and on bare loopback
+// accepted but never answered, and a mid-transfer hold in which one
+// connection stops forwarding after its first bytes while others go on. This
+// kernel has no netem, and on bare loopback
 // containerd's CPU is the only limit, so concurrency choices only show behind
 // such a proxy. It also counts what passes (connections, HTTP requests,
 // bytes), so a benchmark can prove that a warm pass never reached the
@@ -36,6 +38,7 @@ type Config struct {
 type Stats struct {
 	Conns     int64 // connections accepted and forwarded
 	Stalled   int64 // connections accepted and held without an answer
+	Held      int64 // connections held after their first bytes (HoldAfter)
 	Requests  int64 // HTTP request headers seen going upstream
 	BytesUp   int64 // client to upstream
 	BytesDown int64 // upstream to client
@@ -48,7 +51,10 @@ type Proxy struct {
 	up   *link
 	down *link
 
-	conns, stalled, requests, bytesUp, bytesDown atomic.Int64
+	conns, stalled, held, requests, bytesUp, bytesDown atomic.Int64
+	// holdAfter arms HoldAfter: the byte count after which the next
+	// connection is held; 0 when disarmed.
+	holdAfter atomic.Int64
 
 	mu         sync.Mutex
 	stallUntil time.Time
@@ -97,15 +103,22 @@ func (p *Proxy) StallFor(d time.Duration) {
 	}
 }
 
+// HoldAfter makes the registry hang in the middle of a transfer: the first
+// connection, open now or later, whose answers pass n bytes gets exactly its
+// first n and then nothing more, and stays open for as long as the client
+// keeps it, like a peer gone silent mid-blob. It happens once per call; every
+// other connection is forwarded as usual. n = 0 disarms it.
+func (p *Proxy) HoldAfter(n int64) { p.holdAfter.Store(max(n, 0)) }
+
 // Stats returns the counters.
 func (p *Proxy) Stats() Stats {
-	return Stats{Conns: p.conns.Load(), Stalled: p.stalled.Load(), Requests: p.requests.Load(),
+	return Stats{Conns: p.conns.Load(), Stalled: p.stalled.Load(), Held: p.held.Load(), Requests: p.requests.Load(),
 		BytesUp: p.bytesUp.Load(), BytesDown: p.bytesDown.Load()}
 }
 
 // ResetStats sets the counters to zero.
 func (p *Proxy) ResetStats() {
-	for _, c := range []*atomic.Int64{&p.conns, &p.stalled, &p.requests, &p.bytesUp, &p.bytesDown} {
+	for _, c := range []*atomic.Int64{&p.conns, &p.stalled, &p.held, &p.requests, &p.bytesUp, &p.bytesDown} {
 		c.Store(0)
 	}
 }
@@ -189,10 +202,10 @@ func (p *Proxy) forward(c net.Conn) {
 	defer p.untrack(u)
 	done := make(chan struct{})
 	go func() {
-		p.pipe(u, c, p.up, &p.bytesUp, true)
+		p.pipe(u, c, p.up, &p.bytesUp, true, nil)
 		close(done)
 	}()
-	p.pipe(c, u, p.down, &p.bytesDown, false)
+	p.pipe(c, u, p.down, &p.bytesDown, false, done)
 	<-done
 }
 
@@ -205,7 +218,9 @@ type chunk struct {
 // pipe copies src to dst through the delay line and the link's cap. A
 // reader goroutine stamps chunks as they arrive, so the delay adds latency
 // without limiting throughput (the queue holds up to 1 MiB in flight).
-func (p *Proxy) pipe(dst, src net.Conn, l *link, counter *atomic.Int64, countRequests bool) {
+// clientGone is set on the direction towards the client (answers), which
+// HoldAfter may hold: it is closed when the client's side has ended.
+func (p *Proxy) pipe(dst, src net.Conn, l *link, counter *atomic.Int64, countRequests bool, clientGone <-chan struct{}) {
 	const size = 32 << 10
 	queue := make(chan chunk, 32)
 	go func() {
@@ -222,10 +237,18 @@ func (p *Proxy) pipe(dst, src net.Conn, l *link, counter *atomic.Int64, countReq
 		}
 	}()
 	var tail []byte // the end of the previous chunk, for headers split across reads
-	broken := false
+	broken, held := false, false
+	var sent int64
 	for ch := range queue {
-		if broken {
+		if broken || held {
 			continue // drain, so the reader ends
+		}
+		if clientGone != nil {
+			if n := p.holdAfter.Load(); n > 0 && sent+int64(len(ch.data)) >= n && p.holdAfter.CompareAndSwap(n, 0) {
+				held = true
+				p.held.Add(1)
+				ch.data = ch.data[:n-sent]
+			}
 		}
 		if d := time.Until(ch.due); d > 0 {
 			time.Sleep(d)
@@ -241,7 +264,14 @@ func (p *Proxy) pipe(dst, src net.Conn, l *link, counter *atomic.Int64, countReq
 			src.Close()
 			continue
 		}
+		sent += int64(len(ch.data))
 		counter.Add(int64(len(ch.data)))
+	}
+	if held {
+		// Silent, not closed: the client learns nothing until it gives up.
+		<-clientGone
+		dst.Close()
+		return
 	}
 	// Half close: the other direction may still carry an answer.
 	if tc, ok := dst.(*net.TCPConn); ok && !broken {

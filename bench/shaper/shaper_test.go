@@ -2,6 +2,7 @@ package shaper
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -188,5 +189,41 @@ func TestListenRejectsBadConfig(t *testing.T) {
 			p.Close()
 			t.Errorf("Listen(%+v) accepted", cfg)
 		}
+	}
+}
+
+// HoldAfter: the first connection to pass n bytes gets exactly n and then
+// silence (not a close), once; a new connection gets everything.
+func TestHoldAfterStopsOneConnectionMidTransfer(t *testing.T) {
+	body := strings.Repeat("x", 1<<20)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, body)
+	}))
+	t.Cleanup(srv.Close)
+	p := start(t, Config{Upstream: strings.TrimPrefix(srv.URL, "http://")})
+	const n = 100 << 10
+	p.HoldAfter(n)
+
+	get := func() (int, error) {
+		c := dial(t, p.Addr())
+		c.SetDeadline(time.Now().Add(500 * time.Millisecond))
+		fmt.Fprintf(c, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+		b, err := io.ReadAll(c)
+		return len(b), err
+	}
+	got, err := get()
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("held connection: read %d bytes, err %v; want a timeout (silence, not a close)", got, err)
+	}
+	if got != n {
+		t.Errorf("held connection got %d bytes, want exactly %d", got, n)
+	}
+	got, err = get()
+	if err != nil || got < len(body) {
+		t.Errorf("next connection got %d bytes (err %v), want the whole answer", got, err)
+	}
+	if st := p.Stats(); st.Held != 1 || st.Conns != 2 {
+		t.Errorf("stats %+v, want 1 held of 2 forwarded", st)
 	}
 }
