@@ -231,6 +231,7 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 		MaxAttempts:           opts.MaxAttempts,
 		HedgeAfter:            opts.HedgeAfter,
 		MaxHedges:             opts.MaxHedges,
+		ProgressTimeout:       opts.PullProgressTimeout,
 	}
 	if err := cfg.Validate(); err != nil {
 		return nil, err

@@ -22,6 +22,9 @@ func (o logObserver) AttemptFinished(a pull.Attempt) {
 	if a.Credential != "" {
 		attrs = append(attrs, "credential", a.Credential)
 	}
+	if b := a.Bytes; b.Fetched > 0 || b.Resumed > 0 {
+		attrs = append(attrs, "fetchedBytes", b.Fetched, "resumedFromBytes", b.Resumed)
+	}
 	if a.Err != nil {
 		o.log.Warn("pull attempt failed", append(attrs, "reason", string(a.Reason), "error", a.Err.Error())...)
 		return

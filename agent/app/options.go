@@ -37,6 +37,8 @@ type Options struct {
 	OverallTimeout            time.Duration
 	HedgeAfter                time.Duration
 	MaxHedges                 int
+	PullProgressTimeout       time.Duration
+	PullProgressLogInterval   time.Duration
 
 	Label             bool
 	Kubeconfig        string
@@ -77,6 +79,8 @@ func defaultOptions() *Options {
 		OverallTimeout:            20 * time.Minute,
 		HedgeAfter:                pull.DefaultConfig().HedgeAfter,
 		MaxHedges:                 pull.DefaultConfig().MaxHedges,
+		PullProgressTimeout:       pull.DefaultConfig().ProgressTimeout,
+		PullProgressLogInterval:   10 * time.Second,
 		Label:                     true,
 		Kubeconfig:                os.Getenv("KUBECONFIG"),
 		LabelWriteTimeout:         30 * time.Second,
@@ -110,6 +114,8 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.DurationVar(&o.OverallTimeout, "overall-timeout", o.OverallTimeout, "Upper bound of one pass over the whole list.")
 	fs.DurationVar(&o.HedgeAfter, "hedge-after", o.HedgeAfter, "When a pull attempt has not answered after this long, start another PullImage of the image on a new registry connection (first success wins); 0 disables.")
 	fs.IntVar(&o.MaxHedges, "max-hedges", o.MaxHedges, "Extra PullImage calls per attempt, --hedge-after apart.")
+	fs.DurationVar(&o.PullProgressTimeout, "pull-progress-timeout", o.PullProgressTimeout, "On containerd: end a pull attempt as stuck when no byte arrived for this long; while bytes flow an attempt runs up to --max-pull-attempt-timeout, and the next attempt resumes where it stopped. 0 turns progress watching off (escalating timeouts only, as on other runtimes).")
+	fs.DurationVar(&o.PullProgressLogInterval, "pull-progress-log-interval", o.PullProgressLogInterval, "How often each image being pulled gets a progress log line (bytes, total when known, rate), when progress is followed; 0 disables the lines.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
@@ -146,6 +152,9 @@ func (o *Options) validate(withServer bool) error {
 	}
 	if o.MaxParallelPulls < 0 {
 		errs = append(errs, fmt.Errorf("--max-parallel-pulls=%d: must be 0 (unbounded) or more", o.MaxParallelPulls))
+	}
+	if o.PullProgressLogInterval < 0 {
+		errs = append(errs, fmt.Errorf("--pull-progress-log-interval=%s: must not be negative (0 disables the lines)", o.PullProgressLogInterval))
 	}
 	if o.LabelWriteTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--label-write-timeout=%s: must be positive", o.LabelWriteTimeout))

@@ -60,6 +60,8 @@ type prefetcher struct {
 	client *cri.Client
 	// pins: --pin-images, on containerd's images API (pin.go).
 	pins pinning
+	// progress follows the bytes of pulls on containerd (progress.go).
+	progress progressFollowing
 	// lastDigest is the list the previous pass was for: readiness goes to
 	// not ready as soon as another list starts.
 	lastDigest string
@@ -246,6 +248,7 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 			c.Close()
 			return presence{err: err}
 		}
+		p.startProgress(c)
 		p.client = c
 	}
 	if p.labels == nil && p.gate == nil && !p.server {
@@ -307,6 +310,7 @@ func (p *prefetcher) pull(ctx context.Context, list *imagelist.List, pres presen
 		Creds:    keyring,
 		Observer: append(observers{logObserver{p.log}, p.metrics}, p.extra...),
 		Present:  pres.present,
+		Progress: p.progress.engine(),
 		Config:   p.cfg,
 	}
 	if p.gate != nil && p.cfg.Policy != pull.PolicyAlways {
@@ -468,6 +472,7 @@ func (p *prefetcher) close() {
 		p.client.Close()
 	}
 	p.pins.close()
+	p.progress.close()
 }
 
 func shortDigest(d string) string {
