@@ -56,6 +56,8 @@ type Spec struct {
 	CredentialProvider string                       `json:"credentialProvider,omitempty"`
 	MetricsCollector   bool                         `json:"metricsCollector,omitempty"`
 	Prometheus         bool                         `json:"prometheus,omitempty"`
+	StartupTaint       bool                         `json:"startupTaint,omitempty"`
+	PinnedImageSet     bool                         `json:"pinnedImageSet,omitempty"`
 	Components         []string                     `json:"components,omitempty"`
 	Placement          Placement                    `json:"placement,omitempty"`
 	MaxParallelPulls   *int                         `json:"maxParallelPulls,omitempty"`

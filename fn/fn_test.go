@@ -85,6 +85,7 @@ func TestMatchesBundle(t *testing.T) {
 		add("spec.credentialProvider-ecr", "credentialProvider: ecr\n", bundle.Instance{Components: []string{"ecr-credential-provider"}})
 		add("spec.prometheus", "prometheus: true\n", bundle.Instance{Components: []string{"prometheus"}})
 		add("spec.metricsCollector", "metricsCollector: true\n", bundle.Instance{Components: []string{"metrics-collector"}})
+		add("spec.startupTaint", "startupTaint: true\n", bundle.Instance{Components: []string{"startup-taint"}})
 		add("spec.maxConcurrentNodes", "maxConcurrentNodes: 3\n",
 			bundle.Instance{Components: []string{"max-concurrent-nodes"}, Args: []string{"--max-concurrent-nodes=3"}})
 		add("everything", `components: [pull-secret, node-placement, admission-policy]

@@ -56,6 +56,8 @@ func (c *ImagePrefetcher) instance(list string) bundle.Instance {
 		PullSecrets: s.PullSecrets,
 		Placement:   s.Placement,
 		Resources:   s.Resources,
+
+		PinnedImageSet: s.PinnedImageSet,
 	}
 	if p := s.MaxParallelPulls; p != nil {
 		in.Args = append(in.Args, "--max-parallel-pulls="+strconv.Itoa(*p))
@@ -80,6 +82,9 @@ func (c *ImagePrefetcher) components() []string {
 	}
 	if s.MetricsCollector {
 		want["metrics-collector"] = true
+	}
+	if s.StartupTaint {
+		want["startup-taint"] = true
 	}
 	if s.MaxConcurrentNodes != nil {
 		// The agents coordinate through Leases in their namespace: the component's Role.

@@ -66,9 +66,17 @@ func (c *ImagePrefetcher) Validate() error {
 			r.errorf(field, img, "an image reference holds no white space and no '#'")
 			continue
 		}
-		if _, err := imagelist.Normalize(img); err != nil {
+		ref, err := imagelist.Normalize(img)
+		if err != nil {
 			r.errorf(field, img, "invalid image reference: %v", err)
+			continue
 		}
+		if s.PinnedImageSet && !strings.Contains(ref, "@") {
+			r.errorf(field, img, "spec.pinnedImageSet takes image references by digest only (name@sha256:...): OpenShift pins and pulls exactly that content")
+		}
+	}
+	if s.PinnedImageSet && s.Flavor != bundle.FlavorOCP {
+		r.errorf("spec.pinnedImageSet", "true", "a PinnedImageSet is OpenShift's (flavor %s); on containerd nodes use components: [pin-images]", bundle.FlavorOCP)
 	}
 	if s.ImagesFile != "" {
 		c.validateImagesFile(r)
