@@ -1,0 +1,342 @@
+package progress_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	contentapi "github.com/containerd/containerd/api/services/content/v1"
+	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/pin"
+	"github.com/nodeprefetch/image-prefetcher/agent/progress"
+)
+
+// fakeContainerd serves the part of containerd's leases and content API the
+// Containerd source reads: leases with their resources, the node's ingests
+// and blobs. Requests outside pin.Namespace are refused, as containerd
+// refuses requests without a namespace.
+type fakeContainerd struct {
+	mu       sync.Mutex
+	leases   map[string]*leasesapi.Lease
+	res      map[string][]*leasesapi.Resource // by lease
+	statuses []*contentapi.Status
+	blobs    map[string]blobData // by digest
+	deleted  []string
+}
+
+// The two services have methods of the same names (List, Delete).
+type (
+	leasesServer struct {
+		leasesapi.UnimplementedLeasesServer
+		*fakeContainerd
+	}
+	contentServer struct {
+		contentapi.UnimplementedContentServer
+		*fakeContainerd
+	}
+)
+
+type blobData struct {
+	data    []byte
+	size    int64
+	created time.Time
+}
+
+func startFake(t *testing.T) (*fakeContainerd, string) {
+	t.Helper()
+	f := &fakeContainerd{leases: map[string]*leasesapi.Lease{}, res: map[string][]*leasesapi.Resource{}, blobs: map[string]blobData{}}
+	path := filepath.Join(t.TempDir(), "containerd.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := grpc.NewServer()
+	leasesapi.RegisterLeasesServer(s, leasesServer{fakeContainerd: f})
+	contentapi.RegisterContentServer(s, contentServer{fakeContainerd: f})
+	go s.Serve(l) //nolint:errcheck // ends with Stop
+	t.Cleanup(s.Stop)
+	return f, path
+}
+
+func namespace(ctx context.Context) error {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(pin.NamespaceHeader); len(v) != 1 || v[0] != pin.Namespace {
+		return status.Errorf(codes.FailedPrecondition, "namespace is required, got %v", v)
+	}
+	return nil
+}
+
+func (f leasesServer) Create(ctx context.Context, r *leasesapi.CreateRequest) (*leasesapi.CreateResponse, error) {
+	if err := namespace(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.leases[r.GetID()]; ok {
+		return nil, status.Errorf(codes.AlreadyExists, "lease %s exists", r.GetID())
+	}
+	l := &leasesapi.Lease{ID: r.GetID(), Labels: r.GetLabels(), CreatedAt: timestamppb.Now()}
+	f.leases[r.GetID()] = l
+	return &leasesapi.CreateResponse{Lease: l}, nil
+}
+
+func (f leasesServer) List(ctx context.Context, r *leasesapi.ListRequest) (*leasesapi.ListResponse, error) {
+	if err := namespace(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []*leasesapi.Lease
+	for id, l := range f.leases {
+		for _, flt := range r.GetFilters() {
+			if flt == fmt.Sprintf("id==%q", id) {
+				out = append(out, l)
+			}
+		}
+	}
+	return &leasesapi.ListResponse{Leases: out}, nil
+}
+
+func (f leasesServer) Delete(ctx context.Context, r *leasesapi.DeleteRequest) (*emptypb.Empty, error) {
+	if err := namespace(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.leases[r.GetID()]; !ok {
+		return nil, status.Error(codes.NotFound, "no lease")
+	}
+	delete(f.leases, r.GetID())
+	delete(f.res, r.GetID())
+	f.deleted = append(f.deleted, r.GetID())
+	return &emptypb.Empty{}, nil
+}
+
+func (f leasesServer) ListResources(ctx context.Context, r *leasesapi.ListResourcesRequest) (*leasesapi.ListResourcesResponse, error) {
+	if err := namespace(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.leases[r.GetID()]; !ok {
+		return nil, status.Error(codes.NotFound, "no lease")
+	}
+	return &leasesapi.ListResourcesResponse{Resources: f.res[r.GetID()]}, nil
+}
+
+func (f contentServer) ListStatuses(ctx context.Context, _ *contentapi.ListStatusesRequest) (*contentapi.ListStatusesResponse, error) {
+	if err := namespace(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return &contentapi.ListStatusesResponse{Statuses: f.statuses}, nil
+}
+
+func (f contentServer) Info(ctx context.Context, r *contentapi.InfoRequest) (*contentapi.InfoResponse, error) {
+	if err := namespace(ctx); err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	b, ok := f.blobs[r.GetDigest()]
+	if !ok {
+		return nil, status.Error(codes.NotFound, "no blob")
+	}
+	return &contentapi.InfoResponse{Info: &contentapi.Info{Digest: r.GetDigest(), Size: b.size, CreatedAt: timestamppb.New(b.created)}}, nil
+}
+
+func (f contentServer) Read(r *contentapi.ReadContentRequest, s contentapi.Content_ReadServer) error {
+	if err := namespace(s.Context()); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	b, ok := f.blobs[r.GetDigest()]
+	f.mu.Unlock()
+	if !ok {
+		return status.Error(codes.NotFound, "no blob")
+	}
+	for off := 0; off < len(b.data); off += 7 { // several messages, as containerd sends big blobs
+		end := min(off+7, len(b.data))
+		if err := s.Send(&contentapi.ReadContentResponse{Offset: int64(off), Data: b.data[off:end]}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ingest opens (or moves) an ingest of the node, owned by lease when set.
+func (f *fakeContainerd) ingest(lease, ref, digest string, offset, total int64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, s := range f.statuses {
+		if s.GetRef() == ref {
+			s.Offset = offset
+			return
+		}
+	}
+	f.statuses = append(f.statuses, &contentapi.Status{Ref: ref, Offset: offset, Total: total, Expected: digest})
+	if lease != "" {
+		f.res[lease] = append(f.res[lease], &leasesapi.Resource{ID: ref, Type: "ingests"})
+	}
+}
+
+// commit turns the ingest ref into the blob digest (or adds a blob found on
+// the node, with ref ""), held by lease.
+func (f *fakeContainerd) commit(lease, ref, digest string, data []byte, size int64, created time.Time) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, s := range f.statuses {
+		if s.GetRef() == ref {
+			f.statuses = append(f.statuses[:i], f.statuses[i+1:]...)
+			break
+		}
+	}
+	if data != nil {
+		size = int64(len(data))
+	}
+	f.blobs[digest] = blobData{data: data, size: size, created: created}
+	f.res[lease] = append(f.res[lease], &leasesapi.Resource{ID: digest, Type: "content"})
+}
+
+func TestContainerdSourceFollowsALease(t *testing.T) {
+	f, path := startFake(t)
+	src, err := progress.Dial(path, "team-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	ctx := context.Background()
+	const image = "registry.example/app:1"
+	key, err := src.Open(ctx, image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key != progress.LeaseID("team-a", image) {
+		t.Errorf("key %q, want the image's lease ID", key)
+	}
+	f.mu.Lock()
+	l := f.leases[key]
+	f.mu.Unlock()
+	if l == nil {
+		t.Fatal("no lease created")
+	}
+	expire, err := time.Parse(time.RFC3339, l.GetLabels()["containerd.io/gc.expire"])
+	if err != nil || time.Until(expire) < 23*time.Hour || l.GetLabels()[progress.LeaseImageLabel] != image || l.GetLabels()[progress.LeaseInstanceLabel] != "team-a" {
+		t.Errorf("lease labels %v: want the image, the instance and an expiry a day ahead", l.GetLabels())
+	}
+	md, _ := metadata.FromOutgoingContext(src.Bind(ctx, key))
+	if v := md.Get(progress.LeaseHeader); len(v) != 1 || v[0] != key {
+		t.Errorf("bound metadata %v, want %s=%s", md, progress.LeaseHeader, key)
+	}
+
+	// The pull: a manifest fetched, a base layer found on the node, a layer
+	// half way; another pull's ingest on the node does not count.
+	manifest := []byte(`{"schemaVersion":2,"config":{"size":100},"layers":[{"size":1000},{"size":4000}]}`)
+	f.commit(key, "manifest-sha256:m", "sha256:m", manifest, 0, time.Now())
+	f.commit(key, "", "sha256:base", nil, 1000, time.Now().Add(-time.Hour))
+	f.ingest(key, "layer-sha256:top", "sha256:top", 1500, 4000)
+	f.ingest("", "layer-sha256:other", "sha256:other", 7777, 9999)
+	snap, err := src.Poll(ctx, []string{key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := snap.Transfers[key]
+	want := progress.State{Fetched: int64(len(manifest)), Present: 1000, Blobs: 2,
+		Ingests: map[string]int64{"layer-sha256:top": 1500}, Total: int64(len(manifest)) + 100 + 1000 + 4000}
+	if st.Fetched != want.Fetched || st.Present != want.Present || st.Blobs != want.Blobs || st.Total != want.Total ||
+		len(st.Ingests) != 1 || st.Ingests["layer-sha256:top"] != 1500 {
+		t.Errorf("state %+v, want %+v", st, want)
+	}
+	if snap.Node["layer-sha256:other"] != 7777 || snap.Node["layer-sha256:top"] != 1500 {
+		t.Errorf("node ingests %v", snap.Node)
+	}
+	// The layer completes: seen being fetched, so it counts as fetched
+	// whatever its commit time says.
+	f.commit(key, "layer-sha256:top", "sha256:top", nil, 4000, time.Now().Add(-time.Hour))
+	snap, err = src.Poll(ctx, []string{key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := snap.Transfers[key]; st.Fetched != int64(len(manifest))+4000 || len(st.Ingests) != 0 || st.Blobs != 3 {
+		t.Errorf("after the commit: %+v", st)
+	}
+
+	// Not pulled: the lease stays for the next pass, which reuses it.
+	if err := src.Release(ctx, key, false); err != nil {
+		t.Fatal(err)
+	}
+	if again, err := src.Open(ctx, image); err != nil || again != key {
+		t.Fatalf("reopen: %q, %v", again, err)
+	}
+	f.mu.Lock()
+	deleted := len(f.deleted)
+	f.mu.Unlock()
+	if deleted != 0 {
+		t.Errorf("a young lease was replaced on reopen")
+	}
+	// Pulled: the lease goes.
+	if err := src.Release(ctx, key, true); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	_, still := f.leases[key]
+	f.mu.Unlock()
+	if still {
+		t.Error("the lease of a pulled image was kept")
+	}
+}
+
+func TestContainerdSourceReplacesAnOldLease(t *testing.T) {
+	f, path := startFake(t)
+	src, err := progress.Dial(path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	id := progress.LeaseID("", "busybox")
+	f.mu.Lock()
+	f.leases[id] = &leasesapi.Lease{ID: id, CreatedAt: timestamppb.New(time.Now().Add(-13 * time.Hour))}
+	f.mu.Unlock()
+	if _, err := src.Open(context.Background(), "busybox"); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.deleted) != 1 || f.leases[id] == nil || time.Since(f.leases[id].GetCreatedAt().AsTime()) > time.Minute {
+		t.Errorf("deleted %v, lease %v: want the half-expired lease replaced by a new one", f.deleted, f.leases[id])
+	}
+}
+
+func TestContainerdSourceOnARuntimeWithoutTheAPI(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cri.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := grpc.NewServer() // serves nothing: every call is Unimplemented
+	go s.Serve(l)         //nolint:errcheck // ends with Stop
+	defer s.Stop()
+	src, err := progress.Dial(path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	_, err = src.Open(context.Background(), "busybox")
+	if err == nil || !strings.Contains(err.Error(), "list leases") || !errors.Is(err, progress.ErrUnsupported) {
+		t.Errorf("Open = %v, want ErrUnsupported", err)
+	}
+}
