@@ -91,6 +91,18 @@ func Large() Set {
 	return s
 }
 
+// Big is set (d): one image of 210 MiB, seven 30 MiB layers (a big image for
+// a slow link).
+func Big() Set {
+	s := Set{Name: "d-1x210MiB", About: "one image of 210 MiB (7 layers of 30 MiB)"}
+	im := Image{Path: "bench/big:0-" + version}
+	for j := range 7 {
+		im.Layers = append(im.Layers, Layer{Seed: fmt.Sprintf("bench-big-0-%d", j), Size: 30 * MiB})
+	}
+	s.Images = append(s.Images, im)
+	return s
+}
+
 // Many is the resource set: 100 images of 64 KiB.
 func Many() Set {
 	s := Set{Name: "c-100x64KiB", About: "100 images of 64 KiB"}

@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -39,6 +40,10 @@ type options struct {
 	only         string
 	experiment   bool
 	stallNoHedge bool
+	holdAfter    int64
+	windows      []time.Duration
+	bigMbit      int64
+	bigCap       time.Duration
 }
 
 func main() {
@@ -48,10 +53,24 @@ func main() {
 	flag.Int64Var(&o.mbit, "mbit", 200, "shaping proxy: bandwidth cap in Mbit/s per direction")
 	flag.DurationVar(&o.stall, "stall", 20*time.Second, "stalled registry: connections made this long after the stall begins are never answered")
 	flag.StringVar(&o.agentBin, "agent-bin", "bin/image-prefetcher", "the agent binary, for the memory and CPU measurements")
-	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,resources,experiment (default: all but experiment)")
+	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,midstall,big,resources,experiment (default: all)")
 	flag.BoolVar(&o.experiment, "experiment", true, "run the concurrent-PullImage experiment (does containerd let a second pull of a stalled ref progress?)")
 	flag.BoolVar(&o.stallNoHedge, "stall-without-hedging", true, "also time the stall with --hedge-after=0, for comparison")
+	flag.Int64Var(&o.holdAfter, "hold-after", 5*imageset.MiB, "mid-layer stall: bytes the held connection gets before it goes silent")
+	windows := flag.String("windows", "15s,30s", "mid-layer stall: --pull-progress-timeout values timed besides the default (comma-separated; empty: none)")
+	flag.Int64Var(&o.bigMbit, "big-mbit", 20, "big image: the shaped link in Mbit/s")
+	flag.DurationVar(&o.bigCap, "big-cap", time.Minute, "big image: --max-pull-attempt-timeout, well below the transfer time")
 	flag.Parse()
+	for _, w := range strings.Split(*windows, ",") {
+		if w = strings.TrimSpace(w); w == "" {
+			continue
+		}
+		d, err := time.ParseDuration(w)
+		if err != nil {
+			log.Fatalf("-windows: %v", err)
+		}
+		o.windows = append(o.windows, d)
+	}
 	log.SetFlags(log.Ltime)
 	log.SetOutput(os.Stderr)
 
@@ -73,6 +92,7 @@ type bench struct {
 	sets   []imageset.Set
 	hosts  []string // every registry name the sets are pulled under
 	out    io.Writer
+	store  *store // containerd's own API; nil on other runtimes
 }
 
 func (b *bench) want(part string) bool {
@@ -98,6 +118,12 @@ func run(ctx context.Context, o options) error {
 	}
 	defer client.Close()
 	b := &bench{o: o, env: env, rt: runtime{images: client.Images}, out: os.Stdout}
+	if env.IsContainerd() {
+		if b.store, err = dialStore(env.CRISocket); err != nil {
+			return err
+		}
+		defer b.store.conn.Close()
+	}
 	if b.dir, err = os.MkdirTemp("", "prefetchbench"); err != nil {
 		return err
 	}
@@ -148,6 +174,16 @@ func run(ctx context.Context, o options) error {
 			return err
 		}
 	}
+	if b.want("midstall") {
+		if err := b.midStall(ctx); err != nil {
+			return err
+		}
+	}
+	if b.want("big") {
+		if err := b.bigImage(ctx); err != nil {
+			return err
+		}
+	}
 	if b.want("resources") {
 		if err := b.resources(ctx); err != nil {
 			return err
@@ -169,19 +205,43 @@ func (b *bench) allRefs(s imageset.Set) []string {
 // (same flag parsing, CRI dial, engine), with extra flags; it returns the
 // wall time and fails when the pass did not make every image present.
 func (b *bench) agent(ctx context.Context, refs []string, extra ...string) (time.Duration, error) {
+	took, _, err := b.agentRun(ctx, refs, append([]string{"--log-level", "warn"}, extra...)...)
+	return took, err
+}
+
+// agentRun is agent that also returns the agent's log.
+func (b *bench) agentRun(ctx context.Context, refs []string, extra ...string) (time.Duration, string, error) {
 	list := filepath.Join(b.dir, "images.txt")
 	if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
-		return 0, err
+		return 0, "", err
 	}
-	args := append([]string{"fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn"}, extra...)
-	var stderr strings.Builder
+	args := append([]string{"fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list}, extra...)
+	var stderr syncBuilder
 	begin := time.Now()
 	code := app.Main(args, io.Discard, &stderr)
 	took := time.Since(begin)
 	if code != app.ExitOK {
-		return took, fmt.Errorf("agent %s: exit %d: %s", strings.Join(extra, " "), code, lastLines(stderr.String(), 5))
+		return took, stderr.String(), fmt.Errorf("agent %s: exit %d: %s", strings.Join(extra, " "), code, lastLines(stderr.String(), 5))
 	}
-	return took, ctx.Err()
+	return took, stderr.String(), ctx.Err()
+}
+
+// syncBuilder is the agent's log: its pulls write to it from goroutines.
+type syncBuilder struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuilder) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuilder) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 func lastLines(s string, n int) string {
