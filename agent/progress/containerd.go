@@ -177,6 +177,9 @@ func apiError(what string, err error) error {
 	return fmt.Errorf("%s: %w", what, err)
 }
 
+// errReleased: the key was released (or never opened).
+var errReleased = errors.New("lease released")
+
 // Bind adds the lease header to the outgoing metadata of ctx.
 func (c *Containerd) Bind(ctx context.Context, key string) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, LeaseHeader, key)
@@ -187,7 +190,7 @@ func (c *Containerd) Poll(ctx context.Context, keys []string) (Snapshot, error) 
 	ctx = namespaced(ctx)
 	st, err := c.content.ListStatuses(ctx, &contentapi.ListStatusesRequest{})
 	if err != nil {
-		return Snapshot{}, apiError("list ingests", err)
+		return Snapshot{Transfers: map[string]State{}}, apiError("list ingests", err)
 	}
 	snap := Snapshot{Transfers: make(map[string]State, len(keys)), Node: make(map[string]int64, len(st.GetStatuses()))}
 	expected := map[string]string{} // ingest ref -> digest
@@ -198,6 +201,9 @@ func (c *Containerd) Poll(ctx context.Context, keys []string) (Snapshot, error) 
 	var errs []error
 	for _, key := range keys {
 		state, err := c.state(ctx, key, snap.Node, expected)
+		if errors.Is(err, errReleased) {
+			continue // released while the poll ran: nobody asks for it
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -210,15 +216,15 @@ func (c *Containerd) Poll(ctx context.Context, keys []string) (Snapshot, error) 
 // state reads one lease: its open ingests (bytes from the node's list) and
 // its blobs (sizes from Info, once each).
 func (c *Containerd) state(ctx context.Context, key string, node map[string]int64, expected map[string]string) (State, error) {
-	res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: key})
-	if err != nil {
-		return State{}, apiError("lease "+key, err)
-	}
 	c.mu.Lock()
 	ls := c.leased[key]
 	c.mu.Unlock()
 	if ls == nil {
-		return State{}, fmt.Errorf("lease %s: not opened", key)
+		return State{}, errReleased
+	}
+	res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: key})
+	if err != nil {
+		return State{}, apiError("lease "+key, err)
 	}
 	s := State{Ingests: map[string]int64{}}
 	var digests []string

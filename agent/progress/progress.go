@@ -52,6 +52,8 @@ type Source interface {
 	// Bind returns ctx for a PullImage call that runs under key.
 	Bind(ctx context.Context, key string) context.Context
 	// Poll reads the state of the transfers of keys and the node's ingests.
+	// With an error, what it could read is still returned: a key missing
+	// from Transfers, or a nil Node, was not read.
 	Poll(ctx context.Context, keys []string) (Snapshot, error)
 	// Release ends following key; pulled says the image is present, so what
 	// key kept for a resume may go.
@@ -223,18 +225,15 @@ func (w *Watcher) pollOnce(keys []string) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if err != nil {
-		// The runtime did not answer: nothing is known to move, and a
+		// What the runtime did not answer for counts as not moving: a
 		// runtime that stopped answering is a stall like any other.
 		w.log().Debug("pull progress poll failed", "error", err.Error())
-		snap = Snapshot{Transfers: map[string]State{}, Node: w.node}
-		for _, k := range keys {
-			if t := w.transfers[k]; t != nil {
-				snap.Transfers[k] = t.state
-			}
-		}
 	}
-	nodeMoved := moved(w.node, snap.Node)
-	w.node = snap.Node
+	nodeMoved := false
+	if snap.Node != nil {
+		nodeMoved = moved(w.node, snap.Node)
+		w.node = snap.Node
+	}
 	for _, k := range keys {
 		t := w.transfers[k]
 		if t == nil {
@@ -410,11 +409,11 @@ func (a *watch) Stop() pull.Bytes {
 	t := a.t
 	// A last look, so the blobs committed since the last poll count.
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
-	snap, err := t.w.Source.Poll(ctx, []string{t.key})
+	snap, _ := t.w.Source.Poll(ctx, []string{t.key})
 	cancel()
 	t.w.mu.Lock()
 	defer t.w.mu.Unlock()
-	if cur, ok := snap.Transfers[t.key]; err == nil && ok && !t.closed {
+	if cur, ok := snap.Transfers[t.key]; ok && !t.closed {
 		t.state = cur
 		t.w.recordLocked()
 	}
