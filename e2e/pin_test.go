@@ -247,8 +247,17 @@ func TestAgentPinImages(t *testing.T) {
 			t.Errorf("the labels of %s changed: %v, were %v", ref, got, was)
 		}
 	}
-	if strings.Count(run.output, "action=released") != 2 {
-		t.Errorf("want two releases that leave the pin in place:\n%s", run.output)
+	// containerd 1.6.20 does not pin its sandbox image: there a set that pin and lets go of it again, and only
+	// the operator's pin is a release that leaves the pin in place.
+	wantReleased := 2
+	if !criReportsPins {
+		wantReleased = 1
+		if !strings.Contains(run.output, "image="+sandbox+" action=unpinned") {
+			t.Errorf("the sandbox image a pinned on containerd 1.6 was not unpinned:\n%s", run.output)
+		}
+	}
+	if n := strings.Count(run.output, "action=released"); n != wantReleased {
+		t.Errorf("%d releases that leave the pin in place, want %d:\n%s", n, wantReleased, run.output)
 	}
 
 	// 6. Off: everything a pinned is let go of; what only a wanted is unpinned; b's pins stay.
