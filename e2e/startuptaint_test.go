@@ -167,7 +167,8 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	if tl.succeeded.IsZero() || tl.untaint.IsZero() {
 		t.Errorf("the node was not seen labelled succeeded (%v) and untainted (%v)", tl.succeeded, tl.untaint)
 	} else {
-		t.Logf("seen from the API server: label succeeded at +0, taint gone at %+v", tl.untaint.Sub(tl.succeeded).Round(time.Millisecond))
+		t.Logf("seen from the API server (polled every 50 ms): the taint gone %s after the label said succeeded",
+			tl.untaint.Sub(tl.succeeded).Round(time.Millisecond))
 	}
 	// The agent measures from the end of its pulls (the last image present) to the taint's removal.
 	if m := regexp.MustCompile(`startup taint removed.*sinceListPresent=(\S+)`).FindStringSubmatch(in.logs()); m != nil {
