@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -212,7 +211,7 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 	if err := opts.validate(server); err != nil {
 		return nil, err
 	}
-	log, err := newLogger(opts, stderr)
+	log, err := opts.Log.newLogger(stderr)
 	if err != nil {
 		return nil, err
 	}
@@ -260,18 +259,6 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 	}
 	p.log = log
 	return p, nil
-}
-
-func newLogger(opts *Options, w io.Writer) (*slog.Logger, error) {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(opts.LogLevel)); err != nil {
-		return nil, fmt.Errorf("--log-level=%q: %w", opts.LogLevel, err)
-	}
-	ho := &slog.HandlerOptions{Level: level}
-	if opts.LogFormat == "json" {
-		return slog.New(slog.NewJSONHandler(w, ho)), nil
-	}
-	return slog.New(slog.NewTextHandler(w, ho)), nil
 }
 
 func kubeClient(kubeconfig string) (kubernetes.Interface, error) {

@@ -106,8 +106,8 @@ func collect(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	httpAddr := fs.String("http-address", ":9479", "Address of the HTTP server (/metrics JSON, /summary, /prometheus, /healthz).")
 	maxResults := fs.Int("max-results", collector.DefaultMaxResults, "Results held in memory; beyond it the oldest are dropped (counted in image_prefetcher_collector_results_dropped_total).")
 	shutdown := fs.Duration("shutdown-timeout", collector.DefaultShutdownTimeout, "Bound of the graceful shutdown on SIGTERM.")
-	logFormat := fs.String("log-format", "text", "text or json.")
-	logLevel := fs.String("log-level", "info", "debug, info, warn or error.")
+	logOpts := defaultLogOptions()
+	logOpts.addFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			return ExitOK
@@ -122,10 +122,7 @@ func collect(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "collect: --max-results=%d: must be positive\n", *maxResults)
 		return ExitUsage
 	}
-	log, err := newLogger(&Options{LogFormat: *logFormat, LogLevel: *logLevel}, stderr)
-	if err == nil && *logFormat != "text" && *logFormat != "json" {
-		err = fmt.Errorf("--log-format=%q: must be text or json", *logFormat)
-	}
+	log, err := logOpts.newLogger(stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "collect: %v\n", err)
 		return ExitUsage

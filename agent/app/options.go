@@ -3,6 +3,7 @@ package app
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"time"
 
@@ -45,8 +46,7 @@ type Options struct {
 	LabelWriteTimeout time.Duration
 	RecheckInterval   time.Duration
 	ListenAddress     string
-	LogFormat         string
-	LogLevel          string
+	Log               LogOptions
 
 	PullSlotOptions
 	NodeGateOptions
@@ -63,31 +63,32 @@ type Options struct {
 const DefaultMaxParallelPulls = 4
 
 func defaultOptions() *Options {
+	// The pull engine's defaults live with the engine (pull.DefaultConfig).
+	d := pull.DefaultConfig()
 	return &Options{
 		Instance:                  os.Getenv("INSTANCE"),
 		NodeName:                  os.Getenv("NODE_NAME"),
 		ImageList:                 "/etc/image-prefetcher/images.txt",
 		HostRoot:                  "/host",
 		DialTimeout:               5 * time.Second,
-		PullPolicy:                "IfNotPresent",
+		PullPolicy:                string(d.Policy),
 		MaxParallelPulls:          DefaultMaxParallelPulls,
-		MaxAttempts:               10,
-		InitialPullAttemptTimeout: 30 * time.Second,
-		MaxPullAttemptTimeout:     5 * time.Minute,
-		InitialPullAttemptDelay:   time.Second,
-		MaxPullAttemptDelay:       10 * time.Minute,
-		OverallTimeout:            20 * time.Minute,
-		HedgeAfter:                pull.DefaultConfig().HedgeAfter,
-		MaxHedges:                 pull.DefaultConfig().MaxHedges,
-		PullProgressTimeout:       pull.DefaultConfig().ProgressTimeout,
+		MaxAttempts:               d.MaxAttempts,
+		InitialPullAttemptTimeout: d.InitialAttemptTimeout,
+		MaxPullAttemptTimeout:     d.MaxAttemptTimeout,
+		InitialPullAttemptDelay:   d.InitialDelay,
+		MaxPullAttemptDelay:       d.MaxDelay,
+		OverallTimeout:            d.OverallTimeout,
+		HedgeAfter:                d.HedgeAfter,
+		MaxHedges:                 d.MaxHedges,
+		PullProgressTimeout:       d.ProgressTimeout,
 		PullProgressLogInterval:   10 * time.Second,
 		Label:                     true,
 		Kubeconfig:                os.Getenv("KUBECONFIG"),
 		LabelWriteTimeout:         30 * time.Second,
 		RecheckInterval:           5 * time.Minute,
 		ListenAddress:             ":9477",
-		LogFormat:                 "text",
-		LogLevel:                  "info",
+		Log:                       defaultLogOptions(),
 		PullSlotOptions:           defaultPullSlotOptions(),
 		NodeGateOptions:           defaultNodeGateOptions(),
 		Collector:                 defaultCollectorOptions(),
@@ -120,8 +121,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
 	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of each node label write (and of the events), separate from the pass's: transient API errors (server down, 5xx, 429, conflicts) are retried until it is spent.")
-	fs.StringVar(&o.LogFormat, "log-format", o.LogFormat, "text or json.")
-	fs.StringVar(&o.LogLevel, "log-level", o.LogLevel, "debug, info, warn or error.")
+	o.Log.addFlags(fs)
 	o.PullSlotOptions.addFlags(fs)
 	o.NodeGateOptions.addFlags(fs)
 	o.Collector.addFlags(fs)
@@ -171,10 +171,8 @@ func (o *Options) validate(withServer bool) error {
 	if err := o.Collector.validate(); err != nil {
 		errs = append(errs, err)
 	}
-	switch o.LogFormat {
-	case "text", "json":
-	default:
-		errs = append(errs, fmt.Errorf("--log-format=%q: must be text or json", o.LogFormat))
+	if _, err := o.Log.newLogger(io.Discard); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

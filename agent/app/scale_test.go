@@ -253,7 +253,7 @@ func TestScaleManyAgentsOneBound(t *testing.T) {
 		o.MaxConcurrentNodes = scaleK
 		o.CRISocket, o.ImageList = sock, list
 		o.ListenAddress = ""
-		o.LogLevel = "warn"
+		o.Log.Level = "warn"
 		logs[i] = &syncBuffer{}
 		p, err := newPrefetcher(o, false, logs[i], client)
 		if err != nil {
