@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
@@ -71,78 +72,78 @@ var pullBuckets = []float64{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 1
 // New creates the collectors on a new registry, with the Go and process
 // collectors.
 func New() *Metrics {
+	reg := prometheus.NewRegistry()
+	// promauto registers each collector where it is made: none is made and forgotten.
+	f := promauto.With(reg)
 	m := &Metrics{
-		registry: prometheus.NewRegistry(),
-		pullDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		registry: reg,
+		pullDuration: f.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: Namespace, Name: "image_duration_seconds",
 			Help:    "Time to make one image present in a pass, attempts and waits between them included, by outcome (present, pulled, failed).",
 			Buckets: pullBuckets,
 		}, []string{"outcome"}),
-		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
+		attempts: f.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "pull_attempts_total",
 			Help: "CRI PullImage attempts, by outcome (success, failure) and classified reason (empty on success).",
 		}, []string{"outcome", "reason"}),
-		failures: prometheus.NewCounterVec(prometheus.CounterOpts{
+		failures: f.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "image_failures_total",
 			Help: "Images that ended a pass not present, by classified reason.",
 		}, []string{"reason"}),
-		bytesPulled: prometheus.NewCounter(prometheus.CounterOpts{
+		bytesPulled: f.NewCounter(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "pulled_bytes_total",
 			Help: "Size of the images pulled, as reported by the runtime (present images are not counted).",
 		}),
-		imagesPresent: prometheus.NewGauge(prometheus.GaugeOpts{
+		imagesPresent: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "images_present",
 			Help: "Images of the current list present on the node after the last pass.",
 		}),
-		imagesMissing: prometheus.NewGauge(prometheus.GaugeOpts{
+		imagesMissing: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "images_missing",
 			Help: "Images of the current list not present on the node after the last pass (malformed lines included).",
 		}),
-		labelState: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		labelState: f.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "node_label_state",
 			Help: "1 for the value the node label has (succeeded, failed, or none when absent), 0 for the others.",
 		}, []string{"state"}),
-		passes: prometheus.NewCounterVec(prometheus.CounterOpts{
+		passes: f.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "passes_total",
 			Help: "Finished passes over the list, by result (succeeded when every image is present, else failed).",
 		}, []string{"result"}),
-		lastPass: prometheus.NewGauge(prometheus.GaugeOpts{
+		lastPass: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "last_pass_timestamp_seconds",
 			Help: "Unix time the last pass finished.",
 		}),
-		lastSuccess: prometheus.NewGauge(prometheus.GaugeOpts{
+		lastSuccess: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "last_success_timestamp_seconds",
 			Help: "Unix time the last pass that found every image present finished.",
 		}),
-		passDuration: prometheus.NewGauge(prometheus.GaugeOpts{
+		passDuration: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "last_pass_duration_seconds",
 			Help: "Duration of the last pass.",
 		}),
-		pinnedImages: prometheus.NewGauge(prometheus.GaugeOpts{
+		pinnedImages: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "pinned_images",
 			Help: "Images of the current list that this instance holds pinned against the kubelet's image GC (--pin-images) after the last pass; 0 when pinning is off.",
 		}),
-		pinFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+		pinFailures: f.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "pin_failures_total",
 			Help: "Image pins that could not be set (operation pin) or let go of (release), and passes whose pins could not be read (list).",
 		}, []string{"operation"}),
-		bytesInFlight: prometheus.NewGauge(prometheus.GaugeOpts{
+		bytesInFlight: f.NewGauge(prometheus.GaugeOpts{
 			Namespace: Namespace, Name: "pull_bytes_in_flight",
 			Help: "Bytes written so far by the pulls in progress, partial blobs included, as containerd's content store shows them; 0 between pulls and on runtimes without that API.",
 		}),
-		bytesFetched: prometheus.NewCounter(prometheus.CounterOpts{
+		bytesFetched: f.NewCounter(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "pull_fetched_bytes_total",
 			Help: "Bytes that arrived for pulls, counted as they arrive (containerd's content store); rate() is the node's pull bandwidth.",
 		}),
-		stalls: prometheus.NewCounter(prometheus.CounterOpts{
+		stalls: f.NewCounter(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "pull_stalls_total",
 			Help: "Pull attempts ended because no byte arrived for --pull-progress-timeout (also counted as attempts failed with reason Timeout).",
 		}),
 	}
-	m.registry.MustRegister(
-		m.pullDuration, m.attempts, m.failures, m.bytesPulled, m.imagesPresent, m.imagesMissing,
-		m.labelState, m.passes, m.lastPass, m.lastSuccess, m.passDuration, m.pinnedImages, m.pinFailures,
-		m.bytesInFlight, m.bytesFetched, m.stalls,
+	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
