@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/collector"
+	"github.com/nodeprefetch/image-prefetcher/agent/collector/collectortest"
 	"github.com/nodeprefetch/image-prefetcher/agent/cri/critest"
 	"github.com/nodeprefetch/image-prefetcher/agent/health"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
@@ -24,25 +25,7 @@ const flaky = "registry.test/app/flaky:1"
 func startCollector(t *testing.T) (*collector.Store, string) {
 	t.Helper()
 	store := collector.NewStore(0)
-	c := collector.New(store, nil)
-	gl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Serve(ctx, gl, hl) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("collector: %v", err)
-		}
-	})
-	return store, gl.Addr().String()
+	return store, collectortest.Start(t, collector.New(store, nil), "127.0.0.1:0").GRPC
 }
 
 // TestFetchSendsEveryAttemptToTheCollector runs the fetch command against the

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/collector"
+	"github.com/nodeprefetch/image-prefetcher/agent/collector/collectortest"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 	"github.com/nodeprefetch/image-prefetcher/agent/sender"
 )
@@ -15,8 +16,8 @@ import (
 // /metrics, added up per image in /summary, failed attempts included.
 func TestAttemptsCarryTheirBytes(t *testing.T) {
 	c := collector.New(collector.NewStore(100), nil)
-	srv := start(t, c, "127.0.0.1:0")
-	s, err := sender.New(sender.Config{Address: srv.grpc, Node: "node-a", Instance: "inst"})
+	srv := collectortest.Start(t, c, "127.0.0.1:0")
+	s, err := sender.New(sender.Config{Address: srv.GRPC, Node: "node-a", Instance: "inst"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +37,7 @@ func TestAttemptsCarryTheirBytes(t *testing.T) {
 	}
 
 	var results []collector.JSONResult
-	body := get(t, srv.http+"/metrics?image=big:1", &results)
+	body := get(t, srv.HTTP+"/metrics?image=big:1", &results)
 	if len(results) != 2 {
 		t.Fatalf("GET /metrics = %s", body)
 	}
@@ -51,7 +52,7 @@ func TestAttemptsCarryTheirBytes(t *testing.T) {
 		t.Errorf("resumed attempt = %+v", second)
 	}
 	var sum collector.Summaries
-	get(t, srv.http+"/summary", &sum)
+	get(t, srv.HTTP+"/summary", &sum)
 	if got := sum.Images["big:1"]; got.FetchedBytes != 200*mib || got.Bytes != 200*mib {
 		t.Errorf("summary of big:1 = %+v, want 200 MiB fetched over both attempts", got)
 	}

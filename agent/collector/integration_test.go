@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -14,55 +13,10 @@ import (
 	"time"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/collector"
+	"github.com/nodeprefetch/image-prefetcher/agent/collector/collectortest"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 	"github.com/nodeprefetch/image-prefetcher/agent/sender"
 )
-
-// running is a collector serving on loopback.
-type running struct {
-	cancel context.CancelFunc
-	done   chan error
-	grpc   string
-	http   string
-}
-
-func start(t *testing.T, c *collector.Collector, grpcAddr string) *running {
-	t.Helper()
-	var gl net.Listener
-	var err error
-	// The restarted collector takes the same port back; a moment may pass
-	// before the old socket is gone.
-	for i := 0; ; i++ {
-		if gl, err = net.Listen("tcp", grpcAddr); err == nil || i == 100 {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	hl, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{cancel: cancel, done: make(chan error, 1), grpc: gl.Addr().String(), http: "http://" + hl.Addr().String()}
-	go func() { r.done <- c.Serve(ctx, gl, hl) }()
-	t.Cleanup(func() { r.stop(t) })
-	return r
-}
-
-func (r *running) stop(t *testing.T) {
-	t.Helper()
-	if r.cancel == nil {
-		return
-	}
-	r.cancel()
-	r.cancel = nil
-	if err := <-r.done; err != nil {
-		t.Errorf("collector stopped with %v", err)
-	}
-}
 
 func get(t *testing.T, url string, v any) string {
 	t.Helper()
@@ -93,8 +47,8 @@ func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
 	const senders, perSender = 20, 50
 	store := collector.NewStore(0)
 	c := collector.New(store, nil)
-	srv := start(t, c, "127.0.0.1:0")
-	addr := srv.grpc
+	srv := collectortest.Start(t, c, "127.0.0.1:0")
+	addr := srv.GRPC
 
 	ss := make([]*sender.Sender, senders)
 	for i := range ss {
@@ -129,10 +83,10 @@ func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
 	for store.Len() < senders*perSender/4 {
 		time.Sleep(time.Millisecond)
 	}
-	srv.stop(t)
+	srv.Stop(t)
 	send(perSender/2, perSender)
 	time.Sleep(50 * time.Millisecond) // the senders meet a closed port and back off
-	srv = start(t, c, addr)
+	srv = collectortest.Start(t, c, addr)
 
 	var wg sync.WaitGroup
 	var failures sync.Map
@@ -157,7 +111,7 @@ func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
 	}
 
 	var got []collector.JSONResult
-	get(t, srv.http+"/metrics", &got)
+	get(t, srv.HTTP+"/metrics", &got)
 	seen := map[string]int{}
 	ids := map[string]bool{}
 	failed := 0
@@ -188,8 +142,8 @@ func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
 func TestHTTPEndpoints(t *testing.T) {
 	store := collector.NewStore(2)
 	c := collector.New(store, nil)
-	srv := start(t, c, "127.0.0.1:0")
-	s, err := sender.New(sender.Config{Address: srv.grpc, Node: "node-a", Instance: "inst"})
+	srv := collectortest.Start(t, c, "127.0.0.1:0")
+	s, err := sender.New(sender.Config{Address: srv.GRPC, Node: "node-a", Instance: "inst"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -204,7 +158,7 @@ func TestHTTPEndpoints(t *testing.T) {
 
 	// The reference tool's fields, under its names and types.
 	var raw []map[string]any
-	body := get(t, srv.http+"/metrics", &raw)
+	body := get(t, srv.HTTP+"/metrics", &raw)
 	if len(raw) != 2 {
 		t.Fatalf("GET /metrics = %s", body)
 	}
@@ -225,16 +179,16 @@ func TestHTTPEndpoints(t *testing.T) {
 		t.Errorf("failed result = %v", bad)
 	}
 	var filtered []collector.JSONResult
-	get(t, srv.http+"/metrics?image=img:2&node=node-a&instance=inst", &filtered)
+	get(t, srv.HTTP+"/metrics?image=img:2&node=node-a&instance=inst", &filtered)
 	if len(filtered) != 1 || filtered[0].Image != "img:2" {
 		t.Errorf("filtered = %+v", filtered)
 	}
-	get(t, srv.http+"/metrics?node=other", &filtered)
+	get(t, srv.HTTP+"/metrics?node=other", &filtered)
 	if len(filtered) != 0 {
 		t.Errorf("node=other = %+v", filtered)
 	}
 	var sum collector.Summaries
-	get(t, srv.http+"/summary", &sum)
+	get(t, srv.HTTP+"/summary", &sum)
 	if n := sum.Nodes["node-a"]; n.Attempts != 2 || n.Failures != 1 || n.MaxDurationMs != 2000 || n.Bytes != 7 {
 		t.Errorf("summary node-a = %+v", n)
 	}
@@ -243,7 +197,7 @@ func TestHTTPEndpoints(t *testing.T) {
 	}
 
 	// Over the cap of 2, the oldest goes and is counted.
-	s2, err := sender.New(sender.Config{Address: srv.grpc, Node: "node-b"})
+	s2, err := sender.New(sender.Config{Address: srv.GRPC, Node: "node-b"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,7 +205,7 @@ func TestHTTPEndpoints(t *testing.T) {
 	if err := s2.Close(ctx); err != nil {
 		t.Fatal(err)
 	}
-	prom := get(t, srv.http+"/prometheus", nil)
+	prom := get(t, srv.HTTP+"/prometheus", nil)
 	for _, want := range []string{
 		"image_prefetcher_collector_results_received_total 3",
 		`image_prefetcher_collector_results_dropped_total{reason="evicted"} 1`,
