@@ -1,0 +1,406 @@
+// Helpers of the Flux tests: an image prefetcher instance kept in a source tree like a user's Git
+// repository (the repository's overlay plus the e2e layer of e2e/deploy), reconciled by the
+// Reconciler of this package, and cleaned up (objects, node label and annotation) at the end.
+package flux_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	kustomizev1 "github.com/fluxcd/kustomize-controller/api/v1"
+	sourcev1 "github.com/fluxcd/source-controller/api/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/nodeprefetch/image-prefetcher/bundle"
+	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
+	"github.com/nodeprefetch/image-prefetcher/e2e/deploy"
+	"github.com/nodeprefetch/image-prefetcher/e2e/flux"
+)
+
+const (
+	labelPrefix      = "image-prefetcher.stackrox.io/"
+	annotationPrefix = "list.image-prefetcher.stackrox.io/"
+	// instancePath is where the instance sits in the source tree: a cluster directory listing it,
+	// as in a fleet repository (removing it from there is how a user uninstalls through Git).
+	instancePath = "clusters/e2e"
+	// healthInterval is the kstatus polling interval of the tests: shorter than the controller's
+	// 5 s so the measured times say when the objects became ready, not when the next poll came.
+	healthInterval = time.Second
+	// fluxNamespace is where the Kustomization (and its source) live, as in a Flux installation.
+	fluxNamespace = "flux-system"
+)
+
+// instance is one image prefetcher instance reconciled the Flux way.
+type instance struct {
+	t      *testing.T
+	env    *clusterenv.Env
+	cs     kubernetes.Interface
+	images runtimeapi.ImageServiceClient
+	opts   deploy.Options
+	kust   *kustomizev1.Kustomization
+	// rec reconciles kust with Flux's libraries (withReconciler); nil when Flux's controllers do.
+	rec *flux.Reconciler
+}
+
+// newInstance prepares an instance named flux-<base>-<random> (namespace of the same name) with
+// the list images and a Kustomization for it at instancePath with prune, wait and timeout, and
+// registers its cleanup. It applies nothing.
+func newInstance(t *testing.T, env *clusterenv.Env, base string, timeout time.Duration, images []string) *instance {
+	t.Helper()
+	if env.AgentImage == "" {
+		t.Fatalf("no agent image in the env file: run `e2e/cluster.sh push-agent-image`")
+	}
+	if !env.IsContainerd() {
+		// The vanilla overlay mounts the containerd socket directory; CRI-O nodes take overlays/ocp.
+		t.Fatalf("the Flux tests deploy overlays/vanilla and need a containerd node, the cluster runs %s", env.Runtime)
+	}
+	name := "flux-" + base + "-" + suffix(t)
+	_, imageClient := env.CRI(t)
+	in := &instance{
+		t: t, env: env, cs: env.Clientset(t), images: imageClient,
+		opts: deploy.Options{
+			Namespace:    name,
+			Instance:     name,
+			Images:       images,
+			AgentImage:   env.AgentImage,
+			CRISocketDir: filepath.Dir(env.CRISocket),
+			ListenPort:   freePort(t),
+		},
+		kust: &kustomizev1.Kustomization{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: fluxNamespace},
+			Spec: kustomizev1.KustomizationSpec{
+				Interval:  metav1.Duration{Duration: 10 * time.Minute},
+				Path:      "./" + instancePath,
+				Prune:     true,
+				Wait:      true,
+				Timeout:   &metav1.Duration{Duration: timeout},
+				SourceRef: kustomizev1.CrossNamespaceSourceReference{Kind: sourcev1.GitRepositoryKind, Name: name},
+			},
+		},
+	}
+	t.Cleanup(in.cleanup)
+	return in
+}
+
+// withReconciler gives the instance the library Reconciler of this package for its Kustomization.
+func (in *instance) withReconciler() *instance {
+	in.t.Helper()
+	cfg, err := in.env.RESTConfig()
+	if err != nil {
+		in.t.Fatalf("rest config: %v", err)
+	}
+	in.rec, err = flux.New(cfg, in.kust)
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	in.rec.WaitInterval = healthInterval
+	return in
+}
+
+func (in *instance) name() string          { return in.opts.Instance }
+func (in *instance) labelKey() string      { return labelPrefix + in.opts.Instance }
+func (in *instance) annotationKey() string { return annotationPrefix + in.opts.Instance }
+
+// source writes the source tree of the instance as now configured into a new directory; see
+// writeSource.
+func (in *instance) source(withInstance bool) string {
+	in.t.Helper()
+	dir := in.t.TempDir()
+	in.writeSource(dir, withInstance)
+	return dir
+}
+
+// writeSource writes into dir a copy of the bundle with the instance overlay, the e2e layer over
+// it, and clusters/e2e listing that layer (withInstance false: listing nothing, the instance
+// removed from Git).
+func (in *instance) writeSource(dir string, withInstance bool) {
+	in.t.Helper()
+	root, err := bundle.Root()
+	if err != nil {
+		in.t.Fatal(err)
+	}
+	if _, err := deploy.Overlay(root, dir, in.opts); err != nil {
+		in.t.Fatal(err)
+	}
+	resources := "resources: []\n"
+	if withInstance {
+		resources = "resources:\n- ../../e2e\n"
+	}
+	k := "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n" + resources
+	if err := os.MkdirAll(filepath.Join(dir, instancePath), 0o755); err != nil {
+		in.t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, instancePath, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		in.t.Fatal(err)
+	}
+}
+
+// reconcile runs one reconciliation of the current source and logs its measured times.
+func (in *instance) reconcile(ctx context.Context, what string, withInstance bool) (flux.Result, error) {
+	in.t.Helper()
+	res, err := in.rec.Reconcile(ctx, in.source(withInstance))
+	outcome := "ready"
+	if err != nil {
+		outcome = "failed"
+	}
+	in.t.Logf("flux reconcile %s (%s): %s: %s", in.name(), what, outcome, res)
+	return res, err
+}
+
+// requireReconciled is reconcile that must succeed.
+func (in *instance) requireReconciled(ctx context.Context, what string) flux.Result {
+	in.t.Helper()
+	res, err := in.reconcile(ctx, what, true)
+	if err != nil {
+		in.t.Fatalf("%v\n%s", err, in.diagnose())
+	}
+	return res
+}
+
+// node returns the node's current label and list annotation of the instance.
+func (in *instance) node(ctx context.Context) nodeState {
+	in.t.Helper()
+	n, err := in.cs.CoreV1().Nodes().Get(ctx, in.env.NodeName, metav1.GetOptions{})
+	if err != nil {
+		in.t.Fatalf("get node: %v", err)
+	}
+	return in.stateOf(n)
+}
+
+func (in *instance) stateOf(n *corev1.Node) nodeState {
+	label, has := n.Labels[in.labelKey()]
+	return nodeState{label: label, hasLabel: has, list: n.Annotations[in.annotationKey()], at: time.Now(), rv: n.ResourceVersion}
+}
+
+// waitLabel waits until the node's label of the instance has the value want.
+func (in *instance) waitLabel(ctx context.Context, want string) nodeState {
+	in.t.Helper()
+	var s nodeState
+	err := wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
+		s = in.node(ctx)
+		return s.hasLabel && s.label == want, nil
+	})
+	if err != nil {
+		in.t.Fatalf("label %s: want %q, have %s: %v\n%s", in.labelKey(), want, s, err, in.diagnose())
+	}
+	return s
+}
+
+// nodeState is the instance's label and list annotation as the node showed them at one moment.
+type nodeState struct {
+	label, list string
+	hasLabel    bool
+	at          time.Time
+	rv          string
+}
+
+func (s nodeState) String() string {
+	l := "(no label)"
+	if s.hasLabel {
+		l = s.label
+	}
+	return fmt.Sprintf("%s list=%.12s at %s", l, s.list, s.at.Format("15:04:05.000"))
+}
+
+// recorder records every change of the instance's label and annotation from a node watch.
+type recorder struct {
+	mu     sync.Mutex
+	states []nodeState
+	stop   func()
+	done   chan struct{}
+	err    error
+}
+
+// record watches the node from the resource version of from (so nothing between the read and
+// the watch is missed) until stop.
+func (in *instance) record(ctx context.Context, from nodeState) *recorder {
+	in.t.Helper()
+	ctx, cancel := context.WithCancel(ctx)
+	w, err := in.cs.CoreV1().Nodes().Watch(ctx, metav1.ListOptions{
+		FieldSelector:   "metadata.name=" + in.env.NodeName,
+		ResourceVersion: from.rv,
+	})
+	if err != nil {
+		cancel()
+		in.t.Fatalf("watch node: %v", err)
+	}
+	r := &recorder{states: []nodeState{from}, done: make(chan struct{})}
+	r.stop = func() { w.Stop(); cancel(); <-r.done }
+	go func() {
+		defer close(r.done)
+		for ev := range w.ResultChan() {
+			if ev.Type == watch.Error {
+				r.mu.Lock()
+				r.err = fmt.Errorf("node watch: %+v", ev.Object)
+				r.mu.Unlock()
+				return
+			}
+			n, ok := ev.Object.(*corev1.Node)
+			if !ok {
+				continue
+			}
+			s := in.stateOf(n)
+			r.mu.Lock()
+			last := r.states[len(r.states)-1]
+			if last.label != s.label || last.hasLabel != s.hasLabel || last.list != s.list {
+				r.states = append(r.states, s) // others' labels and the kubelet's updates are not ours
+			}
+			r.mu.Unlock()
+		}
+	}()
+	return r
+}
+
+// finish stops the watch and returns the states it saw.
+func (r *recorder) finish(t *testing.T) []nodeState {
+	t.Helper()
+	r.stop()
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	return r.states
+}
+
+// diagnose says what a failing test needs to know: the agent pods and the instance's events.
+func (in *instance) diagnose() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var b strings.Builder
+	if l, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{}); err == nil {
+		for _, p := range l.Items {
+			fmt.Fprintf(&b, "pod %s phase=%s", p.Name, p.Status.Phase)
+			for _, c := range p.Status.ContainerStatuses {
+				fmt.Fprintf(&b, " %s ready=%v restarts=%d", c.Name, c.Ready, c.RestartCount)
+			}
+			b.WriteString("\n")
+		}
+	}
+	for _, e := range in.nodeEvents(ctx) {
+		fmt.Fprintf(&b, "node event %s %s: %s\n", e.Type, e.Reason, e.Message)
+	}
+	return b.String()
+}
+
+// nodeEvents returns the Node events the instance's agent recorded.
+func (in *instance) nodeEvents(ctx context.Context) []corev1.Event {
+	l, err := in.cs.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
+		FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + in.env.NodeName,
+	})
+	if err != nil {
+		in.t.Logf("list node events: %v", err)
+		return nil
+	}
+	var mine []corev1.Event
+	for _, e := range l.Items {
+		if e.Source.Component == "image-prefetcher/"+in.name() {
+			mine = append(mine, e)
+		}
+	}
+	return mine
+}
+
+// cleanup deletes the DaemonSet first and waits for its pods (a running agent could write the
+// label again), then removes the label and annotation, then deletes what the reconciler applied.
+func (in *instance) cleanup() {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	fg := metav1.DeletePropagationForeground
+	err := in.cs.AppsV1().DaemonSets(in.opts.Namespace).Delete(ctx, in.name(), metav1.DeleteOptions{PropagationPolicy: &fg})
+	if err == nil {
+		err = wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
+			l, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/instance=" + in.name()})
+			return err == nil && len(l.Items) == 0, nil
+		})
+		if err != nil {
+			in.t.Logf("cleanup of %s: agent pods still there: %v", in.name(), err)
+		}
+	}
+	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null},"annotations":{%q:null}}}`, in.labelKey(), in.annotationKey())
+	if _, err := in.cs.CoreV1().Nodes().Patch(ctx, in.env.NodeName, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		in.t.Logf("cleanup of %s: remove label: %v", in.name(), err)
+	}
+	if in.rec == nil {
+		return
+	}
+	if _, err := in.rec.Delete(ctx, time.Second); err != nil {
+		in.t.Logf("cleanup of %s: %v", in.name(), err)
+	}
+}
+
+// suffix keeps names unique per run, so tests of several people on one cluster never meet.
+func suffix(t *testing.T) string {
+	b := make([]byte, 3)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+// freePort is a host port for the agent's endpoints (the e2e layer runs it on the host network).
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", ":0")
+	if err != nil {
+		t.Fatalf("find a free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// refs returns the references of catalogue images.
+func refs(t *testing.T, env *clusterenv.Env, names ...string) []string {
+	t.Helper()
+	var out []string
+	for _, n := range names {
+		out = append(out, env.Image(t, n).Ref)
+	}
+	return out
+}
+
+// removeImages removes images through CRI so the agent has to pull them (absent is fine).
+func (in *instance) removeImages(ctx context.Context, refs []string) {
+	in.t.Helper()
+	for _, r := range refs {
+		_, err := in.images.RemoveImage(ctx, &runtimeapi.RemoveImageRequest{Image: &runtimeapi.ImageSpec{Image: r}})
+		if err != nil && status.Code(err) != codes.NotFound {
+			in.t.Fatalf("remove %s: %v", r, err)
+		}
+	}
+}
+
+// requirePresent fails unless CRI reports every image of refs on the node.
+func (in *instance) requirePresent(ctx context.Context, refs []string) {
+	in.t.Helper()
+	for _, r := range refs {
+		st, err := in.images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: r}})
+		if err != nil {
+			in.t.Fatalf("image status %s: %v", r, err)
+		}
+		if st.Image == nil {
+			in.t.Errorf("%s is not on the node according to CRI", r)
+		}
+	}
+}
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(t.Context(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
