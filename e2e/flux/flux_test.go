@@ -14,8 +14,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -292,13 +290,8 @@ func TestFluxPruneRemovesInstance(t *testing.T) {
 	c := in.rec.Client()
 	err = wait.PollUntilContextCancel(ctx, 500*time.Millisecond, true, func(ctx context.Context) (bool, error) {
 		for _, e := range first.Applied.Entries {
-			u := &unstructured.Unstructured{}
-			gv, err := schema.ParseGroupVersion(e.GroupVersion)
-			if err != nil {
-				return false, err
-			}
-			u.SetGroupVersionKind(gv.WithKind(e.ObjMetadata.GroupKind.Kind))
-			err = c.Get(ctx, client.ObjectKey{Namespace: e.ObjMetadata.Namespace, Name: e.ObjMetadata.Name}, u)
+			u := flux.EntryObject(e)
+			err := c.Get(ctx, client.ObjectKeyFromObject(u), u)
 			if !apierrors.IsNotFound(err) {
 				return false, nil
 			}

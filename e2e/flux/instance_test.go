@@ -246,6 +246,9 @@ func (in *instance) record(ctx context.Context, from nodeState) *recorder {
 	go func() {
 		defer close(r.done)
 		for ev := range w.ResultChan() {
+			if ctx.Err() != nil {
+				return // stopped: a watch ends with an error event then
+			}
 			if ev.Type == watch.Error {
 				r.mu.Lock()
 				r.err = fmt.Errorf("node watch: %+v", ev.Object)

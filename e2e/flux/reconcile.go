@@ -232,7 +232,7 @@ func (r *Reconciler) prune(ctx context.Context, applied *ssa.ChangeSet) (*ssa.Ch
 		if current.Contains(e.ObjMetadata) {
 			continue
 		}
-		stale = append(stale, entryObject(e))
+		stale = append(stale, EntryObject(e))
 	}
 	previous := r.inventory
 	r.inventory = applied.Entries
@@ -264,7 +264,7 @@ func (r *Reconciler) prune(ctx context.Context, applied *ssa.ChangeSet) (*ssa.Ch
 func (r *Reconciler) Delete(ctx context.Context, interval time.Duration) (*ssa.ChangeSet, error) {
 	var objects []*unstructured.Unstructured
 	for _, e := range r.inventory {
-		objects = append(objects, entryObject(e))
+		objects = append(objects, EntryObject(e))
 	}
 	cs, err := r.manager.DeleteAll(ctx, objects, ssa.DeleteOptions{
 		PropagationPolicy: metav1.DeletePropagationBackground,
@@ -295,10 +295,15 @@ func readySet(cs *ssa.ChangeSet) object.ObjMetadataSet {
 	return set
 }
 
-func entryObject(e ssa.ChangeSetEntry) *unstructured.Unstructured {
+// EntryObject is the object of a change set entry, with what a Get or Delete needs: kind,
+// group and version (an entry's GroupVersion holds only the version), name and namespace.
+func EntryObject(e ssa.ChangeSetEntry) *unstructured.Unstructured {
 	u := &unstructured.Unstructured{}
-	gv, _ := schema.ParseGroupVersion(e.GroupVersion)
-	u.SetGroupVersionKind(gv.WithKind(e.ObjMetadata.GroupKind.Kind))
+	u.SetGroupVersionKind(schema.GroupVersionKind{
+		Group:   e.ObjMetadata.GroupKind.Group,
+		Version: e.GroupVersion,
+		Kind:    e.ObjMetadata.GroupKind.Kind,
+	})
 	u.SetName(e.ObjMetadata.Name)
 	u.SetNamespace(e.ObjMetadata.Namespace)
 	return u
