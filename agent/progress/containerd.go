@@ -1,6 +1,7 @@
 package progress
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -78,6 +79,8 @@ type leaseState struct {
 	// total is the size of the manifests found among the blobs and of what
 	// they describe.
 	total int64
+	// described are the blobs a manifest found names: no need to read them.
+	described map[string]bool
 }
 
 type blob struct {
@@ -128,45 +131,53 @@ func namespaced(ctx context.Context) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, pin.NamespaceHeader, pin.Namespace)
 }
 
-// Open makes the image's lease, or reuses the one an earlier pass left.
-func (c *Containerd) Open(ctx context.Context, image string) (string, error) {
+// Open makes the image's lease, or reuses the one an earlier pass left
+// (fresh is then false: it may hold what that pass fetched).
+func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh bool, err error) {
 	id := LeaseID(c.Instance, image)
 	ctx = namespaced(ctx)
-	list, err := c.leases.List(ctx, &leasesapi.ListRequest{Filters: []string{fmt.Sprintf("id==%q", id)}})
-	if err != nil {
-		return "", apiError("list leases", err)
-	}
 	opened := time.Now()
-	for _, l := range list.GetLeases() {
-		if l.GetID() != id {
-			continue
+	create := func() error {
+		labels := map[string]string{
+			LeaseImageLabel: image,
+			expireLabel:     opened.Add(LeaseLifetime).UTC().Format(time.RFC3339),
 		}
-		if created := l.GetCreatedAt().AsTime(); time.Since(created) < renewAfter {
-			c.remember(id, opened)
-			return id, nil
+		if c.Instance != "" {
+			labels[LeaseInstanceLabel] = c.Instance
+		}
+		_, err := c.leases.Create(ctx, &leasesapi.CreateRequest{ID: id, Labels: labels})
+		return err
+	}
+	err = create()
+	if status.Code(err) == codes.AlreadyExists {
+		// An earlier pass left it: reuse it unless it could expire during
+		// this pull.
+		var list *leasesapi.ListResponse
+		if list, err = c.leases.List(ctx, &leasesapi.ListRequest{Filters: []string{fmt.Sprintf("id==%q", id)}}); err != nil {
+			return "", false, apiError("list leases", err)
+		}
+		for _, l := range list.GetLeases() {
+			if l.GetID() == id && time.Since(l.GetCreatedAt().AsTime()) < renewAfter {
+				c.remember(id, opened)
+				return id, false, nil
+			}
 		}
 		if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: id}); err != nil && status.Code(err) != codes.NotFound {
-			return "", apiError("replace old lease "+id, err)
+			return "", false, apiError("replace old lease "+id, err)
 		}
+		err = create()
 	}
-	labels := map[string]string{
-		LeaseImageLabel: image,
-		expireLabel:     opened.Add(LeaseLifetime).UTC().Format(time.RFC3339),
-	}
-	if c.Instance != "" {
-		labels[LeaseInstanceLabel] = c.Instance
-	}
-	if _, err := c.leases.Create(ctx, &leasesapi.CreateRequest{ID: id, Labels: labels}); err != nil && status.Code(err) != codes.AlreadyExists {
-		return "", apiError("create lease "+id, err)
+	if err != nil {
+		return "", false, apiError("create lease "+id, err)
 	}
 	c.remember(id, opened)
-	return id, nil
+	return id, true, nil
 }
 
 func (c *Containerd) remember(id string, opened time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.leased[id] = &leaseState{opened: opened, blobs: map[string]blob{}, ingested: map[string]bool{}}
+	c.leased[id] = &leaseState{opened: opened, blobs: map[string]blob{}, ingested: map[string]bool{}, described: map[string]bool{}}
 }
 
 // apiError marks the errors of a runtime that does not serve the API.
@@ -272,7 +283,7 @@ func (c *Containerd) state(ctx context.Context, key string, node map[string]int6
 func (c *Containerd) blob(ctx context.Context, ls *leaseState, digest string) (blob, error) {
 	c.mu.Lock()
 	b, ok := ls.blobs[digest]
-	ingested := ls.ingested[digest]
+	ingested, described := ls.ingested[digest], ls.described[digest]
 	c.mu.Unlock()
 	if ok {
 		return b, nil
@@ -287,12 +298,16 @@ func (c *Containerd) blob(ctx context.Context, ls *leaseState, digest string) (b
 	created := info.GetInfo().GetCreatedAt().AsTime()
 	b = blob{size: info.GetInfo().GetSize(), fetched: ingested || !created.Before(ls.opened.Add(-time.Second))}
 	var total int64
-	if b.size <= maxManifestSize {
-		total = c.manifestTotal(ctx, digest, b.size)
+	var names []string
+	if b.size <= maxManifestSize && !described {
+		total, names = c.manifestTotal(ctx, digest, b.size)
 	}
 	c.mu.Lock()
 	ls.blobs[digest] = b
 	ls.total += total
+	for _, n := range names {
+		ls.described[n] = true
+	}
 	c.mu.Unlock()
 	return b, nil
 }
@@ -306,18 +321,38 @@ type manifest struct {
 }
 
 type descriptor struct {
-	Size int64 `json:"size"`
+	Digest string `json:"digest"`
+	Size   int64  `json:"size"`
 }
 
-// manifestTotal returns the size of what digest describes when it is an
-// image manifest (itself, its config and its layers) or an index (itself:
-// the manifest it leads to is another blob), else 0.
-func (c *Containerd) manifestTotal(ctx context.Context, digest string, size int64) int64 {
-	data, err := c.read(ctx, digest, size)
-	if err != nil {
-		return 0
+// peekSize is how much of a blob is read to tell JSON (a manifest, maybe)
+// from a layer.
+const peekSize = 64
+
+// manifestTotal returns ManifestTotal of digest and the blobs it names (no
+// need to read those). Only a blob that starts like a JSON document is read
+// whole.
+func (c *Containerd) manifestTotal(ctx context.Context, digest string, size int64) (int64, []string) {
+	head, err := c.read(ctx, digest, 0, min(size, peekSize))
+	if err != nil || !bytes.HasPrefix(bytes.TrimLeft(head, " \t\r\n"), []byte("{")) {
+		return 0, nil
 	}
-	return ManifestTotal(data)
+	data, err := c.read(ctx, digest, 0, size)
+	if err != nil {
+		return 0, nil
+	}
+	var m manifest
+	if json.Unmarshal(data, &m) != nil {
+		return 0, nil
+	}
+	var names []string
+	if m.Config != nil {
+		names = append(names, m.Config.Digest)
+	}
+	for _, l := range m.Layers {
+		names = append(names, l.Digest)
+	}
+	return ManifestTotal(data), names
 }
 
 // ManifestTotal returns the bytes an image manifest or index stands for:
@@ -340,23 +375,24 @@ func ManifestTotal(data []byte) int64 {
 	return 0
 }
 
-func (c *Containerd) read(ctx context.Context, digest string, size int64) ([]byte, error) {
-	stream, err := c.content.Read(ctx, &contentapi.ReadContentRequest{Digest: digest})
+// read returns size bytes of digest from offset.
+func (c *Containerd) read(ctx context.Context, digest string, offset, size int64) ([]byte, error) {
+	stream, err := c.content.Read(ctx, &contentapi.ReadContentRequest{Digest: digest, Offset: offset, Size: size})
 	if err != nil {
 		return nil, err
 	}
 	data := make([]byte, 0, size)
 	for {
 		msg, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return data, nil
+		}
 		if err != nil {
-			if errors.Is(err, io.EOF) {
-				return data, nil
-			}
 			return nil, err
 		}
 		data = append(data, msg.GetData()...)
-		if int64(len(data)) > maxManifestSize {
-			return nil, fmt.Errorf("blob %s is larger than %d bytes", digest, maxManifestSize)
+		if int64(len(data)) > size {
+			return nil, fmt.Errorf("blob %s: more than the %d bytes asked for", digest, size)
 		}
 	}
 }

@@ -35,6 +35,7 @@ type fakeContainerd struct {
 	statuses []*contentapi.Status
 	blobs    map[string]blobData // by digest
 	deleted  []string
+	reads    int
 }
 
 // The two services have methods of the same names (List, Delete).
@@ -169,9 +170,16 @@ func (f contentServer) Read(r *contentapi.ReadContentRequest, s contentapi.Conte
 	if !ok {
 		return status.Error(codes.NotFound, "no blob")
 	}
-	for off := 0; off < len(b.data); off += 7 { // several messages, as containerd sends big blobs
-		end := min(off+7, len(b.data))
-		if err := s.Send(&contentapi.ReadContentResponse{Offset: int64(off), Data: b.data[off:end]}); err != nil {
+	data := b.data[min(int(r.GetOffset()), len(b.data)):]
+	if r.GetSize() > 0 {
+		data = data[:min(int(r.GetSize()), len(data))]
+	}
+	f.mu.Lock()
+	f.reads++
+	f.mu.Unlock()
+	for off := 0; off < len(data); off += 7 { // several messages, as containerd sends big blobs
+		end := min(off+7, len(data))
+		if err := s.Send(&contentapi.ReadContentResponse{Offset: r.GetOffset() + int64(off), Data: data[off:end]}); err != nil {
 			return err
 		}
 	}
@@ -221,9 +229,9 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 	defer src.Close()
 	ctx := context.Background()
 	const image = "registry.example/app:1"
-	key, err := src.Open(ctx, image)
-	if err != nil {
-		t.Fatal(err)
+	key, fresh, err := src.Open(ctx, image)
+	if err != nil || !fresh {
+		t.Fatalf("Open = %q, fresh %v, %v; want a fresh lease", key, fresh, err)
 	}
 	if key != progress.LeaseID("team-a", image) {
 		t.Errorf("key %q, want the image's lease ID", key)
@@ -245,9 +253,12 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 
 	// The pull: a manifest fetched, a base layer found on the node, a layer
 	// half way; another pull's ingest on the node does not count.
-	manifest := []byte(`{"schemaVersion":2,"config":{"size":100},"layers":[{"size":1000},{"size":4000}]}`)
+	manifest := []byte(`{"schemaVersion":2,"config":{"digest":"sha256:c","size":100},` +
+		`"layers":[{"digest":"sha256:base","size":1000},{"digest":"sha256:top","size":4000}]}`)
 	f.commit(key, "manifest-sha256:m", "sha256:m", manifest, 0, time.Now())
 	f.commit(key, "", "sha256:base", nil, 1000, time.Now().Add(-time.Hour))
+	small := []byte("\x1f\x8b\x08\x00 a small gzip layer")
+	f.commit(key, "", "sha256:small", small, 0, time.Now())
 	f.ingest(key, "layer-sha256:top", "sha256:top", 1500, 4000)
 	f.ingest("", "layer-sha256:other", "sha256:other", 7777, 9999)
 	snap, err := src.Poll(ctx, []string{key})
@@ -255,7 +266,7 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := snap.Transfers[key]
-	want := progress.State{Fetched: int64(len(manifest)), Present: 1000, Blobs: 2,
+	want := progress.State{Fetched: int64(len(manifest)) + int64(len(small)), Present: 1000, Blobs: 3,
 		Ingests: map[string]int64{"layer-sha256:top": 1500}, Total: int64(len(manifest)) + 100 + 1000 + 4000}
 	if st.Fetched != want.Fetched || st.Present != want.Present || st.Blobs != want.Blobs || st.Total != want.Total ||
 		len(st.Ingests) != 1 || st.Ingests["layer-sha256:top"] != 1500 {
@@ -271,16 +282,24 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st := snap.Transfers[key]; st.Fetched != int64(len(manifest))+4000 || len(st.Ingests) != 0 || st.Blobs != 3 {
+	if st := snap.Transfers[key]; st.Fetched != int64(len(manifest))+int64(len(small))+4000 || len(st.Ingests) != 0 || st.Blobs != 4 {
 		t.Errorf("after the commit: %+v", st)
+	}
+	// Reads: the manifest (a peek, then whole) and a peek of the small blob
+	// it does not name; the layers it names are not read.
+	f.mu.Lock()
+	reads := f.reads
+	f.mu.Unlock()
+	if reads != 3 {
+		t.Errorf("%d reads of blobs, want 3", reads)
 	}
 
 	// Not pulled: the lease stays for the next pass, which reuses it.
 	if err := src.Release(ctx, key, false); err != nil {
 		t.Fatal(err)
 	}
-	if again, err := src.Open(ctx, image); err != nil || again != key {
-		t.Fatalf("reopen: %q, %v", again, err)
+	if again, fresh, err := src.Open(ctx, image); err != nil || again != key || fresh {
+		t.Fatalf("reopen: %q, fresh %v, %v; want the same lease, not fresh", again, fresh, err)
 	}
 	f.mu.Lock()
 	deleted := len(f.deleted)
@@ -311,8 +330,8 @@ func TestContainerdSourceReplacesAnOldLease(t *testing.T) {
 	f.mu.Lock()
 	f.leases[id] = &leasesapi.Lease{ID: id, CreatedAt: timestamppb.New(time.Now().Add(-13 * time.Hour))}
 	f.mu.Unlock()
-	if _, err := src.Open(context.Background(), "busybox"); err != nil {
-		t.Fatal(err)
+	if _, fresh, err := src.Open(context.Background(), "busybox"); err != nil || !fresh {
+		t.Fatalf("Open: fresh %v, %v", fresh, err)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -335,8 +354,8 @@ func TestContainerdSourceOnARuntimeWithoutTheAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer src.Close()
-	_, err = src.Open(context.Background(), "busybox")
-	if err == nil || !strings.Contains(err.Error(), "list leases") || !errors.Is(err, progress.ErrUnsupported) {
+	_, _, err = src.Open(context.Background(), "busybox")
+	if err == nil || !strings.Contains(err.Error(), "lease") || !errors.Is(err, progress.ErrUnsupported) {
 		t.Errorf("Open = %v, want ErrUnsupported", err)
 	}
 }

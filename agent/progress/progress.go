@@ -47,8 +47,9 @@ var ErrUnsupported = errors.New("the runtime does not show pull progress")
 // Source reads what the runtime holds of each followed image.
 type Source interface {
 	// Open prepares following the pulls of image and returns the key its
-	// PullImage calls run under (containerd: a lease).
-	Open(ctx context.Context, image string) (key string, err error)
+	// PullImage calls run under (containerd: a lease). fresh says nothing can
+	// be held under the key yet (no earlier pass left anything).
+	Open(ctx context.Context, image string) (key string, fresh bool, err error)
 	// Bind returns ctx for a PullImage call that runs under key.
 	Bind(ctx context.Context, key string) context.Context
 	// Poll reads the state of the transfers of keys and the node's ingests.
@@ -144,7 +145,7 @@ func (w *Watcher) Follow(ctx context.Context, image string) pull.Transfer {
 	}
 	octx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
-	key, err := w.Source.Open(octx, image)
+	key, fresh, err := w.Source.Open(octx, image)
 	if err != nil {
 		if errors.Is(err, ErrUnsupported) {
 			w.mu.Lock()
@@ -155,15 +156,11 @@ func (w *Watcher) Follow(ctx context.Context, image string) pull.Transfer {
 		return nil
 	}
 	t := &transfer{w: w, key: key, image: image}
-	// The state before the first attempt: what an earlier pass left under
-	// the key is resumed, not fetched now.
-	if snap, err := w.Source.Poll(octx, []string{key}); err == nil {
+	if !fresh {
+		// What an earlier pass left under the key is resumed, not fetched
+		// now.
+		snap, _ := w.Source.Poll(octx, []string{key})
 		t.state = snap.Transfers[key]
-		w.mu.Lock()
-		if w.node == nil {
-			w.node = snap.Node
-		}
-		w.mu.Unlock()
 	}
 	t.lastLog = time.Now()
 	t.lastLogBytes = t.state.written()

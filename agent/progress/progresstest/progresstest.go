@@ -36,15 +36,17 @@ func New() *Source {
 
 type boundKey struct{}
 
-// Open records the call and uses the image as its key.
-func (s *Source) Open(_ context.Context, image string) (string, error) {
+// Open records the call and uses the image as its key; an image whose state
+// a test set before is not fresh.
+func (s *Source) Open(_ context.Context, image string) (string, bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.opened = append(s.opened, image)
 	if s.OpenErr != nil {
-		return "", s.OpenErr
+		return "", false, s.OpenErr
 	}
-	return image, nil
+	_, known := s.states[image]
+	return image, !known, nil
 }
 
 // Bind puts the key in ctx, where Bound finds it.

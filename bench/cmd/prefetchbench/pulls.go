@@ -43,6 +43,10 @@ func (b *bench) variants() []variant {
 			return b.agent(ctx, refs, "--max-parallel-pulls", strconv.Itoa(p))
 		}})
 	}
+	// What following pull progress costs a healthy pass.
+	vs = append(vs, variant{"agent p=4, --pull-progress-timeout=0 (progress off)", func(ctx context.Context, refs []string) (time.Duration, error) {
+		return b.agent(ctx, refs, "--pull-progress-timeout=0")
+	}})
 	return vs
 }
 

@@ -14,14 +14,17 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/nodeprefetch/image-prefetcher/bench/imageset"
 )
 
 // clockTicks is USER_HZ, the unit of /proc/<pid>/stat times (100 on Linux).
 const clockTicks = 100
 
 // resources runs the agent binary as a subprocess: a cold fetch of the
-// 100-image set (peak RSS from VmHWM and rusage, CPU from rusage), then
-// `run` with a short present list, sampled while it idles between re-checks.
+// 100-image set (peak RSS from VmHWM and rusage, CPU from rusage), with the
+// default flags and with progress following off, then `run` with a short
+// present list, sampled while it idles between re-checks.
 func (b *bench) resources(ctx context.Context) error {
 	bin, err := filepath.Abs(b.o.agentBin)
 	if err != nil {
@@ -29,14 +32,31 @@ func (b *bench) resources(ctx context.Context) error {
 	}
 	s := b.sets[2]
 	refs := s.Refs(b.env.Registry)
-	if err := b.rt.removeAll(ctx, b.allRefs(s)); err != nil {
-		return err
-	}
 	list := filepath.Join(b.dir, "many.txt")
 	if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, bin, "fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn")
+	fmt.Fprintf(b.out, "## Agent resources\n\n")
+	fmt.Fprintf(b.out, "| measurement | value |\n|---|---|\n")
+	for _, extra := range [][]string{nil, {"--pull-progress-timeout=0"}} {
+		if err := b.rt.removeAll(ctx, b.allRefs(s)); err != nil {
+			return err
+		}
+		if err := b.fetchResources(ctx, bin, list, len(refs), s.Name, extra); err != nil {
+			return err
+		}
+	}
+	return b.idleResources(ctx, bin, refs, s)
+}
+
+// fetchResources measures one cold `fetch` of the list as a subprocess.
+func (b *bench) fetchResources(ctx context.Context, bin, list string, n int, set string, extra []string) error {
+	args := append([]string{"fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn"}, extra...)
+	flags := "default flags"
+	if len(extra) > 0 {
+		flags = strings.Join(extra, " ")
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	begin := time.Now()
@@ -44,25 +64,27 @@ func (b *bench) resources(ctx context.Context) error {
 		return fmt.Errorf("start %s: %w", bin, err)
 	}
 	hwm := watchHWM(cmd.Process.Pid)
-	err = cmd.Wait()
+	err := cmd.Wait()
 	took := time.Since(begin)
 	peakPolled := hwm()
 	if err != nil {
-		return fmt.Errorf("agent fetch of %d images: %w: %s", len(refs), err, lastLines(stderr.String(), 5))
+		return fmt.Errorf("agent fetch of %d images: %w: %s", n, err, lastLines(stderr.String(), 5))
 	}
 	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
 	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	fmt.Fprintf(b.out, "## Agent resources\n\n")
-	fmt.Fprintf(b.out, "| measurement | value |\n|---|---|\n")
-	fmt.Fprintf(b.out, "| `fetch` of %s (cold, loopback, default flags): wall | %.2f s |\n", s.Name, took.Seconds())
+	fmt.Fprintf(b.out, "| `fetch` of %s (cold, loopback, %s): wall | %.2f s |\n", set, flags, took.Seconds())
 	fmt.Fprintf(b.out, "| peak RSS (VmHWM, polled every 20 ms until exit) | %.1f MiB |\n", float64(peakPolled)/1024)
 	// ru_maxrss of a child started by Go counts the parent's pages shared
 	// between clone(CLONE_VM|CLONE_VFORK) and exec, so it shows this
 	// benchmark's own size; it is printed for completeness only.
 	fmt.Fprintf(b.out, "| rusage maxrss (includes the benchmark process before exec) | %.1f MiB |\n", float64(ru.Maxrss)/1024)
 	fmt.Fprintf(b.out, "| CPU user+system | %.2f s (%.0f ms user, %.0f ms system) |\n", cpu.Seconds(), float64(ru.Utime.Nano())/1e6, float64(ru.Stime.Nano())/1e6)
-	log.Printf("resources: fetch %d images %.2fs, maxrss %d KiB, cpu %s", len(refs), took.Seconds(), ru.Maxrss, cpu)
+	log.Printf("resources: fetch %d images (%s) %.2fs, peak %d KiB, cpu %s", n, flags, took.Seconds(), peakPolled, cpu)
+	return nil
+}
 
+// idleResources samples `run` between re-checks.
+func (b *bench) idleResources(ctx context.Context, bin string, refs []string, s imageset.Set) error {
 	// Idle: `run` with 10 present images, default re-check interval, metrics
 	// server on; sampled after its first pass.
 	short := filepath.Join(b.dir, "short.txt")
