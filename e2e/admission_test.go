@@ -209,7 +209,9 @@ func TestScenarioServerDryRunEveryBuild(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	installMinimalCRDs(t, env, sccCRD, podMonitorCRD)
+	// OpenShift's own SCC schema (required fields, types); a stand-in for Prometheus Operator's PodMonitor.
+	installOpenShiftCRDs(t, env, sccCRDFile)
+	installMinimalCRDs(t, env, podMonitorCRD)
 
 	// The overlays' namespace must exist for the namespaced objects of a dry run.
 	if _, err := cs.CoreV1().Namespaces().Get(ctx, bundle.DefaultNamespace, metav1.GetOptions{}); err != nil {
