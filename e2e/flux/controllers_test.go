@@ -55,7 +55,7 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 	oldList := refs(t, env, "e2e/small:14", "e2e/small:16", "e2e/random:8mib")
 	newList := refs(t, env, "e2e/small:14", "e2e/small:17", "e2e/random:12mib")
 	missing := env.Registry + "/e2e/random:no-such-tag"
-	const timeout = 45 * time.Second
+	const timeout = 30 * time.Second
 	in := newInstance(t, env, "ctl", timeout, oldList)
 	in.removeImages(ctx, append(oldList, newList...))
 	repo := newGitRepo(t)
@@ -146,14 +146,14 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 	requireFailedEvent(ctx, t, in, missing)
 
 	// 4. The instance removed from Git: every object goes, the node keeps label and annotation.
-	applied := k.Status.Inventory.Entries
+	applied := inventoryIDs(k)
 	start = time.Now()
 	rev = repo.commit(in, false, "remove the instance")
 	requestReconcile(ctx, t, c, gitRepo)
 	k = waitKustomization(ctx, t, c, in, rev, true)
 	t.Logf("flux controllers: removal %s Ready %s after the commit (%s)", rev, time.Since(start).Round(100*time.Millisecond), lastReconcile(k))
-	if len(k.Status.Inventory.Entries) != 0 {
-		t.Errorf("inventory after the removal: %v", k.Status.Inventory.Entries)
+	if left := inventoryIDs(k); len(left) != 0 {
+		t.Errorf("inventory after the removal: %v", left)
 	}
 	err := wait.PollUntilContextCancel(ctx, 500*time.Millisecond, true, func(ctx context.Context) (bool, error) {
 		var ns corev1.Namespace
@@ -447,16 +447,24 @@ func firstSucceeded(states []nodeState, notList string) time.Time {
 	return time.Time{}
 }
 
+// inventoryIDs lists the Kustomization's inventory ("namespace_name_group_kind" each).
+func inventoryIDs(k *kustomizev1.Kustomization) []string {
+	var ids []string
+	if k.Status.Inventory != nil {
+		for _, e := range k.Status.Inventory.Entries {
+			ids = append(ids, e.ID)
+		}
+	}
+	return ids
+}
+
 // inventoryConfigMap is the name of the list ConfigMap in the Kustomization's inventory (entries
 // are "namespace_name_group_kind").
 func inventoryConfigMap(t *testing.T, k *kustomizev1.Kustomization) string {
 	t.Helper()
-	if k.Status.Inventory != nil {
-		for _, e := range k.Status.Inventory.Entries {
-			if strings.HasSuffix(e.ID, "__ConfigMap") {
-				parts := strings.Split(e.ID, "_")
-				return parts[1]
-			}
+	for _, id := range inventoryIDs(k) {
+		if strings.HasSuffix(id, "__ConfigMap") {
+			return strings.Split(id, "_")[1]
 		}
 	}
 	t.Fatalf("no ConfigMap in the inventory of %s: %+v", k.Name, k.Status.Inventory)
