@@ -242,7 +242,8 @@ func (in *instance) record(ctx context.Context, from nodeState) *recorder {
 		in.t.Fatalf("watch node: %v", err)
 	}
 	r := &recorder{states: []nodeState{from}, done: make(chan struct{})}
-	r.stop = func() { w.Stop(); cancel(); <-r.done }
+	// Cancelled first: the error event the stop causes then finds ctx done and is not taken for a failure.
+	r.stop = func() { cancel(); w.Stop(); <-r.done }
 	go func() {
 		defer close(r.done)
 		for ev := range w.ResultChan() {

@@ -105,15 +105,6 @@ func (r *Reconciler) OwnerLabels() map[string]string {
 	return r.manager.GetOwnerLabels(r.obj.Name, r.obj.Namespace)
 }
 
-// Inventory is the set of objects applied by the last successful apply.
-func (r *Reconciler) Inventory() object.ObjMetadataSet {
-	set := make(object.ObjMetadataSet, 0, len(r.inventory))
-	for _, e := range r.inventory {
-		set = append(set, e.ObjMetadata)
-	}
-	return set
-}
-
 // Reconcile builds spec.path of source (a directory laid out like the source artifact: a Git
 // checkout or an OCI artifact's content), applies the result, prunes what the previous
 // reconciliation applied and this one does not, and, with spec.wait, waits until every applied
