@@ -49,11 +49,13 @@ fuzz:
 
 # Brings the real single-node cluster up on containerd 2.x (the default runtime), runs every test
 # of the module with the real-component tests enabled (they fail, not skip, when the cluster is
-# missing), and tears the cluster down.
-e2e: fn-tools
+# missing), then Flux's controllers and libraries on the same cluster (make/flux.mk), and tears
+# the cluster down.
+e2e: fn-tools flux-controllers
 	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m \
-	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS))' $(PKGS)
+	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS))' $(PKGS); \
+	  $(MAKE) --no-print-directory e2e-flux
 
 # The same cluster on the other runtimes users run, with the real tests that concern the runtime:
 # the agent against it, what differs per runtime, and (CRI-O, deployed from overlays/ocp) the

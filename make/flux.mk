@@ -1,0 +1,17 @@
+# Flux's own code reconciling the bundle on the e2e cluster (included by the top-level Makefile).
+#   make flux-controllers  Flux's source-controller and kustomize-controller of one release, built once
+#                          into the cache with their CRDs (e2e/flux/build-controllers.sh)
+#   make e2e-flux          the checks and tests of the e2e/flux module (a module of its own, so the
+#                          product's dependency pins do not move) on the running cluster; `make e2e`
+#                          runs it after the main tests, on the same cluster
+FLUX_MOD := e2e/flux
+
+.PHONY: flux-controllers e2e-flux
+
+flux-controllers:
+	@$(FLUX_MOD)/build-controllers.sh >/dev/null
+
+e2e-flux: flux-controllers $(STATICCHECK)
+	cd $(FLUX_MOD) && $(GO) vet ./... && $(GO) mod tidy -diff && $(STATICCHECK) ./...
+	@set -e; dir=$$($(FLUX_MOD)/build-controllers.sh); cd $(FLUX_MOD); \
+	  IMAGE_PREFETCHER_E2E=1 IMAGE_PREFETCHER_FLUX_CONTROLLERS=$$dir $(GO) test -count=1 -timeout 30m -v ./...
