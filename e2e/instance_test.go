@@ -6,10 +6,7 @@ package e2e_test
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -46,24 +43,9 @@ type instance struct {
 	applied [][]byte
 }
 
-// suffix keeps names unique per run, so tests of several people on one cluster never meet.
-func suffix(t *testing.T) string {
-	b := make([]byte, 3)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
-}
+func suffix(t *testing.T) string { return clusterenv.Suffix(t) }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T) int { return clusterenv.FreePort(t) }
 
 // newInstance prepares (does not apply) an instance named e2e-<base>-<random> in a namespace of the
 // same name, and registers its cleanup.
@@ -285,15 +267,7 @@ func kubectl(t *testing.T, env *clusterenv.Env, stdin []byte, args ...string) (s
 	return string(out), err
 }
 
-// refs returns the references of catalogue images.
-func refs(t *testing.T, env *clusterenv.Env, names ...string) []string {
-	t.Helper()
-	var out []string
-	for _, n := range names {
-		out = append(out, env.Image(t, n).Ref)
-	}
-	return out
-}
+func refs(t *testing.T, env *clusterenv.Env, names ...string) []string { return env.Refs(t, names...) }
 
 // removeImages removes images through CRI so the agent has to pull them (absent is fine).
 func removeImages(ctx context.Context, t *testing.T, images runtimeapi.ImageServiceClient, refs []string) {

@@ -5,10 +5,7 @@ package flux_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -348,35 +345,11 @@ func (in *instance) cleanup() {
 	}
 }
 
-// suffix keeps names unique per run, so tests of several people on one cluster never meet.
-func suffix(t *testing.T) string {
-	b := make([]byte, 3)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
-}
+func suffix(t *testing.T) string { return clusterenv.Suffix(t) }
 
-// freePort is a host port for the agent's endpoints (the e2e layer runs it on the host network).
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", ":0")
-	if err != nil {
-		t.Fatalf("find a free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
+func freePort(t *testing.T) int { return clusterenv.FreePort(t) }
 
-// refs returns the references of catalogue images.
-func refs(t *testing.T, env *clusterenv.Env, names ...string) []string {
-	t.Helper()
-	var out []string
-	for _, n := range names {
-		out = append(out, env.Image(t, n).Ref)
-	}
-	return out
-}
+func refs(t *testing.T, env *clusterenv.Env, names ...string) []string { return env.Refs(t, names...) }
 
 // removeImages removes images through CRI so the agent has to pull them (absent is fine).
 func (in *instance) removeImages(ctx context.Context, refs []string) {
