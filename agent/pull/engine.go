@@ -45,7 +45,8 @@ import (
 // the escalating timeouts: an attempt whose bytes flow is not cut short, and
 // one on which no byte arrived for ProgressTimeout ends at once (ErrStalled).
 // The attempts of an image share one Transfer, so the runtime keeps what an
-// ended attempt fetched and the next one resumes there. A hedge is sent only
+// ended attempt fetched and the next one resumes there; after an attempt the
+// cap ended while it fetched, the next starts without the delay. A hedge is sent only
 // while the pull has not begun fetching blobs: later it could only wait on the
 // runtime's per-blob lock behind the hung call, and the no-progress window
 // ends such a stall instead.
@@ -140,6 +141,7 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 	sawNotFound := false // a credential got past authentication
 	sched := e.scheduler()
 	var tr Transfer
+	capped := false // the last attempt ended at the cap while making progress
 	if e.Progress != nil && e.ProgressTimeout > 0 {
 		tr = e.Progress.Follow(ctx, en.Ref)
 	}
@@ -153,7 +155,7 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 		if !ok {
 			return fail(lastReason, fmt.Errorf("gave up after %d attempts: %w", e.MaxAttempts, withLookup(last, lookupErr)))
 		}
-		if step.Delay > 0 {
+		if step.Delay > 0 && !capped {
 			if err := sleep(ctx, step.Delay); err != nil {
 				if parent.Err() != nil {
 					return fail(stopReason(parent), err)
@@ -186,6 +188,9 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 			}
 			e.attemptFinished(a)
 			last, lastReason = err, a.Reason
+			// An attempt the cap ended while its bytes flowed did not fail:
+			// the next one goes on at once, from where it stopped.
+			capped = tr != nil && a.Reason == ReasonTimeout && !errors.Is(err, ErrStalled) && a.Bytes.Fetched > 0
 			switch {
 			case parent.Err() != nil:
 				return fail(stopReason(parent), err)

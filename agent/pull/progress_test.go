@@ -187,3 +187,44 @@ func TestProgressTimeoutZeroIsOff(t *testing.T) {
 		t.Errorf("attempts %+v, want the first under the 50ms initial timeout", a)
 	}
 }
+
+// After an attempt the cap ended while its bytes flowed, the next one starts
+// at once: nothing failed, and a delay would only idle the link.
+func TestNoDelayAfterACappedFlowingAttempt(t *testing.T) {
+	cfg := progressConfig()
+	cfg.MaxAttemptTimeout = 200 * time.Millisecond
+	cfg.ProgressTimeout = time.Hour
+	// A delay of an hour does not fit in the overall timeout: waiting for
+	// it would end the image at once as failed.
+	cfg.InitialDelay, cfg.MaxDelay = time.Hour, time.Hour
+	cfg.OverallTimeout = 10 * time.Second
+	cfg.MaxAttempts = 3
+	srv, e, rec := setup(t, cfg)
+	src := withProgress(e)
+	srv.OnPull(busybox, critest.Stall(), critest.Stall(), critest.Succeed())
+	stop := make(chan struct{})
+	wg := feed(src, busybox, stop)
+	res := run(t, e, context.Background(), busybox)
+	close(stop)
+	wg.Wait()
+	expect(t, res[0], pull.OutcomePulled, pull.ReasonNone, 3)
+	if a := rec.attemptsFor(busybox); len(a) != 3 || a[0].Bytes.Fetched <= 0 {
+		t.Errorf("attempts %+v, want two capped ones with bytes, then a success", a)
+	}
+}
+
+// A stalled attempt is a failure: the delay before the next one applies.
+func TestDelayAfterAStalledAttempt(t *testing.T) {
+	cfg := progressConfig()
+	cfg.InitialDelay, cfg.MaxDelay = time.Hour, time.Hour
+	cfg.OverallTimeout = 2 * time.Second // ends the wait for the delay
+	srv, e, rec := setup(t, cfg)
+	src := withProgress(e)
+	srv.OnPull(busybox, critest.Stall(), critest.Succeed())
+	src.Grow(busybox, "layer-sha256:a", 1<<20)
+	res := run(t, e, context.Background(), busybox)
+	expect(t, res[0], pull.OutcomeFailed, pull.ReasonTimeout, 1)
+	if a := rec.attemptsFor(busybox); len(a) != 1 || !errors.Is(a[0].Err, pull.ErrStalled) {
+		t.Errorf("attempts %+v, want one stalled and no second within the overall timeout", a)
+	}
+}
