@@ -214,6 +214,11 @@ func (b *bench) progressCase(ctx context.Context, s imageset.Set, p *shaper.Prox
 	took, out, err := b.agentRun(ctx, s.Refs(p.Addr()), append([]string{"--log-level", "info"}, extra...)...)
 	r := caseResult{name: name, took: took, err: err, proxy: p.Stats(),
 		attempts: strings.Count(out, `msg="pull attempt `), stalls: strings.Count(out, `msg="pull made no progress`)}
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, `msg="pull attempt `) || strings.Contains(line, `msg="pull made no progress`) {
+			log.Printf("  %s", line)
+		}
+	}
 	p.HoldAfter(0)
 	p.StallFor(0) // drop what is still held
 	if r.partial, r.leases, err = b.store.leftovers(ctx); err != nil && r.err == nil {
