@@ -32,6 +32,9 @@ const mib = 1 << 20
 // the test ends, so that no later test finds its content present under another proxy's name.
 func viaProgressProxy(ctx context.Context, t *testing.T, env *clusterenv.Env, images runtimeapi.ImageServiceClient, p *shaper.Proxy, name string) string {
 	t.Helper()
+	// Other tests pull the same catalogue image from the registry's own name: CRI's RemoveImage removes the
+	// image under all its names, so its blobs are gone and the pull below starts from nothing.
+	removeImages(ctx, t, images, []string{env.Image(t, name).Ref})
 	ref := viaProxy(ctx, t, env, images, p, name)
 	t.Cleanup(func() { removeImages(context.Background(), t, images, []string{ref}) })
 	return ref
@@ -52,8 +55,9 @@ func progressProxy(t *testing.T, env *clusterenv.Env, mbit int64) *shaper.Proxy 
 	return p
 }
 
-// agentLeases lists the leases the agent made on the node's containerd.
-func agentLeases(ctx context.Context, t *testing.T, env *clusterenv.Env) []string {
+// agentLeases lists the leases the agent made on the node's containerd for image (other tests' failed
+// images keep theirs, by design).
+func agentLeases(ctx context.Context, t *testing.T, env *clusterenv.Env, image string) []string {
 	t.Helper()
 	conn, err := grpc.NewClient("unix://"+env.CRISocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -67,7 +71,7 @@ func agentLeases(ctx context.Context, t *testing.T, env *clusterenv.Env) []strin
 	}
 	var ours []string
 	for _, l := range resp.GetLeases() {
-		if strings.HasPrefix(l.GetID(), progress.LeasePrefix) {
+		if strings.HasPrefix(l.GetID(), progress.LeasePrefix) && l.GetLabels()[progress.LeaseImageLabel] == image {
 			ours = append(ours, l.GetID()+" "+l.GetLabels()[progress.LeaseImageLabel])
 		}
 	}
@@ -126,7 +130,7 @@ func TestAgentProgressMidLayerStallEndsWithinTheWindow(t *testing.T) {
 	if st.BytesDown > 21*mib {
 		t.Errorf("%.1f MiB crossed the proxy for a 20 MiB image: bytes were fetched twice", float64(st.BytesDown)/mib)
 	}
-	if l := agentLeases(ctx, t, env); len(l) != 0 {
+	if l := agentLeases(ctx, t, env, ref); len(l) != 0 {
 		t.Errorf("agent leases left after the image was pulled: %v", l)
 	}
 }
@@ -163,7 +167,7 @@ func TestAgentProgressCappedAttemptsResume(t *testing.T) {
 	if !regexp.MustCompile(`msg="pull progress" image=` + regexp.QuoteMeta(ref) + ` attempt=\d+ bytes=\d+ total=\d+ percent=`).MatchString(run.output) {
 		t.Errorf("no progress line with bytes and total\n%s", run.output)
 	}
-	if l := agentLeases(ctx, t, env); len(l) != 0 {
+	if l := agentLeases(ctx, t, env, ref); len(l) != 0 {
 		t.Errorf("agent leases left after the image was pulled: %v", l)
 	}
 }
