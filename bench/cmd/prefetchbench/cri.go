@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -40,6 +41,28 @@ func (r runtime) removeAll(ctx context.Context, refs []string) error {
 		}
 	}
 	return nil
+}
+
+// removeByPath removes every image named <any registry>/<path> for the
+// paths of s, whatever registry name it was pulled under (an earlier run's
+// proxy ports included): a runtime that keeps layers by digest across names
+// (CRI-O) would otherwise find a set's content present.
+func (r runtime) removeByPath(ctx context.Context, paths []string) error {
+	list, err := r.images.ListImages(ctx, &runtimeapi.ListImagesRequest{})
+	if err != nil {
+		return fmt.Errorf("list images: %w", err)
+	}
+	var refs []string
+	for _, img := range list.GetImages() {
+		for _, tag := range img.GetRepoTags() {
+			for _, p := range paths {
+				if strings.HasSuffix(tag, "/"+p) {
+					refs = append(refs, tag)
+				}
+			}
+		}
+	}
+	return r.removeAll(ctx, refs)
 }
 
 // pull is one PullImage call.

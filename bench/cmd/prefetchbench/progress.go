@@ -201,7 +201,11 @@ type caseResult struct {
 // progressCase runs the agent on refs through proxy p from a cold store,
 // after arm (which starts the fault), and measures what it left.
 func (b *bench) progressCase(ctx context.Context, s imageset.Set, p *shaper.Proxy, name string, arm func(), extra ...string) caseResult {
-	if err := b.rt.removeAll(ctx, b.allRefs(s)); err != nil {
+	paths := make([]string, len(s.Images))
+	for i, im := range s.Images {
+		paths[i] = im.Path
+	}
+	if err := b.rt.removeByPath(ctx, paths); err != nil {
 		return caseResult{name: name, err: err}
 	}
 	if err := b.store.clear(ctx); err != nil {
