@@ -52,7 +52,9 @@ const eventNamespace = metav1.NamespaceDefault
 //
 // Events are created synchronously, within WriteTimeout detached from the
 // caller's cancellation, so they are delivered before `fetch` exits even when
-// the pass ran out of time. To keep a long-running agent from flooding the
+// the pass ran out of time. client-go's recorders do not fit: their
+// broadcaster sends from a queue in the background and drops what is still
+// queued at shutdown, and its correlator would hide the repeats we decide on. To keep a long-running agent from flooding the
 // API, an image that keeps failing for the same reason is reported again only
 // after RepeatAfter, and at most MaxFailureEvents failures are reported per
 // call (the rest are counted in one summary event). A steady state records
