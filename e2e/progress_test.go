@@ -32,9 +32,21 @@ const mib = 1 << 20
 // the test ends, so that no later test finds its content present under another proxy's name.
 func viaProgressProxy(ctx context.Context, t *testing.T, env *clusterenv.Env, images runtimeapi.ImageServiceClient, p *shaper.Proxy, name string) string {
 	t.Helper()
-	// Other tests pull the same catalogue image from the registry's own name: CRI's RemoveImage removes the
-	// image under all its names, so its blobs are gone and the pull below starts from nothing.
-	removeImages(ctx, t, images, []string{env.Image(t, name).Ref})
+	// Other tests pull the same catalogue image, under the registry's own name or their own proxy's: remove
+	// it under every name (by image ID), so that its blobs are gone and the pull below starts from nothing.
+	path := strings.TrimPrefix(env.Image(t, name).Ref, env.Registry)
+	list, err := images.ListImages(ctx, &runtimeapi.ListImagesRequest{})
+	if err != nil {
+		t.Fatalf("list images: %v", err)
+	}
+	for _, img := range list.GetImages() {
+		for _, tag := range img.GetRepoTags() {
+			if strings.HasSuffix(tag, path) {
+				removeImages(ctx, t, images, []string{img.GetId()})
+				break
+			}
+		}
+	}
 	ref := viaProxy(ctx, t, env, images, p, name)
 	t.Cleanup(func() { removeImages(context.Background(), t, images, []string{ref}) })
 	return ref
