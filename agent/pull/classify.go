@@ -27,7 +27,7 @@ func Classify(err error) Reason {
 	if err == nil {
 		return ReasonNone
 	}
-	if errors.Is(err, ErrStalled) {
+	if errors.Is(err, ErrStalled) || errors.Is(err, ErrRuntimeCanceled) {
 		return ReasonTimeout
 	}
 	if st, ok := status.FromError(err); ok {

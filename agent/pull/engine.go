@@ -172,6 +172,11 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 				timeout = e.MaxAttemptTimeout
 			}
 			res, err := e.pullOnce(ctx, en.Ref, cred, timeout, tr, r.Attempts)
+			if Classify(err) == ReasonCanceled && ctx.Err() == nil {
+				// Not ours: the runtime gave the pull up itself (CRI-O does at
+				// its pull_progress_timeout), which is a timeout to retry.
+				err = fmt.Errorf("the runtime cancelled the pull (%w): %w", ErrRuntimeCanceled, err)
+			}
 			a := Attempt{Image: en.Ref, Number: r.Attempts, Start: res.start, Duration: res.duration, Timeout: timeout,
 				Hedges: res.hedges, Err: err, Reason: Classify(err), Bytes: res.bytes}
 			if cred != nil {

@@ -61,3 +61,8 @@ type Bytes struct {
 // ErrStalled ends an attempt on which no byte arrived for the no-progress
 // window (Config.ProgressTimeout). It is classified as a timeout.
 var ErrStalled = errors.New("pull made no progress")
+
+// ErrRuntimeCanceled marks an attempt the runtime cancelled by itself while
+// the agent still waited for it, such as CRI-O at its pull_progress_timeout.
+// It is classified as a timeout.
+var ErrRuntimeCanceled = errors.New("cancelled by the runtime")

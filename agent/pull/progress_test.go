@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/nodeprefetch/image-prefetcher/agent/cri/critest"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress/progresstest"
@@ -226,5 +228,17 @@ func TestDelayAfterAStalledAttempt(t *testing.T) {
 	expect(t, res[0], pull.OutcomeFailed, pull.ReasonTimeout, 1)
 	if a := rec.attemptsFor(busybox); len(a) != 1 || !errors.Is(a[0].Err, pull.ErrStalled) {
 		t.Errorf("attempts %+v, want one stalled and no second within the overall timeout", a)
+	}
+}
+
+// A pull the runtime cancels by itself (CRI-O at its pull_progress_timeout)
+// while the pass goes on is a timeout, and retried.
+func TestRuntimeCancelledPullIsATimeout(t *testing.T) {
+	srv, e, rec := setup(t, fastConfig())
+	srv.OnPull(busybox, critest.Fail(codes.Canceled, "unable to pull image: writing blob: storing blob to file: context canceled"), critest.Succeed())
+	res := run(t, e, context.Background(), busybox)
+	expect(t, res[0], pull.OutcomePulled, pull.ReasonNone, 2)
+	if a := rec.attemptsFor(busybox); len(a) != 2 || a[0].Reason != pull.ReasonTimeout || !errors.Is(a[0].Err, pull.ErrRuntimeCanceled) {
+		t.Errorf("attempts %+v, want the first a Timeout cancelled by the runtime", a)
 	}
 }
