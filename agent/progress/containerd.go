@@ -399,15 +399,21 @@ func (c *Containerd) read(ctx context.Context, digest string, offset, size int64
 
 // Release deletes the lease of a pulled image: the image's own record holds
 // its content from then on. An image not pulled keeps its lease, and with it
-// the partial blobs the next pass resumes from, until the lease expires.
+// the partial blobs the next pass resumes from, until the lease expires;
+// unless the lease holds nothing (a missing tag, a refused credential), which
+// would only linger.
 func (c *Containerd) Release(ctx context.Context, key string, pulled bool) error {
 	c.mu.Lock()
 	delete(c.leased, key)
 	c.mu.Unlock()
+	ctx = namespaced(ctx)
 	if !pulled {
-		return nil
+		res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: key})
+		if err != nil || len(res.GetResources()) > 0 {
+			return nil // kept for the next pass (or gone already)
+		}
 	}
-	if _, err := c.leases.Delete(namespaced(ctx), &leasesapi.DeleteRequest{ID: key}); err != nil && status.Code(err) != codes.NotFound {
+	if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: key}); err != nil && status.Code(err) != codes.NotFound {
 		return fmt.Errorf("delete lease %s: %w", key, err)
 	}
 	return nil

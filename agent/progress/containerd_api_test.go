@@ -359,3 +359,37 @@ func TestContainerdSourceOnARuntimeWithoutTheAPI(t *testing.T) {
 		t.Errorf("Open = %v, want ErrUnsupported", err)
 	}
 }
+
+// A failed image's lease that holds nothing (the tag is missing) goes; one
+// that holds partial blobs stays for the next pass.
+func TestContainerdSourceReleasesAnEmptyLeaseOfAFailedImage(t *testing.T) {
+	f, path := startFake(t)
+	src, err := progress.Dial(path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	ctx := context.Background()
+	empty, _, err := src.Open(ctx, "registry.example/missing:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	partial, _, err := src.Open(ctx, "registry.example/big:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.ingest(partial, "layer-sha256:a", "sha256:a", 5<<20, 60<<20)
+	for _, key := range []string{empty, partial} {
+		if err := src.Release(ctx, key, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.leases[empty]; ok {
+		t.Error("the empty lease of a failed image was kept")
+	}
+	if _, ok := f.leases[partial]; !ok {
+		t.Error("the lease holding a partial blob was deleted")
+	}
+}
