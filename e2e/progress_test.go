@@ -183,3 +183,22 @@ func TestAgentProgressCappedAttemptsResume(t *testing.T) {
 		t.Errorf("agent leases left after the image was pulled: %v", l)
 	}
 }
+
+// An image whose tag is missing fails at once and leaves no lease behind: a lease is kept for a resume only
+// when it holds something.
+func TestAgentProgressFailedImageLeavesNoEmptyLease(t *testing.T) {
+	env := clusterenv.Require(t, clusterenv.Runtime)
+	ctx := ctxFor(t, 2*time.Minute)
+	proxy := progressProxy(t, env, 0)
+	ref := proxy.Addr() + "/e2e/random:no-such-tag"
+	run := fetch(t, env, []string{ref}, "--label=false")
+	if run.code == 0 {
+		t.Fatalf("fetch of a missing tag exited 0\n%s", run.output)
+	}
+	if n := attemptsFor(run.output, ref); n != 1 {
+		t.Errorf("%d attempts of a missing tag, want 1\n%s", n, run.output)
+	}
+	if l := agentLeases(ctx, t, env, ref); len(l) != 0 {
+		t.Errorf("agent leases left for a missing tag: %v", l)
+	}
+}
