@@ -233,7 +233,7 @@ func TestScaleManyAgentsOneBound(t *testing.T) {
 
 	counters := make([]*requestCounter, scaleAgents)
 	agents := make([]*prefetcher, scaleAgents)
-	logs := make([]*syncBuffer, scaleAgents)
+	logs := make([]*lockedBuffer, scaleAgents)
 	for i, name := range nodes {
 		counters[i] = &requestCounter{counts: map[string]int{}}
 		c := rest.CopyConfig(cfg)
@@ -254,7 +254,7 @@ func TestScaleManyAgentsOneBound(t *testing.T) {
 		o.CRISocket, o.ImageList = sock, list
 		o.ListenAddress = ""
 		o.Log.Level = "warn"
-		logs[i] = &syncBuffer{}
+		logs[i] = &lockedBuffer{}
 		p, err := newPrefetcher(o, false, logs[i], client)
 		if err != nil {
 			t.Fatal(err)
@@ -419,22 +419,4 @@ func cleanupScale(t *testing.T, admin kubernetes.Interface, ns string, nodes []s
 	if err := admin.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 		t.Errorf("cleanup: delete namespace: %v", err)
 	}
-}
-
-// syncBuffer is an agent's log, written by its goroutines and read on failure.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
