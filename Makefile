@@ -25,12 +25,12 @@ test: check fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6
 STATICCHECK_VERSION ?= v0.8.2
 STATICCHECK := $(HOME)/.cache/image-prefetcher/tools/staticcheck-$(STATICCHECK_VERSION)/staticcheck
 
-check: $(STATICCHECK)
+check: $(STATICCHECK) fn-tools
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(GO) mod tidy -diff
 	$(STATICCHECK) $(PKGS)
-	$(GO) test -race -count=1 $$($(GO) list $(PKGS) | grep -v '/e2e')
+	KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -race -count=1 $$($(GO) list $(PKGS) | grep -v '/e2e')
 
 $(STATICCHECK):
 	GOBIN=$(dir $(STATICCHECK)) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
