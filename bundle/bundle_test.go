@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -15,6 +16,10 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/cri"
 )
 
 var update = flag.Bool("update", os.Getenv("GOLDEN_UPDATE") == "1", "rewrite testdata/golden from the current builds")
@@ -252,6 +257,13 @@ func checkInstance(t *testing.T, build string, objs []Object, namespace, instanc
 	if ds.Spec.Selector == nil || fmt.Sprint(ds.Spec.Selector.MatchLabels) != fmt.Sprint(wantSelector) {
 		t.Errorf("DaemonSet selector %v, want exactly %v", ds.Spec.Selector, wantSelector)
 	}
+	// No other pod of the instance (the results collector) may match the agents' selector:
+	// kubectl, the PodMonitor and `kubectl logs daemonset/...` would take it for an agent.
+	for _, d := range decodeAll[appsv1.Deployment](t, objs, "Deployment") {
+		if sel, _ := metav1.LabelSelectorAsSelector(ds.Spec.Selector); sel != nil && sel.Matches(labels.Set(d.Spec.Template.Labels)) {
+			t.Errorf("Deployment %s's pods %v match the agents' DaemonSet selector %v", d.Name, d.Spec.Template.Labels, ds.Spec.Selector)
+		}
+	}
 	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ds.Spec.UpdateStrategy.RollingUpdate == nil ||
 		ds.Spec.UpdateStrategy.RollingUpdate.MaxUnavailable == nil || !strings.HasSuffix(ds.Spec.UpdateStrategy.RollingUpdate.MaxUnavailable.String(), "%") {
 		t.Errorf("DaemonSet update strategy %+v: want RollingUpdate with a percentage maxUnavailable", ds.Spec.UpdateStrategy)
@@ -345,9 +357,19 @@ func checkInstance(t *testing.T, build string, objs []Object, namespace, instanc
 	if m, ok := mounts["/etc/image-prefetcher"]; !ok || m.Name != "image-list" {
 		t.Errorf("the image list is not mounted at /etc/image-prefetcher")
 	}
-	socketDir := map[string]string{"vanilla": "/run/containerd", "ocp": "/run/crio"}[flavor]
-	if v := volumes["cri-socket"]; v.HostPath == nil || v.HostPath.Path != socketDir {
-		t.Errorf("cri-socket volume %+v: want host path %s", v.VolumeSource, socketDir)
+	// The socket volume holds a socket the agent's detection tries (cri.Candidates): the
+	// flavor's runtime, or the one of a runtime-* component.
+	socket := volumes["cri-socket"]
+	if socket.HostPath == nil || !slices.ContainsFunc(cri.Candidates(""), func(p string) bool {
+		return p == socket.HostPath.Path || strings.HasPrefix(p, socket.HostPath.Path+"/")
+	}) {
+		t.Errorf("cri-socket volume %+v holds none of the sockets the agent detects (%v)", socket.VolumeSource, cri.Candidates(""))
+	}
+	wantSocket := map[string]string{"vanilla": "/run/containerd", "ocp": "/run/crio",
+		"vanilla+runtime-k3s": "/run/k3s/containerd", "vanilla+runtime-crio": "/run/crio",
+		"vanilla+runtime-cri-dockerd": "/run/cri-dockerd.sock"}[build]
+	if wantSocket != "" && (socket.HostPath == nil || socket.HostPath.Path != wantSocket) {
+		t.Errorf("cri-socket volume %+v: want host path %s", socket.VolumeSource, wantSocket)
 	}
 	if flavor == "ocp" {
 		if psc := pod.SecurityContext; psc == nil || psc.SELinuxOptions == nil || psc.SELinuxOptions.Type != "spc_t" {
