@@ -13,8 +13,8 @@ E2E := e2e/cluster.sh
 all: build
 
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image-prefetcher ./agent/cmd/image-prefetcher
-	@if [ -d fn/cmd/image-prefetcher-fn ]; then CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/image-prefetcher-fn ./fn/cmd/image-prefetcher-fn; fi
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='$(LDFLAGS)' -o $(BIN)/image-prefetcher ./agent/cmd/image-prefetcher
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='$(LDFLAGS)' -o $(BIN)/image-prefetcher-fn ./fn/cmd/image-prefetcher-fn
 
 # Everything, from cheap to real. CI runs exactly this. Needs root on Linux for the real cluster;
 # `make unit` is the quick loop without it.

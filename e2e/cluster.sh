@@ -603,8 +603,12 @@ push_agent_image() {
     log "no 'make image-push' target yet: agent image not pushed"
     return 0
   fi
-  log "building and pushing the agent image: make image-push REGISTRY=$REGISTRY"
-  make -C "$ROOT" image-push REGISTRY="$REGISTRY" >"$LOGS/agent-image.log" 2>&1 ||
+  # The nodes here are all of the host's architecture: the other platforms of a release build
+  # would only cost compile time (build/ociimage's tests cover a multi-platform index).
+  local platform
+  platform="linux/$(go env GOARCH)"
+  log "building and pushing the agent image: make image-push REGISTRY=$REGISTRY PLATFORMS=$platform"
+  make -C "$ROOT" image-push REGISTRY="$REGISTRY" PLATFORMS="$platform" >"$LOGS/agent-image.log" 2>&1 ||
     { tail -n 30 "$LOGS/agent-image.log" >&2; die "make image-push failed (log: $LOGS/agent-image.log)"; }
   # the builder prints the pushed digest reference last; tests deploy exactly that
   grep -E "^$REGISTRY/[^ ]+@sha256:[0-9a-f]{64}\$" "$LOGS/agent-image.log" | tail -n 1 >"$STATE/agent-image-pushed" || true
