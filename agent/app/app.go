@@ -12,7 +12,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/spf13/pflag"
 	"golang.org/x/sync/errgroup"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -104,7 +103,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	case "fetch":
 		return command(ctx, "fetch", args[1:], stdout, stderr)
 	case "collect", "aggregate-metrics":
-		return collect(ctx, args[1:], stdout, stderr)
+		return collect(ctx, args[0], args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, Version)
 		return ExitOK
@@ -120,33 +119,28 @@ func Main(args []string, stdout, stderr io.Writer) int {
 func command(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
 	server := name == "run"
 	opts := defaultOptions()
-	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet(name, commandUsage[name], stdout)
 	opts.addFlags(fs, server)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return ExitOK
-		}
-		return ExitUsage
+	if code, done := parseFlags(fs, name, args, stderr); done {
+		return code
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "%s: unexpected arguments %q (images go in --image-list-file)\n", name, fs.Args())
-		return ExitUsage
+		return usageError(stderr, name, fmt.Errorf("unexpected arguments %q (images go in --image-list-file)", fs.Args()))
 	}
 	p, err := newPrefetcher(opts, server, stderr, nil)
 	if err != nil {
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
 		var ce *clientError
 		if errors.As(err, &ce) {
+			// Not a usage error: --help would not help.
+			printError(stderr, name, err)
 			return ExitNotRecorded
 		}
-		return ExitUsage
+		return usageError(stderr, name, err)
 	}
 	defer p.close()
 	stopSender, err := p.startSender(opts.Collector)
 	if err != nil {
-		fmt.Fprintf(stderr, "%s: %v\n", name, err)
-		return ExitUsage
+		return usageError(stderr, name, err)
 	}
 	// Deferred after close: it runs first, so that a fetch's attempts reach
 	// the collector before the process exits.

@@ -278,11 +278,17 @@ func TestUsageErrors(t *testing.T) {
 		"stray argument":    {"fetch", "--label=false", "busybox"},
 		"no node name":      {"fetch", "--instance", "x", "--node-name", ""},
 		"negative parallel": {"fetch", "--label=false", "--max-parallel-pulls", "-1"},
+		"no results held":   {"collect", "--max-results=0"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			var out bytes.Buffer
 			if code := Main(args, &out, &out); code != ExitUsage {
 				t.Errorf("exit %d, want %d\n%s", code, ExitUsage, out.String())
+			}
+			// Errors of a command's flags say where its flags are described.
+			if len(args) > 0 && (args[0] == "fetch" || args[0] == "collect") &&
+				!strings.HasSuffix(out.String(), "See 'image-prefetcher "+args[0]+" --help'.\n") {
+				t.Errorf("no --help hint at the end:\n%s", out.String())
 			}
 		})
 	}

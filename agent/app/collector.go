@@ -95,37 +95,27 @@ Flags:
 `
 
 // collect is the `collect` command: the results collector.
-func collect(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := pflag.NewFlagSet("collect", pflag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprint(stderr, collectUsage)
-		fs.PrintDefaults()
-	}
+// name is the command as typed (collect or its alias), for the messages.
+func collect(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet(name, collectUsage, stdout)
 	grpcAddr := fs.String("grpc-address", ":9478", "Address of the gRPC server the agents send to.")
 	httpAddr := fs.String("http-address", ":9479", "Address of the HTTP server (/metrics JSON, /summary, /prometheus, /healthz).")
 	maxResults := fs.Int("max-results", collector.DefaultMaxResults, "Results held in memory; beyond it the oldest are dropped (counted in image_prefetcher_collector_results_dropped_total).")
 	shutdown := fs.Duration("shutdown-timeout", collector.DefaultShutdownTimeout, "Bound of the graceful shutdown on SIGTERM.")
 	logOpts := defaultLogOptions()
 	logOpts.addFlags(fs)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, pflag.ErrHelp) {
-			return ExitOK
-		}
-		return ExitUsage
+	if code, done := parseFlags(fs, name, args, stderr); done {
+		return code
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "collect: unexpected arguments %q\n", fs.Args())
-		return ExitUsage
+		return usageError(stderr, name, fmt.Errorf("unexpected arguments %q", fs.Args()))
 	}
 	if *maxResults <= 0 {
-		fmt.Fprintf(stderr, "collect: --max-results=%d: must be positive\n", *maxResults)
-		return ExitUsage
+		return usageError(stderr, name, fmt.Errorf("--max-results=%d: must be positive", *maxResults))
 	}
 	log, err := logOpts.newLogger(stderr)
 	if err != nil {
-		fmt.Fprintf(stderr, "collect: %v\n", err)
-		return ExitUsage
+		return usageError(stderr, name, err)
 	}
 	c := collector.New(collector.NewStore(*maxResults), log)
 	c.ShutdownTimeout = *shutdown
