@@ -22,7 +22,10 @@ import (
 	"path/filepath"
 	"strings"
 
+	"sigs.k8s.io/kustomize/kyaml/yaml"
+
 	"github.com/nodeprefetch/image-prefetcher/bundle"
+	"github.com/nodeprefetch/image-prefetcher/internal/recipe"
 )
 
 // Options describe one e2e instance.
@@ -89,12 +92,12 @@ func Overlay(root, dir string, o Options) (string, error) {
 		Images:     []byte(ImagesFile(o.Images)),
 		Components: o.Components,
 	}
-	if _, err := in.Write(root, dir); err != nil {
+	overlay, err := in.Write(root, dir)
+	if err != nil {
 		return "", fmt.Errorf("deploy %s: %w", o.Instance, err)
 	}
 	if o.PullSecret != nil {
-		// The copy's placeholder, as docs/bundle.md's secretGenerator replacement would give.
-		if err := os.WriteFile(filepath.Join(dir, "components", "pull-secret", "dockerconfig.json"), o.PullSecret, 0o600); err != nil {
+		if err := addPullSecret(root, overlay, o.PullSecret); err != nil {
 			return "", fmt.Errorf("deploy %s: pull secret: %w", o.Instance, err)
 		}
 	}
@@ -213,4 +216,68 @@ patches:
 		return fmt.Errorf("deploy %s: %w", o.Instance, err)
 	}
 	return nil
+}
+
+// addPullSecret gives the overlay its credentials the way docs/bundle.md's pull-secret recipe
+// does: the recipe's own component file (from the doc's text) beside the overlay, the content in
+// the file it names, and the component listed after components/pull-secret.
+func addPullSecret(root, overlay string, content []byte) error {
+	recipes, err := recipe.ParseFile(filepath.Join(root, "docs", "bundle.md"))
+	if err != nil {
+		return err
+	}
+	r, err := recipe.Find(recipes, "pull-secret")
+	if err != nil {
+		return err
+	}
+	const component = "pull-secret" // the directory the recipe's file step writes into
+	var kustomization string
+	for _, s := range r.Steps {
+		if filepath.Base(filepath.Dir(s.File)) == component && filepath.Base(s.File) == "kustomization.yaml" {
+			kustomization = s.Content
+		}
+	}
+	if kustomization == "" {
+		return fmt.Errorf("%s: the pull-secret recipe writes no %s/kustomization.yaml", r.Doc, component)
+	}
+	k, err := yaml.Parse(kustomization)
+	if err != nil {
+		return fmt.Errorf("%s: pull-secret recipe: %w", r.Doc, err)
+	}
+	file, err := k.Pipe(yaml.Lookup("secretGenerator", "0", "files", "0"))
+	if err != nil || file == nil {
+		return fmt.Errorf("%s: the pull-secret recipe's component has no secretGenerator file", r.Doc)
+	}
+	_, name, _ := strings.Cut(yaml.GetValue(file), "=")
+	dir := filepath.Join(overlay, component)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(kustomization), 0o644); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, name), content, 0o600); err != nil {
+		return err
+	}
+	kfile := filepath.Join(overlay, "kustomization.yaml")
+	raw, err := os.ReadFile(kfile)
+	if err != nil {
+		return err
+	}
+	ok, err := yaml.Parse(string(raw))
+	if err != nil {
+		return fmt.Errorf("%s: %w", kfile, err)
+	}
+	list, err := ok.Pipe(yaml.LookupCreate(yaml.SequenceNode, "components"))
+	if err != nil {
+		return fmt.Errorf("%s: components: %w", kfile, err)
+	}
+	if err := list.PipeE(yaml.Append(yaml.NewStringRNode(component).YNode())); err != nil {
+		return fmt.Errorf("%s: components: %w", kfile, err)
+	}
+	out, err := ok.String()
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(kfile, []byte(out), 0o644)
 }
