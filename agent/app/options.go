@@ -133,16 +133,17 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 
 func (o *Options) validate(withServer bool) error {
 	var errs []error
-	if o.Label && o.NodeName == "" {
-		errs = append(errs, errors.New("--node-name is empty and $NODE_NAME is unset"))
-	}
 	// The instance also names the pull slot Leases and the collector's
 	// results, so a bad name is a usage error with --label=false too; only an
-	// unset one is allowed there.
+	// unset one is allowed there. It is checked first: its error is then the
+	// first line a crash-looping pod logs.
 	if o.Label || o.Instance != "" {
 		if err := nodelabel.ValidateInstance(o.Instance); err != nil {
 			errs = append(errs, fmt.Errorf("--instance: %w", err))
 		}
+	}
+	if o.Label && o.NodeName == "" {
+		errs = append(errs, errors.New("--node-name is empty and $NODE_NAME is unset"))
 	}
 	if o.PinImages && o.Instance == "" {
 		errs = append(errs, errors.New("--pin-images needs --instance: each instance records the pins it set"))

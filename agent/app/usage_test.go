@@ -82,3 +82,34 @@ func TestHelpGoesToStdout(t *testing.T) {
 		}
 	}
 }
+
+// TestInvalidInstanceIsTheFirstLine: INSTANCE with a dot makes run and fetch
+// exit 2, and the first line they print (what a crash-looping pod's log
+// shows) names the instance and the rule, even when $NODE_NAME is unset too.
+func TestInvalidInstanceIsTheFirstLine(t *testing.T) {
+	for _, cmd := range []string{"run", "fetch"} {
+		for _, node := range []string{testNode, ""} {
+			t.Run(cmd+" NODE_NAME="+node, func(t *testing.T) {
+				t.Setenv("INSTANCE", "my.images")
+				t.Setenv("NODE_NAME", node)
+				var stdout, stderr bytes.Buffer
+				if code := Main([]string{cmd}, &stdout, &stderr); code != ExitUsage {
+					t.Errorf("exit %d, want %d", code, ExitUsage)
+				}
+				first, _, _ := strings.Cut(stderr.String(), "\n")
+				for _, want := range []string{"image-prefetcher " + cmd + ": ", "--instance", `"my.images"`,
+					"at most 63 lowercase letters, digits or '-'", "must not contain dots"} {
+					if !strings.Contains(first, want) {
+						t.Errorf("first line %q does not say %q", first, want)
+					}
+				}
+				if !strings.HasSuffix(stderr.String(), "See 'image-prefetcher "+cmd+" --help'.\n") {
+					t.Errorf("no --help hint at the end:\n%s", stderr.String())
+				}
+				if stdout.Len() > 0 {
+					t.Errorf("stdout is not empty:\n%s", stdout.String())
+				}
+			})
+		}
+	}
+}
