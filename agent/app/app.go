@@ -74,9 +74,6 @@ Usage:
 Run "image-prefetcher <command> --help" for the flags.
 `
 
-// Version is set at build time with -ldflags "-X .../agent/app.Version=...".
-var Version = "dev"
-
 // Main runs the command line args (without the program name) and returns the
 // process exit code.
 func Main(args []string, stdout, stderr io.Writer) int {
@@ -105,7 +102,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	case "collect", "aggregate-metrics":
 		return collect(ctx, args[0], args[1:], stdout, stderr)
 	case "version", "--version":
-		fmt.Fprintln(stdout, Version)
+		fmt.Fprintln(stdout, build())
 		return ExitOK
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
@@ -138,6 +135,7 @@ func command(ctx context.Context, name string, args []string, stdout, stderr io.
 		return usageError(stderr, name, err)
 	}
 	defer p.close()
+	p.logStart(name)
 	stopSender, err := p.startSender(opts.Collector)
 	if err != nil {
 		return usageError(stderr, name, err)
@@ -266,7 +264,7 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 	if err != nil {
 		return nil, &clientError{fmt.Errorf("kubernetes client config (--kubeconfig=%q; use --label=false to pull without labelling): %w", kubeconfig, err)}
 	}
-	cfg.UserAgent = "image-prefetcher/" + Version
+	cfg.UserAgent = "image-prefetcher/" + build().Version
 	c, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return nil, &clientError{fmt.Errorf("kubernetes client (--kubeconfig=%q): %w", kubeconfig, err)}
