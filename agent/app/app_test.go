@@ -3,6 +3,8 @@ package app
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -174,6 +176,72 @@ func TestSteadyStateWritesNothing(t *testing.T) {
 	}
 	if cri.TotalPullCalls() != 0 {
 		t.Errorf("second pass pulled %d times; every image was present", cri.TotalPullCalls())
+	}
+}
+
+// TestAllPresentPassLogsOneInfoLine: a pass over a list whose images are all
+// present (every steady re-check) logs no INFO line per image, only one
+// summary line that counts them; the per-image lines are at debug level.
+func TestAllPresentPassLogsOneInfoLine(t *testing.T) {
+	cri := critest.Start(t)
+	var refs []string
+	for i := range 50 {
+		ref := fmt.Sprintf("registry.test/app/present-%d:1", i)
+		cri.AddImage(ref, critest.Image{Size: 10})
+		refs = append(refs, ref)
+	}
+	o := testOptions(cri.Path(), writeList(t, refs...))
+	o.Log.Format, o.Log.Level = "json", "debug"
+	p, _, logs := newTestPrefetcher(t, o)
+
+	for _, pass := range []string{"first pass", "re-check"} {
+		logs.Reset()
+		if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+			t.Fatalf("%s: state %q, err %v", pass, rep.State, err)
+		}
+		var summaries []map[string]any
+		debugReady := 0
+		for line := range strings.Lines(logs.String()) {
+			var l map[string]any
+			if err := json.Unmarshal([]byte(line), &l); err != nil {
+				t.Fatalf("%s: log line %q: %v", pass, line, err)
+			}
+			switch {
+			case l["level"] == "DEBUG":
+				if l["msg"] == "image ready" {
+					debugReady++
+				}
+			case l["msg"] == "pass finished":
+				summaries = append(summaries, l)
+			case l["image"] != nil:
+				t.Errorf("%s: per-image line at %s: %s", pass, l["level"], line)
+			}
+		}
+		if debugReady != len(refs) {
+			t.Errorf("%s: %d debug lines \"image ready\", want one per image (%d)", pass, debugReady, len(refs))
+		}
+		if len(summaries) != 1 {
+			t.Fatalf("%s: %d \"pass finished\" lines, want 1:\n%s", pass, len(summaries), logs.String())
+		}
+		sum := summaries[0]
+		for k, want := range map[string]any{"level": "INFO", "images": 50.0, "present": 50.0, "pulled": 0.0, "failed": 0.0} {
+			if sum[k] != want {
+				t.Errorf("%s: summary's %s = %v, want %v", pass, k, sum[k], want)
+			}
+		}
+		if d, _ := sum["listDigest"].(string); d == "" {
+			t.Errorf("%s: summary has no list digest: %v", pass, sum)
+		}
+	}
+	// The steady re-check has nothing else to say at INFO.
+	infos := 0
+	for line := range strings.Lines(logs.String()) {
+		if !strings.Contains(line, `"level":"DEBUG"`) {
+			infos++
+		}
+	}
+	if infos != 1 {
+		t.Errorf("re-check logged %d lines above debug, want only the summary:\n%s", infos, logs.String())
 	}
 }
 

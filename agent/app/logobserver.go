@@ -6,7 +6,8 @@ import (
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
-// logObserver writes one structured line per attempt and per image result.
+// logObserver writes one structured line per attempt and per image result;
+// an image found already present is logged at debug level only.
 // Credentials appear only as their Source, never as secrets.
 type logObserver struct{ log *slog.Logger }
 
@@ -40,7 +41,15 @@ func (o logObserver) ImageFinished(r pull.Result) {
 		o.log.Error("image failed", append(attrs, "reason", string(r.Reason), "error", r.Err.Error())...)
 		return
 	}
-	o.log.Info("image ready", append(attrs, "imageRef", r.ImageRef, "size", r.Size)...)
+	attrs = append(attrs, "imageRef", r.ImageRef, "size", r.Size)
+	if r.Outcome == pull.OutcomePresent {
+		// A steady re-check finds every image present: one line each would
+		// be thousands of lines a pass saying nothing new. The pass's summary
+		// line counts them.
+		o.log.Debug("image ready", attrs...)
+		return
+	}
+	o.log.Info("image ready", attrs...)
 }
 
 // observers fans out to several observers.

@@ -113,6 +113,15 @@ func (r passReport) Failed() []pull.Result {
 	return out
 }
 
+// outcomes counts the results by outcome.
+func (r passReport) outcomes() map[pull.Outcome]int {
+	n := make(map[pull.Outcome]int, 3)
+	for _, res := range r.Results {
+		n[res.Outcome]++
+	}
+	return n
+}
+
 // maxBadLinesLogged bounds how many malformed list lines one pass logs in
 // full (each at most imagelist.MaxShown bytes); the rest are counted.
 const maxBadLinesLogged = 20
@@ -172,7 +181,9 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	if err != nil {
 		p.readiness.SetNotReady(err.Error())
 	}
-	attrs := []any{"state", string(rep.State), "images", len(rep.Results), "failed", len(rep.Failed()),
+	n := rep.outcomes()
+	attrs := []any{"state", string(rep.State), "images", len(rep.Results), "present", n[pull.OutcomePresent],
+		"pulled", n[pull.OutcomePulled], "failed", n[pull.OutcomeFailed],
 		"duration", time.Since(start).Round(time.Millisecond), "listDigest", rep.Digest}
 	if p.labels != nil {
 		attrs = append(attrs, "labelWritten", rep.LabelErr == nil)
