@@ -10,6 +10,9 @@ ARG GO_VERSION=1.26
 FROM --platform=$BUILDPLATFORM golang:${GO_VERSION} AS build
 ARG TARGETOS
 ARG TARGETARCH
+# Stamped into the binaries (`image-prefetcher version`); make image-push passes the same values.
+ARG VERSION=dev
+ARG COMMIT=unknown
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
@@ -19,7 +22,7 @@ RUN set -e; mkdir -p /out/usr/local/bin /out/etc; \
     for cmd in agent/cmd/image-prefetcher fn/cmd/image-prefetcher-fn; do \
       if [ "$cmd" = agent/cmd/image-prefetcher ] || [ -d "$cmd" ]; then \
         CGO_ENABLED=0 GOOS=$TARGETOS GOARCH=$TARGETARCH \
-          go build -trimpath -ldflags='-s -w' -o /out/usr/local/bin/$(basename $cmd) ./$cmd; \
+          go build -trimpath -ldflags="-s -w -X github.com/nodeprefetch/image-prefetcher/agent/app.Version=$VERSION -X github.com/nodeprefetch/image-prefetcher/agent/app.Commit=$COMMIT" -o /out/usr/local/bin/$(basename $cmd) ./$cmd; \
       fi; \
     done; \
     printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' > /out/etc/passwd; \
