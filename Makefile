@@ -7,6 +7,12 @@ BIN := bin
 PKGS := ./...
 FUZZTIME ?= 10s
 E2E := e2e/cluster.sh
+# Built Kubernetes, runtimes and Flux controllers are cached in IMAGE_PREFETCHER_CACHE (the e2e
+# scripts' default too); the CLI tools the tests run (staticcheck, kustomize) in
+# IMAGE_PREFETCHER_TOOLS, which .ci/run points at an empty directory so that every run proves
+# each target installs what it needs.
+CACHE := $(or $(IMAGE_PREFETCHER_CACHE),$(HOME)/.cache/image-prefetcher)
+TOOLS := $(or $(IMAGE_PREFETCHER_TOOLS),$(CACHE)/tools)
 
 .PHONY: all build test check unit fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6 cluster-up cluster-down demo bench golden clean
 
@@ -23,7 +29,7 @@ test: check fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6
 # Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
 # real-cluster ones under e2e/ with the race detector. Tests that need the cluster skip here.
 STATICCHECK_VERSION ?= v0.8.2
-STATICCHECK := $(HOME)/.cache/image-prefetcher/tools/staticcheck-$(STATICCHECK_VERSION)/staticcheck
+STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)/staticcheck
 
 check: $(STATICCHECK) fn-tools
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

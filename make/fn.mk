@@ -6,7 +6,7 @@
 #   make fn-render-example OUT=dir   render examples/standalone into dir/prefetch.yaml (cluster e2e)
 
 KUSTOMIZE_VERSION ?= v5.8.1
-FN_TOOLS ?= $(HOME)/.cache/image-prefetcher/tools/kustomize-$(KUSTOMIZE_VERSION)
+FN_TOOLS ?= $(TOOLS)/kustomize-$(KUSTOMIZE_VERSION)
 FN_BIN := $(BIN)/image-prefetcher-fn
 
 .PHONY: fn-build fn-tools fn-test fn-hydrate fn-render-example
