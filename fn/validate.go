@@ -36,9 +36,11 @@ func (c *ImagePrefetcher) Validate() error {
 	case name == "":
 		r.errorf("metadata.name", name, "the instance name is required")
 	default:
-		r.messages("metadata.name", name, validation.IsDNS1123Label(name))
-		// The name is also the name part of the node label key.
-		r.messages("metadata.name", name, validation.IsQualifiedName(nodelabel.Key(name)))
+		// The agent's own rule: the name is also the name part of its node label and
+		// annotation keys, and an agent refuses to start with a name that breaks it.
+		if err := nodelabel.ValidateInstance(name); err != nil {
+			r.errorf("metadata.name", name, "%v", err)
+		}
 	}
 	r.messages("spec.namespace", s.Namespace, validation.IsDNS1123Label(s.Namespace))
 	if !slices.Contains(bundle.Flavors, s.Flavor) {
