@@ -80,13 +80,21 @@ func (c *ImagePrefetcher) Validate() error {
 	if s.PinnedImageSet && s.Flavor != bundle.FlavorOCP {
 		r.errorf("spec.pinnedImageSet", "true", "a PinnedImageSet is OpenShift's (flavor %s); on containerd nodes use components: [pin-images]", bundle.FlavorOCP)
 	}
+	fileBytes, fileImages := 0, 0
 	if s.ImagesFile != "" {
-		c.validateImagesFile(r)
+		fileBytes, fileImages = c.validateImagesFile(r)
 	}
+	// The lists the configuration gives itself, checked here with its other fields; the
+	// whole list, with the workloads' images, when it is rendered.
+	checkListSize(r, []listPart{{"spec.imagesFile", fileBytes}, {"spec.images", imagesBytes(s.Images)}}, false)
 	if s.FromWorkloads != nil {
 		s.FromWorkloads.validate(r)
-	} else if len(s.Images) == 0 && s.ImagesFile == "" {
-		r.warnf("spec.images", "", "the image list is empty: the agents will label every node succeeded without pulling anything")
+	} else if len(s.Images) == 0 && fileImages == 0 {
+		field := "spec.images"
+		if s.ImagesFile != "" {
+			field = "spec.imagesFile"
+		}
+		r.warnf(field, s.ImagesFile, "the image list is empty: the agents will label every node succeeded without pulling anything")
 	}
 	seen := map[string]bool{}
 	for i, sec := range s.PullSecrets {
@@ -156,50 +164,63 @@ func validateToleration(r *reporter, field string, t corev1.Toleration) {
 	}
 }
 
-// maxListSize bounds the image list file: it has to fit a ConfigMap (1 MiB).
-const maxListSize = 1 << 20
-
 // readImagesFile reads spec.imagesFile, a local path (relative, not leaving its directory)
 // resolved against the configuration's directory, so a configuration cannot make the function
-// read files outside the package.
-func (c *ImagePrefetcher) readImagesFile() ([]byte, error) {
+// read files outside the package. It returns the file's size and its content, of which it
+// reads no more than MaxListBytes+1 bytes: a larger file breaks the size rule anyway.
+func (c *ImagePrefetcher) readImagesFile() ([]byte, int, error) {
 	p := c.Spec.ImagesFile
 	if !filepath.IsLocal(p) {
-		return nil, fmt.Errorf("%q must be a relative path inside the package (no leading /, no ..)", p)
+		return nil, 0, fmt.Errorf("%q must be a relative path inside the package (no leading /, no ..)", p)
 	}
 	if c.dir != "" {
 		p = filepath.Join(c.dir, p)
 	}
 	f, err := os.Open(p)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer f.Close()
-	if st, err := f.Stat(); err != nil {
-		return nil, err
-	} else if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file", p)
-	}
-	raw, err := io.ReadAll(io.LimitReader(f, maxListSize+1))
+	st, err := f.Stat()
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	if len(raw) > maxListSize {
-		return nil, fmt.Errorf("%s is larger than %d bytes, more than a ConfigMap holds", p, maxListSize)
+	if !st.Mode().IsRegular() {
+		return nil, 0, fmt.Errorf("%s is not a regular file", p)
 	}
-	return raw, nil
+	raw, err := io.ReadAll(io.LimitReader(f, MaxListBytes+1))
+	if err != nil {
+		return nil, 0, fmt.Errorf("read %s: %w", p, err)
+	}
+	return raw, max(int(st.Size()), len(raw)), nil
 }
 
-func (c *ImagePrefetcher) validateImagesFile(r *reporter) {
-	raw, err := c.readImagesFile()
+// fileListBytes is what the file's content adds to the list: itself and a last newline.
+func fileListBytes(raw []byte) int {
+	if len(raw) > 0 && raw[len(raw)-1] != '\n' {
+		return len(raw) + 1
+	}
+	return len(raw)
+}
+
+// validateImagesFile reports the file's unreadable or invalid lines and returns what it adds
+// to the list, in bytes, and how many lines it has that are not empty or comments. A file
+// that cannot be read counts as one image: what is wrong with it is an error already.
+func (c *ImagePrefetcher) validateImagesFile(r *reporter) (size, images int) {
+	raw, size, err := c.readImagesFile()
 	if err != nil {
 		r.errorf("spec.imagesFile", c.Spec.ImagesFile, "read the image list: %v", err)
-		return
+		return 0, 1
+	}
+	if size > MaxListBytes {
+		// Only its start was read; the size rule reports it.
+		return size, 1
 	}
 	l := imagelist.Parse(bytes.NewReader(raw), c.Spec.ImagesFile)
 	for _, le := range l.Errors {
 		r.errorf("spec.imagesFile", c.Spec.ImagesFile, "line %d: %q: %v", le.Line, le.Text, le.Err)
 	}
+	return fileListBytes(raw), len(l.Entries) + len(l.Errors) + len(l.Duplicates)
 }
 
 // imageList is the content of the instance's images.txt: the file's lines, then spec.images,
@@ -209,7 +230,7 @@ func (c *ImagePrefetcher) validateImagesFile(r *reporter) {
 func (c *ImagePrefetcher) imageList(items []*yaml.RNode) (string, framework.Results, error) {
 	var b strings.Builder
 	if c.Spec.ImagesFile != "" {
-		raw, err := c.readImagesFile()
+		raw, _, err := c.readImagesFile()
 		if err != nil {
 			return "", nil, fmt.Errorf("read spec.imagesFile: %w", err)
 		}
@@ -218,12 +239,18 @@ func (c *ImagePrefetcher) imageList(items []*yaml.RNode) (string, framework.Resu
 			b.WriteByte('\n')
 		}
 	}
+	fileBytes := b.Len()
 	for _, img := range c.Spec.Images {
 		b.WriteString(img)
 		b.WriteByte('\n')
 	}
+	parts := []listPart{{"spec.imagesFile", fileBytes}, {"spec.images", b.Len() - fileBytes}}
+	r := &reporter{ref: c.ref()}
 	if c.Spec.FromWorkloads == nil {
-		return b.String(), nil, nil
+		if !checkListSize(r, parts, true) {
+			return "", r.results, nil
+		}
+		return b.String(), r.results, nil
 	}
 	sel, err := c.Spec.FromWorkloads.compile()
 	if err != nil {
@@ -233,6 +260,7 @@ func (c *ImagePrefetcher) imageList(items []*yaml.RNode) (string, framework.Resu
 	if results.ExitCode() != 0 {
 		return "", results, nil
 	}
+	explicit := b.Len()
 	listed := map[string]bool{}
 	for _, e := range imagelist.Parse(strings.NewReader(b.String()), "images").Entries {
 		listed[e.Ref] = true
@@ -249,9 +277,12 @@ func (c *ImagePrefetcher) imageList(items []*yaml.RNode) (string, framework.Resu
 		fmt.Fprintf(&b, "%s  # %s\n", w.ref, strings.Join(w.workloads, ", "))
 	}
 	if len(listed)+added == 0 {
-		r := &reporter{ref: c.ref()}
 		r.warnf("spec.fromWorkloads", "", "no image from the workloads in the input and no other image: the agents will label every node succeeded without pulling anything")
-		results = append(results, r.results...)
+	}
+	fits := checkListSize(r, append(parts, listPart{"spec.fromWorkloads", b.Len() - explicit}), true)
+	results = append(results, r.results...)
+	if !fits {
+		return "", results, nil
 	}
 	return b.String(), results, nil
 }
