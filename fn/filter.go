@@ -212,27 +212,34 @@ func nextIndex(items []*yaml.RNode, file string) int {
 }
 
 // Processor runs the function over a ResourceList: decode, default and validate the
-// configuration, then Filter. Configuration errors and the problems of the workloads it
-// takes images from are results with field paths, returned also as the error so that the
-// process exits non-zero (framework.Execute writes the results first). Dir resolves a
-// relative spec.imagesFile.
+// configuration, then Filter. Configuration
+// errors and the problems of the workloads it takes images from are results with field paths,
+// returned also as the error so that the process exits non-zero (framework.Execute writes the
+// results first).
 type Processor struct {
+	// Dir resolves a relative spec.imagesFile; empty is the working directory.
 	Dir string
+	// ConfigFile is the file the configuration was read from when the orchestrator does not
+	// say (standalone), for the results to name.
+	ConfigFile string
 }
 
 var _ framework.ResourceListProcessor = Processor{}
 
 // Process implements framework.ResourceListProcessor.
 func (p Processor) Process(rl *framework.ResourceList) error {
+	file := p.configFile(rl.FunctionConfig)
 	c, results := Decode(rl.FunctionConfig, p.Dir)
+	inFile(results, file)
 	rl.Results = append(rl.Results, results...)
 	if results.ExitCode() != 0 {
 		return results
 	}
 	items, results, err := c.render(rl.Items)
+	inFile(results, file)
 	rl.Results = append(rl.Results, results...)
 	if err != nil {
-		r := &framework.Result{Message: err.Error(), Severity: framework.Error, ResourceRef: c.ref()}
+		r := &framework.Result{Message: err.Error(), Severity: framework.Error, ResourceRef: c.ref(), File: file}
 		rl.Results = append(rl.Results, r)
 		return framework.Results{r}
 	}
@@ -241,4 +248,21 @@ func (p Processor) Process(rl *framework.ResourceList) error {
 	}
 	rl.Items = items
 	return nil
+}
+
+// configFile is where the configuration fc was read from, when known.
+func (p Processor) configFile(fc *yaml.RNode) *framework.File {
+	if p.ConfigFile != "" {
+		return &framework.File{Path: p.ConfigFile}
+	}
+	return fileOf(fc)
+}
+
+// inFile sets file on the results about the function configuration that name no file.
+func inFile(results framework.Results, file *framework.File) {
+	for _, r := range results {
+		if r.File == nil && r.ResourceRef != nil && r.ResourceRef.Kind == Kind {
+			r.File = file
+		}
+	}
 }

@@ -7,10 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
-	"sigs.k8s.io/kustomize/kyaml/fn/framework/command"
 	"sigs.k8s.io/kustomize/kyaml/fn/framework/frameworktestutil"
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 
@@ -21,14 +19,12 @@ import (
 
 var update = flag.Bool("update", false, "rewrite testdata/*/expected.yaml from the function's output")
 
-// TestGolden runs every testdata/<case>/ (config.yaml, input*.yaml) through the function as
-// the standalone command does and compares expected.yaml, or errors.txt with the error
-// output: each non-empty line of errors.txt must occur in it (-update writes both).
+// TestGolden runs every testdata/<case>/ (config.yaml, input*.yaml) through the function's
+// standalone command and compares expected.yaml, or errors.txt with what it prints on stderr:
+// each non-empty line of errors.txt must occur in it (-update writes both).
 func TestGolden(t *testing.T) {
 	c := frameworktestutil.CommandResultsChecker{
-		Command: func() *cobra.Command {
-			return command.Build(fn.Processor{}, command.StandaloneEnabled, false)
-		},
+		Command:                  fn.NewCommand,
 		UpdateExpectedFromActual: *update,
 		ErrorAssertionFunc:       eachLineOccurs,
 	}

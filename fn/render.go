@@ -3,9 +3,6 @@ package fn
 import (
 	"bytes"
 	"fmt"
-	"path/filepath"
-
-	"sigs.k8s.io/kustomize/kyaml/fn/framework/command"
 )
 
 // RenderFile runs the function the way `image-prefetcher-fn config.yaml [resources...]` does
@@ -13,7 +10,7 @@ import (
 // use it to render examples without building the binary.
 func RenderFile(config string, resources ...string) ([]byte, error) {
 	var out, errOut bytes.Buffer
-	cmd := command.Build(Processor{Dir: filepath.Dir(config)}, command.StandaloneEnabled, true)
+	cmd := NewCommand()
 	cmd.SetArgs(append([]string{config}, resources...))
 	cmd.SetOut(&out)
 	cmd.SetErr(&errOut)

@@ -289,6 +289,9 @@ func resourceRef(it *yaml.RNode) *yaml.ResourceIdentifier {
 
 // fileOf is where the orchestrator read the item from, when it says.
 func fileOf(it *yaml.RNode) *framework.File {
+	if it == nil {
+		return nil
+	}
 	p, idx, err := kioutil.GetFileAnnotations(it)
 	if err != nil || p == "" {
 		return nil

@@ -175,8 +175,11 @@ func TestErrorsExitNonZero(t *testing.T) {
 	}
 	_, stderr, err := runCmd(t, dir, binary, cfg)
 	assertExit1(t, "standalone", err)
-	if !strings.Contains(stderr, "metadata.name") || !strings.Contains(stderr, "spec.images[1]") {
-		t.Errorf("standalone stderr lacks the field paths: %s", stderr)
+	// One line per result, naming the file, the configuration and the field.
+	lines := strings.Split(strings.TrimSuffix(stderr, "\n"), "\n")
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "error: "+cfg+": ImagePrefetcher/Bad_Name metadata.name: ") ||
+		!strings.HasPrefix(lines[1], "error: "+cfg+": ImagePrefetcher/Bad_Name spec.images[1]: ") {
+		t.Errorf("standalone stderr, want an error line on metadata.name and one on spec.images[1]:\n%s", stderr)
 	}
 
 	cfgNode := yaml.MustParse(badConfig)
