@@ -143,21 +143,70 @@ func resultLine(r *framework.Result) string {
 	return b.String()
 }
 
-// readConfigFile reads the configuration file of a standalone run: its first document, as
-// kyaml's command.Build does.
+// readConfigFile reads the configuration file of a standalone run. The file holds one
+// configuration: a second document would otherwise be dropped without a word (kyaml reads the
+// first), so each further document is an error result naming both.
 func readConfigFile(name string) (*yaml.RNode, framework.Results, error) {
 	raw, err := os.ReadFile(name)
 	if err != nil {
 		return nil, nil, fmt.Errorf("read the configuration file: %w", err)
 	}
-	var node yaml.Node
-	if err := yaml.NewDecoder(bytes.NewReader(raw)).Decode(&node); errors.Is(err, io.EOF) {
+	type doc struct {
+		node *yaml.RNode
+		n    int // 1-based, among every document of the file
+	}
+	var docs []doc
+	d := yaml.NewDecoder(bytes.NewReader(raw))
+	for n := 1; ; n++ {
+		var node yaml.Node
+		if err := d.Decode(&node); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return nil, nil, fmt.Errorf("parse the configuration file %s: %w", name, err)
+		}
+		rn := yaml.NewRNode(&node)
+		if len(node.Content) == 0 || yaml.IsMissingOrNull(rn) {
+			continue
+		}
+		docs = append(docs, doc{rn, n})
+	}
+	if len(docs) == 0 {
 		// Decode says what is missing.
 		return nil, nil, nil
-	} else if err != nil {
-		return nil, nil, fmt.Errorf("parse the configuration file %s: %w", name, err)
 	}
-	return yaml.NewRNode(&node), nil, nil
+	first := docs[0]
+	firstName := ""
+	if first.node.YNode().Kind == yaml.MappingNode {
+		firstName = configName(first.node)
+	}
+	var results framework.Results
+	for _, o := range docs[1:] {
+		r := &reporter{file: &framework.File{Path: name, Index: o.n - 1}}
+		if o.node.YNode().Kind != yaml.MappingNode {
+			r.errorf("", "", "document %d: the configuration file holds one document, the ImagePrefetcher configuration (document %d)", o.n, first.n)
+			results = append(results, r.results...)
+			continue
+		}
+		otherName := configName(o.node)
+		r.ref = &yaml.ResourceIdentifier{
+			TypeMeta: yaml.TypeMeta{APIVersion: o.node.GetApiVersion(), Kind: o.node.GetKind()},
+			NameMeta: yaml.NameMeta{Name: otherName},
+		}
+		this := fmt.Sprintf("%s/%s (document %d)", Kind, firstName, first.n)
+		if !isConfig(o.node) {
+			r.errorf("", "", "document %d would be dropped: the configuration file holds one document, the configuration %s; "+
+				"give resources in the files after it", o.n, this)
+		} else {
+			msg := fmt.Sprintf("a second configuration in the file (document %d) would be dropped: a run renders one, %s; "+
+				"give each configuration a file of its own and run the function once per file", o.n, this)
+			if otherName == firstName {
+				msg += "; besides, " + uniqueNames(otherName, configNamespace(first.node), configNamespace(o.node))
+			}
+			r.errorf("metadata.name", otherName, "%s", msg)
+		}
+		results = append(results, r.results...)
+	}
+	return first.node, results, nil
 }
 
 // readResources reads the resource files of a standalone run ("-" is stdin, read first as kyaml

@@ -212,7 +212,7 @@ func nextIndex(items []*yaml.RNode, file string) int {
 }
 
 // Processor runs the function over a ResourceList: decode, default and validate the
-// configuration, then Filter. Configuration
+// configuration, check the other configurations among the items, then Filter. Configuration
 // errors and the problems of the workloads it takes images from are results with field paths,
 // returned also as the error so that the process exits non-zero (framework.Execute writes the
 // results first).
@@ -231,6 +231,9 @@ func (p Processor) Process(rl *framework.ResourceList) error {
 	file := p.configFile(rl.FunctionConfig)
 	c, results := Decode(rl.FunctionConfig, p.Dir)
 	inFile(results, file)
+	if c != nil {
+		results = append(results, c.checkConfigs(rl.FunctionConfig, file, rl.Items)...)
+	}
 	rl.Results = append(rl.Results, results...)
 	if results.ExitCode() != 0 {
 		return results

@@ -29,7 +29,7 @@ func TestGolden(t *testing.T) {
 		ErrorAssertionFunc:       eachLineOccurs,
 	}
 	c.Assert(t)
-	want := []string{"bad-image", "bad-name", "credential-provider", "images-file", "ocp", "placement", "pull-secret", "rerender", "unknown-flavor", "vanilla", "workloads", "workloads-bad-config", "workloads-bad-image"}
+	want := []string{"bad-image", "bad-name", "credential-provider", "images-file", "ocp", "placement", "pull-secret", "rerender", "same-name", "second-config", "two-configs", "unknown-flavor", "vanilla", "workloads", "workloads-bad-config", "workloads-bad-image"}
 	var ran []string
 	for _, p := range c.TestCasesRun() {
 		ran = append(ran, p[strings.LastIndex(p, "/")+1:])

@@ -1,7 +1,8 @@
 package main
 
 // What the function prints on stderr and how it exits, in each mode: standalone, a ResourceList
-// on stdin (kustomize's exec transformer, and kpt), with and without --strict.
+// on stdin (kustomize's exec transformer, and kpt), with and without --strict; and the second
+// configuration that a run would drop.
 
 import (
 	"bytes"
@@ -158,5 +159,69 @@ func TestWarningsKustomizeExec(t *testing.T) {
 	}
 	if !strings.Contains(stderr, warning) || !strings.Contains(stderr, "error: ImagePrefetcher/my-images: --strict: the warning fails the run") {
 		t.Errorf("kustomize's stderr lacks the warning and the --strict error:\n%s", stderr)
+	}
+}
+
+// TestSecondConfigStandalone: a configuration file with two documents fails, naming both, and
+// renders nothing.
+func TestSecondConfigStandalone(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "two.yaml")
+	second := strings.Replace(emptyConfig, "name: quiet", "name: loud", 1) + "  images: [busybox:1.36.1]\n"
+	if err := os.WriteFile(cfg, []byte(emptyConfig+"  images: [busybox:1.36.1]\n---\n"+second), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, stderr, err := runCmd(t, dir, binary, cfg)
+	assertExit1(t, "two configurations", err)
+	want := "error: " + cfg + ": ImagePrefetcher/loud metadata.name: a second configuration in the file (document 2) would be dropped: a run renders one, ImagePrefetcher/quiet (document 1)"
+	if !strings.HasPrefix(stderr, want) || strings.Count(stderr, "\n") != 1 {
+		t.Errorf("stderr:\n%s\nwant one line beginning:\n%s", stderr, want)
+	}
+	if out != "" {
+		t.Errorf("output:\n%s", out)
+	}
+}
+
+// TestSecondConfigKpt: two instances in one kpt package, each with its pipeline step, render;
+// with the same instance name (in other namespaces) the render fails, naming both files.
+func TestSecondConfigKpt(t *testing.T) {
+	kpt := tool(t, "kpt", os.Getenv("KPT"), "kpt")
+	pkg := copyExample(t, "kpt-package")
+	raw, err := os.ReadFile(filepath.Join(pkg, "prefetcher.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := strings.NewReplacer("name: my-images", "name: other-images", "namespace: prefetch-images", "namespace: prefetch-other").Replace(string(raw))
+	if err := os.WriteFile(filepath.Join(pkg, "other.yaml"), []byte(other), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kptfile := filepath.Join(pkg, "Kptfile")
+	f, err := os.OpenFile(kptfile, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("  - exec: ../../bin/image-prefetcher-fn\n    configPath: other.yaml\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, stderr, err := runCmd(t, pkg, kpt, "fn", "render", "--allow-exec"); err != nil {
+		t.Fatalf("kpt fn render of two instances: %v\n%s", err, stderr)
+	}
+	for _, f := range []string{"my-images.yaml", "other-images.yaml"} {
+		if _, err := os.Stat(filepath.Join(pkg, f)); err != nil {
+			t.Errorf("kpt wrote no %s: %v", f, err)
+		}
+	}
+
+	replaceIn(t, filepath.Join(pkg, "other.yaml"), "name: other-images", "name: my-images")
+	_, stderr, err := runCmd(t, pkg, kpt, "fn", "render", "--allow-exec")
+	if err == nil {
+		t.Fatal("kpt fn render of two instances named my-images succeeded")
+	}
+	want := "error: other.yaml: ImagePrefetcher/my-images metadata.name: ImagePrefetcher/my-images (other.yaml) has the instance name of ImagePrefetcher/my-images (prefetcher.yaml)"
+	if !strings.Contains(stderr, want) || !strings.Contains(stderr, "unique across the cluster") {
+		t.Errorf("kpt's output lacks %q:\n%s", want, stderr)
 	}
 }
