@@ -57,6 +57,14 @@ type Step struct {
 	Stall   bool          // wait until the call's context is done, then fail with its error
 	Code    codes.Code    // codes.OK answers normally
 	Message string        // the status message when Code is not OK
+	// Do runs when the call arrives, before the delay, without the server's
+	// lock: a test makes something happen on the node during a call (an
+	// image removed while another one is pulled, as the kubelet's GC does).
+	Do func()
+	// Then runs once the call has had its effect (a pull's image is
+	// created), before it answers, without the server's lock: an image the
+	// kubelet's GC removes as soon as it is pulled.
+	Then func()
 }
 
 // Succeed answers normally.
@@ -70,6 +78,13 @@ func Fail(code codes.Code, msg string) Step { return Step{Code: code, Message: m
 
 // After returns s delayed by d.
 func (s Step) After(d time.Duration) Step { s.Delay = d; return s }
+
+// Doing returns s with fn run when the call arrives (see Step.Do).
+func (s Step) Doing(fn func()) Step { s.Do = fn; return s }
+
+// AndThen returns s with fn run once the call has had its effect (see
+// Step.Then).
+func (s Step) AndThen(fn func()) Step { s.Then = fn; return s }
 
 // NotFound is containerd's answer for a missing tag.
 func NotFound(ref string) Step {
@@ -90,6 +105,14 @@ func Forbidden(ref string) Step {
 // ServerError is a registry's 5xx as containerd reports it.
 func ServerError(ref string, httpStatus int) Step {
 	return Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: failed to resolve reference %q: unexpected status from HEAD request: %d", ref, ref, httpStatus))
+}
+
+// DiskFull is containerd's answer when the node's image file system is full:
+// code Unknown, the errno's text at the end (CRI-O words it the same way).
+func DiskFull(ref string) Step {
+	return Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: failed to extract layer sha256:%s: "+
+		"write /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/42/fs/blob: no space left on device",
+		ref, strings.Repeat("ab", 32)))
 }
 
 // Unavailable is the runtime (or its connection) being unavailable.
@@ -135,6 +158,8 @@ type Server struct {
 	pulled       map[string]Image  // what a successful pull of a reference creates
 	pullScript   map[string]*script
 	statusScript map[string]*script
+	listScript   *script
+	lists        int
 	defaultPull  Step
 	auth         map[string][]Credential // ref ("" = all) -> accepted credentials
 	pulls        map[string]int
@@ -291,6 +316,25 @@ func (s *Server) OnStatus(ref string, steps ...Step) {
 	s.statusScript[ref] = &script{steps: steps}
 }
 
+// OnList scripts the ListImages calls like OnPull; a successful step answers
+// with every present image.
+func (s *Server) OnList(steps ...Step) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(steps) == 0 {
+		s.listScript = nil
+		return
+	}
+	s.listScript = &script{steps: steps}
+}
+
+// ListCalls is the number of ListImages calls.
+func (s *Server) ListCalls() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lists
+}
+
 // SetDefaultPull sets the answer for pulls of references without a script.
 func (s *Server) SetDefaultPull(st Step) {
 	s.mu.Lock()
@@ -364,6 +408,7 @@ func (s *Server) ResetCounters() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.pulls, s.statuses, s.calls, s.maxInflight = map[string]int{}, map[string]int{}, nil, s.inflight
+	s.lists = 0
 }
 
 // SetRuntimeName makes Version report name instead of RuntimeName, for
@@ -406,12 +451,15 @@ func (s *Server) ImageStatus(ctx context.Context, req *runtimeapi.ImageStatusReq
 		return nil, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	k, ok := s.findLocked(ref)
-	if !ok {
-		return &runtimeapi.ImageStatusResponse{}, nil
+	resp := &runtimeapi.ImageStatusResponse{}
+	if k, ok := s.findLocked(ref); ok {
+		resp.Image = toAPI(s.images[k])
 	}
-	return &runtimeapi.ImageStatusResponse{Image: toAPI(s.images[k])}, nil
+	s.mu.Unlock()
+	if st.Then != nil {
+		st.Then()
+	}
+	return resp, nil
 }
 
 // PullImage implements ImageService.
@@ -446,14 +494,18 @@ func (s *Server) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest
 		return nil, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	k, ok := s.findLocked(ref)
 	if !ok {
 		im := complete(ref, s.pulled[ref])
 		s.images[ref] = &im
 		k = ref
 	}
-	return &runtimeapi.PullImageResponse{ImageRef: s.images[k].ID}, nil
+	id := s.images[k].ID
+	s.mu.Unlock()
+	if st.Then != nil {
+		st.Then()
+	}
+	return &runtimeapi.PullImageResponse{ImageRef: id}, nil
 }
 
 // RemoveImage implements ImageService.
@@ -463,12 +515,25 @@ func (s *Server) RemoveImage(_ context.Context, req *runtimeapi.RemoveImageReque
 }
 
 // ListImages implements ImageService.
-func (s *Server) ListImages(context.Context, *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
+func (s *Server) ListImages(ctx context.Context, _ *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.lists++
+	st := Succeed()
+	if s.listScript != nil {
+		st = s.listScript.take()
+	}
+	s.mu.Unlock()
+	if err := wait(ctx, st); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
 	resp := &runtimeapi.ListImagesResponse{}
 	for _, k := range sortedKeys(s.images) {
 		resp.Images = append(resp.Images, toAPI(s.images[k]))
+	}
+	s.mu.Unlock()
+	if st.Then != nil {
+		st.Then()
 	}
 	return resp, nil
 }
@@ -511,6 +576,9 @@ func (s *Server) play(ctx context.Context, st Step, i int) error {
 }
 
 func wait(ctx context.Context, st Step) error {
+	if st.Do != nil {
+		st.Do()
+	}
 	if st.Delay > 0 {
 		t := time.NewTimer(st.Delay)
 		defer t.Stop()

@@ -183,3 +183,55 @@ func TestImagesByIDTagAndDigest(t *testing.T) {
 		t.Errorf("ImageFsInfo = %v, %v", fs, err)
 	}
 }
+
+// Do runs as a call arrives, Then once it has had its effect: a test removes
+// an image during another call, or right after the image is pulled.
+func TestStepHooks(t *testing.T) {
+	srv := critest.Start(t)
+	c := dial(t, srv)
+	ctx := context.Background()
+	const other = "docker.io/library/other:1"
+	srv.AddImage(other, critest.Image{})
+	srv.OnPull(ref, critest.Succeed().Doing(func() { srv.DeleteImage(other) }).AndThen(func() { srv.DeleteImage(ref) }))
+	if err := pull(ctx, c, ref, nil); err != nil {
+		t.Fatal(err)
+	}
+	if srv.HasImage(other) || srv.HasImage(ref) {
+		t.Errorf("images after the pull: %v, want none (Do removed %s, Then the pulled one)", srv.Images(), other)
+	}
+	var atStatus bool
+	srv.AddImage(other, critest.Image{})
+	srv.OnStatus(other, critest.Succeed().AndThen(func() { atStatus = true; srv.DeleteImage(other) }))
+	st, err := c.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: other}})
+	if err != nil || st.GetImage() == nil || !atStatus || srv.HasImage(other) {
+		t.Errorf("status %v %v, hook ran %v: want the image answered, then removed", st, err, atStatus)
+	}
+}
+
+func TestListImagesScriptAndCount(t *testing.T) {
+	srv := critest.Start(t)
+	c := dial(t, srv)
+	ctx := context.Background()
+	srv.AddImage(ref, critest.Image{})
+	srv.OnList(critest.Unavailable(), critest.Succeed())
+	if _, err := c.ListImages(ctx, &runtimeapi.ListImagesRequest{}); status.Code(err) != codes.Unavailable {
+		t.Errorf("first ListImages: %v, want Unavailable", err)
+	}
+	resp, err := c.ListImages(ctx, &runtimeapi.ListImagesRequest{})
+	if err != nil || len(resp.GetImages()) != 1 {
+		t.Errorf("second ListImages: %v %v, want the one image", resp, err)
+	}
+	if n := srv.ListCalls(); n != 2 {
+		t.Errorf("ListCalls = %d, want 2", n)
+	}
+}
+
+func TestDiskFullStep(t *testing.T) {
+	srv := critest.Start(t)
+	c := dial(t, srv)
+	srv.OnPull(ref, critest.DiskFull(ref))
+	err := pull(context.Background(), c, ref, nil)
+	if status.Code(err) != codes.Unknown || !strings.Contains(err.Error(), "no space left on device") || srv.HasImage(ref) {
+		t.Errorf("pull on a full disk: %v, present %v", err, srv.HasImage(ref))
+	}
+}
