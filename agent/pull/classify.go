@@ -10,11 +10,19 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Permanent reports whether retrying cannot help: the registry has answered
-// and the answer will not change by itself.
+// ReasonDiskFull: the runtime could not write the image because the node's
+// image file system is full (ENOSPC). Not the image's fault, and not worth
+// another attempt within the pass: space comes back only when something is
+// deleted (the kubelet's image GC, which more pulls would only urge on to
+// collect images of the list).
+const ReasonDiskFull Reason = "DiskFull"
+
+// Permanent reports whether retrying within the pass cannot help: the
+// registry has answered and the answer will not change by itself, or the
+// node has no room for the image (DiskFull; the next pass tries again).
 func (r Reason) Permanent() bool {
 	switch r {
-	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference:
+	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonDiskFull:
 		return true
 	}
 	return false
@@ -22,7 +30,8 @@ func (r Reason) Permanent() bool {
 
 // Classify returns the reason for a failed CRI call: by gRPC code first, and
 // for code Unknown (containerd reports registry errors that way) or errors
-// without a code, by the message text.
+// without a code, by the message text. A full disk (ENOSPC's text) is
+// DiskFull also under ResourceExhausted and Internal, which say no more.
 func Classify(err error) Reason {
 	if err == nil {
 		return ReasonNone
@@ -38,7 +47,13 @@ func Classify(err error) Reason {
 			return ReasonInvalidReference
 		case codes.Unauthenticated, codes.PermissionDenied:
 			return ReasonUnauthorized
-		case codes.Unavailable, codes.ResourceExhausted, codes.Aborted:
+		case codes.Unavailable, codes.Aborted:
+			return ReasonUnavailable
+		case codes.ResourceExhausted:
+			// gRPC's code for "out of space" too; otherwise a rate limit.
+			if diskFull(st.Message()) {
+				return ReasonDiskFull
+			}
 			return ReasonUnavailable
 		case codes.DeadlineExceeded:
 			return ReasonTimeout
@@ -46,6 +61,12 @@ func Classify(err error) Reason {
 			return ReasonCanceled
 		case codes.Unknown:
 			return classifyText(st.Message())
+		case codes.Internal:
+			// Internal says nothing more, but a full disk is the node's
+			// state whatever code wraps it.
+			if diskFull(st.Message()) {
+				return ReasonDiskFull
+			}
 		}
 		return ReasonUnknown
 	}
@@ -85,7 +106,19 @@ var textRules = []struct {
 	{ReasonCanceled, []string{"context canceled"}},
 }
 
+// diskFull reports whether a runtime's message carries ENOSPC: containerd
+// and CRI-O both end the error of a write that found the disk full with the
+// errno's text, e.g. "write /var/lib/containerd/...: no space left on device".
+func diskFull(msg string) bool {
+	return strings.Contains(strings.ToLower(msg), "no space left on device")
+}
+
 func classifyText(msg string) Reason {
+	// First: the errno is the cause, whatever the message says it was doing
+	// (a path or a layer digest may hold any of the phrases below).
+	if diskFull(msg) {
+		return ReasonDiskFull
+	}
 	m := strings.ToLower(msg)
 	if sm := httpStatus.FindStringSubmatch(m); sm != nil {
 		switch code := sm[1]; {

@@ -45,6 +45,14 @@ func TestClassify(t *testing.T) {
 		{unknown(`initializing source docker://r/x:1: reading manifest 1 in r/x: manifest unknown`), ReasonNotFound},
 		{unknown(`initializing source docker://r/x:1: Requesting bearer token: invalid status code from registry 403 (Forbidden)`), ReasonUnauthorized},
 		{unknown(`reading manifest 1 in r/x: received unexpected HTTP status: 503 Service Unavailable`), ReasonServerError},
+		// a full disk: ENOSPC's text, whatever the message says the runtime was doing
+		{unknown(`failed to pull and unpack image "r/x:1": failed to extract layer sha256:1: write /var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots/9/fs/a: no space left on device`), ReasonDiskFull},
+		{unknown(`failed to pull and unpack image "r/x:1": failed to copy: write /var/lib/containerd/io.containerd.content.v1.content/ingest/1/data: no space left on device: unknown`), ReasonDiskFull},
+		{unknown(`writing blob: storing blob to file "/var/tmp/storage1/1": write /var/tmp/storage1/1: no space left on device`), ReasonDiskFull}, // CRI-O
+		{status.Error(codes.ResourceExhausted, "write /var/lib/x: no space left on device"), ReasonDiskFull},
+		{status.Error(codes.Internal, "mkdir /var/lib/containerd/tmpmounts/1: no space left on device"), ReasonDiskFull},
+		{status.Error(codes.NotFound, "no space left on device"), ReasonNotFound}, // code first
+		{errors.New("write /var/lib/x: no space left on device"), ReasonDiskFull},
 		// errors without a gRPC status
 		{context.Canceled, ReasonCanceled},
 		{fmt.Errorf("pull: %w", context.DeadlineExceeded), ReasonTimeout},
@@ -58,9 +66,11 @@ func TestClassify(t *testing.T) {
 }
 
 func TestPermanent(t *testing.T) {
-	permanent := map[Reason]bool{ReasonNotFound: true, ReasonUnauthorized: true, ReasonInvalidReference: true}
+	// DiskFull: not the image's fault, but no attempt within the pass can
+	// help, and each would only fill the disk further.
+	permanent := map[Reason]bool{ReasonNotFound: true, ReasonUnauthorized: true, ReasonInvalidReference: true, ReasonDiskFull: true}
 	for _, r := range []Reason{ReasonNone, ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonTimeout,
-		ReasonUnavailable, ReasonServerError, ReasonCanceled, ReasonUnknown} {
+		ReasonUnavailable, ReasonServerError, ReasonCanceled, ReasonUnknown, ReasonDiskFull} {
 		if r.Permanent() != permanent[r] {
 			t.Errorf("%q.Permanent() = %v", r, r.Permanent())
 		}
