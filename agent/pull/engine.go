@@ -59,6 +59,11 @@ type Engine struct {
 	// (by ImageStatus, keyed by reference): IfNotPresent does not ask for them
 	// again, so a present image costs one ImageStatus per pass in all.
 	Present map[string]*runtimeapi.Image
+	// Settled, when set, is called with each image's result in the image's
+	// own goroutine, before its slot goes to the next image. Unlike an
+	// Observer it may take a few round trips: the agent pins the image there,
+	// so that the pulls that follow cannot get it collected.
+	Settled func(ctx context.Context, r Result)
 	Config
 }
 
@@ -87,6 +92,9 @@ func (e *Engine) Run(ctx context.Context, entries []imagelist.Entry) []Result {
 	for i, en := range entries {
 		g.Go(func() error {
 			results[i] = e.image(ctx, pass, en)
+			if e.Settled != nil {
+				e.Settled(ctx, results[i])
+			}
 			e.imageFinished(results[i])
 			return nil
 		})
