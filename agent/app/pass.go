@@ -16,6 +16,7 @@ import (
 	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
+	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
@@ -87,8 +88,12 @@ type passReport struct {
 	Results []pull.Result
 	State   nodelabel.State
 	// Missing counts the images of the list found absent before pulling (a
-	// new list, or a hole left by image GC): the label was withdrawn for them.
+	// new list, or a hole left by image GC), or not known present (the
+	// runtime's answer failed): the label was withdrawn for them.
 	Missing int
+	// Repulled counts the images found gone at the presence check that ends
+	// the pass (removed while it ran) and pulled again within it.
+	Repulled int
 	// Canceled: stopped by shutdown; the outcome was not recorded on the node
 	// (a label withdrawn at the start stays withdrawn).
 	Canceled bool
@@ -98,7 +103,8 @@ type passReport struct {
 	// NodeErr is the error of the other node writes of the outcome (the Node
 	// condition, the startup taint's removal), when asked for.
 	NodeErr error
-	// pulledAt is when the pulls of the pass ended.
+	// pulledAt is when the whole list was last seen present: the end of the
+	// presence check the outcome rests on.
 	pulledAt time.Time
 }
 
@@ -128,9 +134,10 @@ const maxBadLinesLogged = 20
 
 // pass runs one pass: read the list, learn which images are missing, make
 // the node stop claiming a list it does not hold (new list, or a hole), pull,
-// then record the outcome (label, events, metrics, readiness). It returns an
-// error only when the pass could not run at all (unreadable list, no CRI
-// runtime); the node is then labelled failed too.
+// check that the whole list is still present (pulling again what went
+// meanwhile), then record the outcome (label, events, metrics, readiness). It
+// returns an error only when the pass could not run at all (unreadable list,
+// no CRI runtime); the node is then labelled failed too.
 func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	start := time.Now()
 	list, err := p.readList()
@@ -146,15 +153,22 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 
 	pres := p.presence(ctx, list)
 	rep.Missing = len(pres.missing)
-	p.conditionStarted(ctx, list, pres)
-	p.startOnNode(ctx, list, pres)
+	var wd *withdrawal
+	p.stopClaiming(ctx, list, pres, &wd)
 
-	results, problems, err := p.pull(ctx, list, pres)
-	rep.pulledAt = time.Now()
+	results, problems, err := p.pull(ctx, list.Entries, pres)
 	if err != nil {
 		p.log.Error("pass could not pull", "error", err.Error())
 	}
+	if err == nil && ctx.Err() == nil && !anyFailed(results) {
+		// Only a pass about to claim the list needs the check: a failed one
+		// says failed whatever else went.
+		results, rep.Repulled = p.confirm(ctx, list, results, &wd)
+	}
+	rep.pulledAt = time.Now()
 	rep.Results = append(lineErrorResults(list), results...)
+	// No withdrawal may land after the outcome's write.
+	wd.end(ctx.Err() == nil)
 	if ctx.Err() != nil {
 		// Only a shutdown cancels this context (the pass deadline lives
 		// inside the engine). Its outcome says nothing about the list, so
@@ -170,13 +184,16 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 		rep.State = nodelabel.Failed
 	}
 	p.metrics.PassFinished(rep.Results, time.Since(start))
-	p.reconcilePins(ctx, list, results)
+	p.logDiskFull(rep.Results)
 	if err != nil && len(rep.Results) == 0 {
 		// An empty list that could not even start still deserves an event.
 		problems = append(problems, nodelabel.Problem{Reason: nodelabel.EventReasonFailed, Key: "pass\x00" + err.Error(),
 			Message: "pass could not run: " + err.Error()})
 	}
+	// Right after the presence check the outcome rests on; the pins of the
+	// images present were set as each became present (pinPresent).
 	p.record(ctx, &rep, problems)
+	p.reconcilePins(ctx, list, results)
 	p.readiness.SetRecorded(rep.Results, rep.LabelErr, rep.NodeErr)
 	if err != nil {
 		p.readiness.SetNotReady(err.Error())
@@ -185,6 +202,9 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	attrs := []any{"state", string(rep.State), "images", len(rep.Results), "present", n[pull.OutcomePresent],
 		"pulled", n[pull.OutcomePulled], "failed", n[pull.OutcomeFailed],
 		"duration", time.Since(start).Round(time.Millisecond), "listDigest", rep.Digest}
+	if rep.Repulled > 0 {
+		attrs = append(attrs, "removedDuringPass", rep.Repulled)
+	}
 	if p.labels != nil {
 		attrs = append(attrs, "labelWritten", rep.LabelErr == nil)
 	}
@@ -236,7 +256,8 @@ func (p *prefetcher) readList() (*imagelist.List, error) {
 
 // presence is what the node held when the pass started.
 type presence struct {
-	// known: the runtime answered for every image; missing is then exact.
+	// known: the runtime was asked; missing then holds every image not known
+	// to be present: absent, or not answered for (err).
 	known   bool
 	missing []imagelist.Entry
 	// present are the images the runtime reported, by reference: the engine
@@ -265,52 +286,254 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 	if p.labels == nil && p.gate == nil && !p.server {
 		return presence{}
 	}
-	missing, present, err := p.missing(ctx, list.Entries)
+	absent, present, unanswered, err := p.missing(ctx, list.Entries)
 	if err != nil {
-		return presence{err: err}
+		// Not known present is not present: the node stops claiming the
+		// list before anything else happens, and the engine asks again.
+		p.log.Warn("the runtime did not say whether images of the list are present: they count as missing",
+			"unanswered", len(unanswered), "images", len(list.Entries), "error", err.Error())
 	}
-	return presence{known: true, missing: missing, present: present}
+	return presence{known: true, missing: append(absent, unanswered...), present: present, err: err}
 }
 
 // startOnNode makes the node stop claiming what it does not hold before any
 // pull starts: a label of another list is removed (Begin), and when an image
 // of this list is known to be missing, `succeeded` is withdrawn too, so that
 // the re-pull (and a shutdown in its middle) never runs under `succeeded`.
-// Both write only on change: a steady state costs nothing here.
-func (p *prefetcher) startOnNode(ctx context.Context, list *imagelist.List, pres presence) {
+// Both write only on change: a steady state costs nothing here. It returns
+// the error of a withdrawal that failed (see stopClaiming).
+func (p *prefetcher) startOnNode(ctx context.Context, list *imagelist.List, pres presence) error {
 	if pres.known && len(pres.missing) > 0 {
-		named := make([]string, 0, min(len(pres.missing), 3))
-		for _, e := range pres.missing[:min(len(pres.missing), 3)] {
-			named = append(named, e.Ref)
-		}
-		p.readiness.SetNotReady(fmt.Sprintf("%d of %d images missing, pulling them: %s",
-			len(pres.missing), len(list.Entries), strings.Join(named, ", ")))
+		named := p.notReadyMissing(list, pres.missing)
 		if p.labels == nil {
-			return
+			return nil
 		}
 		p.log.Info("images of the list missing: the label does not say succeeded until they are back",
 			"missing", len(pres.missing), "images", len(list.Entries), "first", named[0])
 		if err := p.labels.Withdraw(ctx, list.Digest); err != nil {
-			// Not fatal: the pass still pulls; the final Set retries the write.
-			p.log.Error("withdraw node label", "error", err.Error())
-			return
+			return fmt.Errorf("withdraw %s for list %s with %s missing: %w", nodelabel.Succeeded,
+				shortDigest(list.Digest), named[0], err)
 		}
 		p.metrics.SetLabelState("")
-		return
+		return nil
 	}
 	if p.labels == nil {
-		return
+		return nil
 	}
 	if err := p.labels.Begin(ctx, list.Digest); err != nil {
+		// Not fatal: nothing of this list is known missing, so a label left
+		// from another list claims nothing this one lacks; the outcome's
+		// write replaces it.
 		p.log.Error("clear stale node label", "error", err.Error())
+	}
+	return nil
+}
+
+// notReadyMissing makes readiness say which images are missing and being
+// pulled; it returns the first few, named.
+func (p *prefetcher) notReadyMissing(list *imagelist.List, missing []imagelist.Entry) []string {
+	named := make([]string, 0, min(len(missing), 3))
+	for _, e := range missing[:min(len(missing), 3)] {
+		named = append(named, e.Ref)
+	}
+	p.readiness.SetNotReady(fmt.Sprintf("%d of %d images missing, pulling them: %s",
+		len(missing), len(list.Entries), strings.Join(named, ", ")))
+	return named
+}
+
+// stopClaiming makes the node stop claiming the list for the images pres
+// finds missing: the condition goes False, then the label is withdrawn
+// (startOnNode). A withdrawal that failed, after its whole write budget, is
+// not left to the outcome's write at the end of the pass, which may be many
+// pulls away: it goes on in the background (*wd) while the pass pulls, so
+// `succeeded` stands over a missing image only as long as the API server
+// takes no write, and the pulls, which are what the node needs, go on. While
+// *wd runs, a hole found later in the pass leaves the node to it.
+func (p *prefetcher) stopClaiming(ctx context.Context, list *imagelist.List, pres presence, wd **withdrawal) {
+	if *wd != nil {
+		p.notReadyMissing(list, pres.missing)
+		return
+	}
+	p.conditionStarted(ctx, list, pres)
+	err := p.startOnNode(ctx, list, pres)
+	if err == nil {
+		return
+	}
+	p.log.Error("node label not withdrawn although images are missing: pulls go on, and the withdrawal is "+
+		"retried until it lands or the pass writes its outcome", "error", err.Error())
+	*wd = p.keepWithdrawing(ctx, list, pres)
+}
+
+// withdrawal is a withdrawal of `succeeded` retried in the background.
+type withdrawal struct {
+	stop, done chan struct{}
+}
+
+// Bounds of the delay between two withdrawals in the background: each one
+// retries for its whole write budget already, so these only space out
+// answers that come at once (Forbidden, an unknown Node).
+const (
+	withdrawRetryMin = 200 * time.Millisecond
+	withdrawRetryMax = 4 * time.Second
+)
+
+// keepWithdrawing tries the condition and the withdrawal again and again
+// until the label is withdrawn, end is called or ctx ends.
+func (p *prefetcher) keepWithdrawing(ctx context.Context, list *imagelist.List, pres presence) *withdrawal {
+	w := &withdrawal{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		delay := withdrawRetryMin
+		for {
+			t := time.NewTimer(delay)
+			select {
+			case <-w.stop:
+				t.Stop()
+				return
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			select {
+			case <-w.stop:
+				return
+			default:
+			}
+			p.conditionStarted(ctx, list, pres)
+			if err := p.labels.Withdraw(ctx, list.Digest); err == nil {
+				p.metrics.SetLabelState("")
+				p.log.Info("node label withdrawn: it no longer says succeeded with images missing",
+					"label", nodelabel.Key(p.opts.Instance))
+				return
+			}
+			delay = min(2*delay, withdrawRetryMax)
+		}
+	}()
+	return w
+}
+
+// end stops the retries; with wait it returns only once no withdrawal is in
+// flight, so that none lands after the outcome's write. A pass stopped by
+// shutdown writes no outcome and does not wait.
+func (w *withdrawal) end(wait bool) {
+	if w == nil {
+		return
+	}
+	close(w.stop)
+	if wait {
+		<-w.done
 	}
 }
 
-// pull runs the engine over the list. It also returns the problems with the
+// maxRepullRounds bounds the rounds of pulls for images found gone at the
+// presence check that ends a pass. One round fills a hole the kubelet's GC
+// made while the pass pulled; an image gone again after it is removed as fast
+// as it comes, and the pass says so instead of pulling it forever.
+const maxRepullRounds = 1
+
+// confirm is the presence check the pass's claim rests on: just before the
+// node is told that the whole list is present, the runtime is asked again for
+// every image, since the pass's own pulls fill the disk and so start the
+// kubelet's image GC, which may take an image the pass found or pulled a
+// moment ago. Images gone are treated as a hole found at the start: the node
+// stops claiming the list (stopClaiming), they are pulled again (at most
+// maxRepullRounds rounds), and the check repeats; an image still gone after
+// that fails with pull.ReasonRemoved. It returns the results updated and how
+// many images were pulled again.
+func (p *prefetcher) confirm(ctx context.Context, list *imagelist.List, results []pull.Result, wd **withdrawal) ([]pull.Result, int) {
+	at := make(map[string]int, len(results))
+	for i, r := range results {
+		at[r.Image] = i
+	}
+	repulled := 0
+	for round := 0; ; round++ {
+		absent, unanswered, err := p.absent(ctx, list.Entries)
+		gone := append(absent, unanswered...)
+		if ctx.Err() != nil || len(gone) == 0 {
+			return results, repulled
+		}
+		if round == maxRepullRounds {
+			for _, e := range absent {
+				r := &results[at[e.Ref]]
+				r.Outcome, r.Reason = pull.OutcomeFailed, pull.ReasonRemoved
+				r.Err = fmt.Errorf("%s: present after its pull, gone again at the end of the pass: something on the node "+
+					"removes it (the kubelet's image GC when the disk is short)", e.Ref)
+				p.observers().ImageFinished(*r)
+			}
+			for _, e := range unanswered {
+				r := &results[at[e.Ref]]
+				r.Outcome, r.Reason = pull.OutcomeFailed, pull.Classify(err)
+				r.Err = fmt.Errorf("%s: not known present at the end of the pass: %w", e.Ref, err)
+				p.observers().ImageFinished(*r)
+			}
+			return results, repulled
+		}
+		attrs := []any{"gone", len(gone), "images", len(list.Entries), "first", gone[0].Ref}
+		if err != nil {
+			attrs = append(attrs, "unanswered", len(unanswered), "error", err.Error())
+		}
+		p.log.Warn("images of the list gone since the pass found them present (the kubelet's image GC?): "+
+			"the node does not claim the list until they are pulled again", attrs...)
+		hole := presence{known: true, missing: gone}
+		p.stopClaiming(ctx, list, hole, wd)
+		again, _, err := p.pull(ctx, gone, hole)
+		repulled += len(gone)
+		for _, r := range again {
+			results[at[r.Image]] = r
+		}
+		if err != nil || ctx.Err() != nil || anyFailed(again) {
+			// The pass fails on the images that did not come back.
+			return results, repulled
+		}
+	}
+}
+
+// absent returns the entries of the list the runtime does not hold now, and
+// those it could not say it holds (with the error; see missing). One
+// ListImages call answers for the whole list: an entry is held when the name
+// containerd's CRI gives its reference (pin.RecordName: normalized,
+// name@digest when a digest is given) is among an image's repo tags or
+// digests. An entry it does not find is asked by ImageStatus, as at the start
+// of the pass (missing), so the runtime's own matching has the last word
+// (CRI-O resolves short names by its registries.conf). Should ListImages
+// fail, every entry is asked that way.
+func (p *prefetcher) absent(ctx context.Context, entries []imagelist.Entry) (gone, unanswered []imagelist.Entry, err error) {
+	lctx, cancel := context.WithTimeout(ctx, p.criTimeout())
+	resp, err := p.client.Images.ListImages(lctx, &runtimeapi.ListImagesRequest{})
+	cancel()
+	unmatched := entries
+	if err != nil {
+		p.log.Warn("list images failed: asking for each image of the list", "error", err.Error())
+	} else {
+		held := make(map[string]bool, 2*len(resp.GetImages()))
+		for _, img := range resp.GetImages() {
+			for _, n := range img.GetRepoTags() {
+				held[n] = true
+			}
+			for _, n := range img.GetRepoDigests() {
+				held[n] = true
+			}
+		}
+		unmatched = nil
+		for _, e := range entries {
+			if name, err := pin.RecordName(e.Ref); err != nil || !held[name] {
+				unmatched = append(unmatched, e)
+			}
+		}
+	}
+	if len(unmatched) == 0 {
+		return nil, nil, nil
+	}
+	gone, _, unanswered, err = p.missing(ctx, unmatched)
+	return gone, unanswered, err
+}
+
+// pull runs the engine over entries. It also returns the problems with the
 // agent's credential files, which never stop a pull.
-func (p *prefetcher) pull(ctx context.Context, list *imagelist.List, pres presence) ([]pull.Result, []nodelabel.Problem, error) {
+func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres presence) ([]pull.Result, []nodelabel.Problem, error) {
 	if p.client == nil {
-		return failAll(list.Entries, pull.ReasonUnavailable, pres.err), nil, pres.err
+		return failAll(entries, pull.ReasonUnavailable, pres.err), nil, pres.err
 	}
 	// The keyring is built every pass so that rotated pull secrets (mounted
 	// Secrets are updated in place) are used without a restart.
@@ -319,29 +542,60 @@ func (p *prefetcher) pull(ctx context.Context, list *imagelist.List, pres presen
 	engine := &pull.Engine{
 		Images:   p.client.Images,
 		Creds:    keyring,
-		Observer: append(observers{logObserver{p.log}, p.metrics}, p.extra...),
+		Observer: p.observers(),
 		Present:  pres.present,
 		Progress: p.progress.engine(),
+		Settled:  p.pinPresent,
 		Config:   p.cfg,
 	}
 	if p.gate != nil && p.cfg.Policy != pull.PolicyAlways {
 		if pres.err != nil {
-			return failAll(list.Entries, pull.ReasonUnavailable, pres.err), problems, pres.err
+			return failAll(entries, pull.ReasonUnavailable, pres.err), problems, pres.err
 		}
 		if len(pres.missing) == 0 {
 			// Everything is present: no slot needed, the engine only confirms.
-			return engine.Run(ctx, list.Entries), problems, nil
+			return engine.Run(ctx, entries), problems, nil
 		}
 	}
 	if p.gate != nil {
 		release, err := p.gate.Acquire(ctx)
 		if err != nil {
 			err = fmt.Errorf("wait for a cluster-wide pull slot: %w", err)
-			return failAll(list.Entries, pull.ReasonUnavailable, err), problems, err
+			return failAll(entries, pull.ReasonUnavailable, err), problems, err
 		}
 		defer release()
 	}
-	return engine.Run(ctx, list.Entries), problems, nil
+	return engine.Run(ctx, entries), problems, nil
+}
+
+// observers see every attempt and result: the log, the metrics and the
+// extra ones.
+func (p *prefetcher) observers() observers {
+	return append(observers{logObserver{p.log}, p.metrics}, p.extra...)
+}
+
+// logDiskFull says once per pass that images failed for want of disk on the
+// node, which is not the images' fault and which the next pass tries again.
+func (p *prefetcher) logDiskFull(results []pull.Result) {
+	var full []string
+	for _, r := range results {
+		if r.Outcome == pull.OutcomeFailed && r.Reason == pull.ReasonDiskFull {
+			full = append(full, r.Image)
+		}
+	}
+	if len(full) > 0 {
+		p.log.Error("the node's image file system is full: images not pulled (not their fault); the next pass tries again",
+			"reason", string(pull.ReasonDiskFull), "images", len(full), "first", full[0])
+	}
+}
+
+func anyFailed(results []pull.Result) bool {
+	for _, r := range results {
+		if r.Outcome == pull.OutcomeFailed {
+			return true
+		}
+	}
+	return false
 }
 
 // credentialProblems logs what could not be used of the credential files and
@@ -372,31 +626,39 @@ func (p *prefetcher) credentialProblems(k *credentials.Keyring) []nodelabel.Prob
 	return out
 }
 
-// missing returns the entries the runtime does not hold and the images it
-// does, with one ImageStatus call each.
-func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) ([]imagelist.Entry, map[string]*runtimeapi.Image, error) {
-	// A runtime that hangs must not hang the pass before the engine (and its
-	// deadlines) even starts: each answer gets --cri-dial-timeout.
-	timeout := p.opts.DialTimeout
-	if timeout <= 0 {
-		timeout = cri.DefaultTimeout
-	}
-	var out []imagelist.Entry
-	present := make(map[string]*runtimeapi.Image, len(entries))
-	for _, e := range entries {
+// missing asks the runtime for each entry with one ImageStatus call: it
+// returns the entries absent, the images present, and the entries not
+// answered for. The first call that fails ends the asking (a runtime that
+// fails one answer would likely make each of the others wait for its
+// timeout): that entry and the ones not asked yet are unanswered, and the
+// error comes with them.
+func (p *prefetcher) missing(ctx context.Context, entries []imagelist.Entry) (
+	absent []imagelist.Entry, present map[string]*runtimeapi.Image, unanswered []imagelist.Entry, err error) {
+	timeout := p.criTimeout()
+	present = make(map[string]*runtimeapi.Image, len(entries))
+	for i, e := range entries {
 		sctx, cancel := context.WithTimeout(ctx, timeout)
 		st, err := p.client.Images.ImageStatus(sctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: e.Ref}})
 		cancel()
 		if err != nil {
-			return nil, nil, fmt.Errorf("image status %s: %w", e.Ref, err)
+			return absent, present, entries[i:], fmt.Errorf("image status %s: %w", e.Ref, err)
 		}
 		if st.GetImage() == nil {
-			out = append(out, e)
+			absent = append(absent, e)
 		} else {
 			present[e.Ref] = st.GetImage()
 		}
 	}
-	return out, present, nil
+	return absent, present, nil, nil
+}
+
+// criTimeout bounds each presence answer: a runtime that hangs must not hang
+// the pass outside the engine's deadlines.
+func (p *prefetcher) criTimeout() time.Duration {
+	if p.opts.DialTimeout > 0 {
+		return p.opts.DialTimeout
+	}
+	return cri.DefaultTimeout
 }
 
 func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {

@@ -18,6 +18,11 @@ type pinning struct {
 	// pinner is set once the runtime is known to be a containerd; it stays
 	// nil on other runtimes, where nothing of ours can be pinned.
 	pinner *pin.Pinner
+	// pinned are the records the last reconcile left pinned and owned by
+	// this instance: an image found present among them needs no pin during
+	// the pass (only a pull can drop a pin: containerd 2.x rewrites the
+	// record's labels). Written only between passes, read by the pulls.
+	pinned map[string]bool
 	// socket is where containerd's API is served when not on the CRI socket
 	// (tests only).
 	socket string
@@ -28,6 +33,7 @@ func (s *pinning) close() {
 		s.pinner.Client.Close()
 		s.pinner = nil
 	}
+	s.pinned = nil
 }
 
 // pinUnsupported is the error of a pass with --pin-images on a runtime that
@@ -97,6 +103,34 @@ var pinMessages = map[pin.Action]string{
 	pin.Unpinned: "image unpinned: the kubelet's image GC may collect it again",
 }
 
+// pinPresent pins an image as soon as the pass knows it present, right after
+// its pull or its presence check and before its pull slot goes to the next
+// image: the pulls that follow fill the disk and may start the kubelet's
+// image GC, which must not find it unpinned. It runs in the image's own
+// goroutine (pull.Engine.Settled). A failure is left to reconcilePins at the
+// end of the pass, which tries again and counts what still fails.
+func (p *prefetcher) pinPresent(ctx context.Context, r pull.Result) {
+	pinner := p.pins.pinner
+	if pinner == nil || !p.opts.PinImages || r.Outcome == pull.OutcomeFailed {
+		return
+	}
+	name, err := pin.RecordName(r.Image)
+	if err != nil {
+		return // reconcilePins logs and counts it
+	}
+	if r.Outcome == pull.OutcomePresent && p.pins.pinned[name] {
+		return
+	}
+	action, err := pinner.Pin(ctx, name)
+	if err != nil {
+		p.log.Warn("image not pinned yet; tried again at the end of the pass", "image", r.Image, "error", err.Error())
+		return
+	}
+	if action != "" {
+		p.log.Info(pinMessages[action], "image", name, "action", string(action))
+	}
+}
+
 // reconcilePins pins the images of the list that are present and lets go of
 // those this instance pinned that left the list (all of them with
 // --pin-images=false). Failures are logged and counted; they never change
@@ -127,6 +161,7 @@ func (p *prefetcher) reconcilePins(ctx context.Context, list *imagelist.List, re
 			}
 		}
 	}
+	p.pins.pinned = nil
 	rep, err := pinner.Reconcile(ctx, toPin, keep)
 	if err != nil {
 		if !p.opts.PinImages && errors.Is(err, pin.ErrUnsupported) {
@@ -143,11 +178,19 @@ func (p *prefetcher) reconcilePins(ctx context.Context, list *imagelist.List, re
 	for _, c := range rep.Changes {
 		p.log.Info(pinMessages[c.Action], "image", c.Image, "action", string(c.Action))
 	}
+	pinned := make(map[string]bool, len(toPin))
+	for _, name := range toPin {
+		pinned[name] = true
+	}
 	for _, f := range rep.Failures {
 		p.metrics.PinFailed(string(f.Op))
 		p.log.Error("image pin failed (the node label is unaffected)", "operation", string(f.Op), "image", f.Image,
 			"error", f.Err.Error())
+		if f.Op == pin.OpPin {
+			delete(pinned, f.Image)
+		}
 	}
+	p.pins.pinned = pinned
 	p.metrics.SetPinnedImages(rep.Pinned)
 	if len(rep.Changes) > 0 || len(rep.Failures) > 0 {
 		p.log.Info("image pins reconciled", "pinned", rep.Pinned, "changed", len(rep.Changes), "failed", len(rep.Failures),

@@ -3,7 +3,9 @@ package app
 import (
 	"bytes"
 	"context"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -238,5 +240,61 @@ func TestPinImagesNeedsAnInstance(t *testing.T) {
 	code := Main([]string{"fetch", "--label=false", "--pin-images", "--image-list-file", writeList(t, present)}, &stderr, &stderr)
 	if code != ExitUsage || !strings.Contains(stderr.String(), "--pin-images needs --instance") {
 		t.Errorf("exit %d, output %q; want a usage error naming --instance", code, stderr.String())
+	}
+}
+
+// (b) With --pin-images each image is pinned as soon as it is present (found
+// present, or right after its pull), before the next image's pull starts:
+// the pulls that follow fill the disk, and the kubelet's GC they may start
+// must find the images already there pinned.
+func TestEachImageIsPinnedBeforeTheNextPullStarts(t *testing.T) {
+	const third = "registry.test/app/third:1"
+	c, imgs := pinRuntime(t, present, pullable, third)
+	c.AddImage(present, critest.Image{Size: 10})
+	var mu sync.Mutex
+	pinnedAt := map[string][]string{} // the images pinned when each pull started
+	seen := func(ref string) func() {
+		return func() {
+			var pinned []string
+			for _, r := range []string{present, pullable, third} {
+				if isPinnedBy(imgs, r, testInstance) {
+					pinned = append(pinned, r)
+				}
+			}
+			mu.Lock()
+			pinnedAt[ref] = pinned
+			mu.Unlock()
+		}
+	}
+	c.OnPull(pullable, critest.Succeed().Doing(seen(pullable)))
+	c.OnPull(third, critest.Succeed().Doing(seen(third)))
+	o := testOptions(c.Path(), writeList(t, present, pullable, third))
+	o.PinImages, o.MaxParallelPulls = true, 1
+	p, _, logs := newTestPrefetcher(t, o)
+	p.pins.socket = imgs.Path()
+
+	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+		t.Fatalf("pass: %s %v\n%s", rep.State, err, logs)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got := pinnedAt[pullable]; !slices.Equal(got, []string{present}) {
+		t.Errorf("pinned when %s's pull started: %v, want %s (found present before it)", pullable, got, present)
+	}
+	if got := pinnedAt[third]; !slices.Equal(got, []string{present, pullable}) {
+		t.Errorf("pinned when %s's pull started: %v, want %s and %s (pulled before it)", third, got, present, pullable)
+	}
+	for _, r := range []string{present, pullable, third} {
+		if !isPinnedBy(imgs, r, testInstance) {
+			t.Errorf("%s not pinned after the pass", r)
+		}
+	}
+	// The next pass finds them pinned and present: no pin writes at all.
+	before := imgs.Updates()
+	if _, err := p.pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := imgs.Updates() - before; n != 0 {
+		t.Errorf("a steady pass wrote %d pin labels", n)
 	}
 }

@@ -17,6 +17,13 @@ import (
 // collect images of the list).
 const ReasonDiskFull Reason = "DiskFull"
 
+// ReasonRemoved is not an error of a call, so Classify never gives it: the
+// image was on the node after its pull and gone again at the pass's presence
+// check of the whole list, after one more pull within the pass. Something on
+// the node removes it as fast as it comes (the kubelet's image GC on a node
+// short of disk).
+const ReasonRemoved Reason = "Removed"
+
 // Permanent reports whether retrying within the pass cannot help: the
 // registry has answered and the answer will not change by itself, or the
 // node has no room for the image (DiskFull; the next pass tries again).
