@@ -19,7 +19,7 @@ type Credential struct {
 }
 
 // Provider returns the credentials to try for image (a normalized, fully
-// qualified reference), most specific first. An empty slice means anonymous.
+// qualified reference), in the order to try them. An empty slice means anonymous.
 type Provider interface {
 	Lookup(ctx context.Context, image string) ([]Credential, error)
 }

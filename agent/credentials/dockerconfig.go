@@ -35,7 +35,7 @@ type DockerConfig struct {
 }
 
 type dockerEntry struct {
-	key  string // as written in the file
+	key  string // as written in the file, user info redacted (displayKey)
 	pat  pattern
 	auth authFields
 }
@@ -56,11 +56,12 @@ func (a authFields) authConfig() *runtimeapi.AuthConfig {
 }
 
 // EntryError describes a docker config entry that was left out. It never holds
-// a secret: only the file, the key, the field and what was wrong.
+// a secret: only the file, the key (user info redacted), the field and what
+// was wrong.
 type EntryError struct {
 	File    string
 	Section string // "auths" for dockerconfigjson, "" for legacy dockercfg
-	Key     string
+	Key     string // user info redacted
 	Field   string // "" when the whole entry is at fault
 	Err     error
 }
@@ -77,7 +78,8 @@ func (e *EntryError) Error() string {
 
 func (e *EntryError) Unwrap() error { return e.Err }
 
-// Keys returns the registry keys of the usable entries, sorted.
+// Keys returns the registry keys of the usable entries, sorted, user info
+// redacted.
 func (c *DockerConfig) Keys() []string {
 	keys := make([]string, 0, len(c.entries))
 	for _, e := range c.entries {
@@ -149,7 +151,7 @@ func ParseDockerConfig(name string, data []byte) (*DockerConfig, error) {
 	for _, k := range keys {
 		e, field, err := parseEntry(k, entries[k])
 		if err != nil {
-			cfg.Warnings = append(cfg.Warnings, &EntryError{File: name, Section: section, Key: k, Field: field, Err: err})
+			cfg.Warnings = append(cfg.Warnings, &EntryError{File: name, Section: section, Key: displayKey(k), Field: field, Err: err})
 			continue
 		}
 		cfg.entries = append(cfg.entries, e)
@@ -162,7 +164,9 @@ func ParseDockerConfig(name string, data []byte) (*DockerConfig, error) {
 var entryFields = []string{"username", "password", "auth", "identitytoken", "registrytoken"}
 
 func parseEntry(key string, raw json.RawMessage) (dockerEntry, string, error) {
-	pat, err := parsePattern(key)
+	// A key with user info (https://user:password@host) is kept as the kubelet
+	// keeps it, matched without the user info and never shown with it.
+	pat, err := parseKey(key)
 	if err != nil {
 		return dockerEntry{}, "", fmt.Errorf("bad registry key: %w", err)
 	}
@@ -211,7 +215,7 @@ func parseEntry(key string, raw json.RawMessage) (dockerEntry, string, error) {
 	if a == (authFields{}) {
 		return dockerEntry{}, "", errors.New("no credentials (want username/password, auth, identitytoken or registrytoken)")
 	}
-	return dockerEntry{key: key, pat: pat, auth: a}, "", nil
+	return dockerEntry{key: displayKey(key), pat: pat, auth: a}, "", nil
 }
 
 // decodeAuth decodes base64("user:password"). Its errors never quote the
@@ -269,18 +273,11 @@ func redactJSONError(err error) error {
 	return errors.New("invalid JSON")
 }
 
-// match returns the entries matching t, unordered, as pending matches.
-func (c *DockerConfig) match(t target) []matched {
-	var out []matched
-	for i := range c.entries {
-		e := &c.entries[i]
-		if !e.pat.matches(t) {
-			continue
-		}
-		out = append(out, matched{pat: e.pat, cred: Credential{
-			Source: fmt.Sprintf("dockerconfig %s[%q]", c.Path, e.key),
-			Auth:   e.auth.authConfig(),
-		}})
+// candidates returns every entry, in the file's order, for pick.
+func (c *DockerConfig) candidates() []candidate {
+	out := make([]candidate, 0, len(c.entries))
+	for _, e := range c.entries {
+		out = append(out, candidate{pat: e.pat, source: fmt.Sprintf("dockerconfig %s[%q]", c.Path, e.key), auth: e.auth})
 	}
 	return out
 }

@@ -120,9 +120,9 @@ func TestParseDockerConfigBadEntriesKeepGoodOnes(t *testing.T) {
 	}
 	checkEntries(t, c, []wantEntry{{key: "good.io", user: "u", pass: secret}})
 	want := []string{
-		`pull-secret/.dockerconfigjson: auths["*[.io"]: bad registry key: bad glob`,
+		`pull-secret/.dockerconfigjson: auths["*[.io"]: bad registry key: not a registry URL: invalid IP-literal`,
 		`pull-secret/.dockerconfigjson: auths["arr.io"]: want a JSON object, got an array`,
-		`pull-secret/.dockerconfigjson: auths["badkey:port"]: bad registry key: bad port "port"`,
+		`pull-secret/.dockerconfigjson: auths["badkey:port"]: bad registry key: not a registry URL: invalid port ":port" after host`,
 		`pull-secret/.dockerconfigjson: auths["empty.io"]: no credentials`,
 		`pull-secret/.dockerconfigjson: auths["nocolon.io"].auth: decoded value is not user:password`,
 		`pull-secret/.dockerconfigjson: auths["num.io"].password: want a string, got a number`,

@@ -7,9 +7,9 @@ import (
 )
 
 // Keyring is the agent's Provider: kubelet credential provider plugins first
-// (as the reference tool does), then docker config entries, most specific
-// first across all files (equally specific entries keep the order of the files
-// as given, then of the keys in each file).
+// (as the reference tool does), then docker config entries, each group in the
+// kubelet's order (see match.go); equal keys keep the order of the files as
+// given, then of the keys in each file.
 type Keyring struct {
 	configs  []*DockerConfig
 	plugins  *PluginProvider
@@ -98,11 +98,11 @@ func (k *Keyring) Lookup(ctx context.Context, image string) ([]Credential, error
 			errs = append(errs, err)
 		}
 	}
-	var ms []matched
+	var cands []candidate
 	for _, c := range k.configs {
-		ms = append(ms, c.match(t)...)
+		cands = append(cands, c.candidates()...)
 	}
-	creds = append(creds, sortMatched(ms)...)
+	creds = append(creds, pick(cands, t)...)
 	return dedupe(creds), errors.Join(errs...)
 }
 

@@ -56,17 +56,15 @@ func TestKeyringDockerConfigOrder(t *testing.T) {
 		}},
 		{"127.0.0.1:5001/public/x:1", []string{src(a, "127.0.0.1:5001"), src(b, "127.0.0.1:5001")}},
 		{"127.0.0.1:5000/private/rand:img-0", []string{src(a, "127.0.0.1:5000")}},
-		{"docker.io/library/busybox:latest", []string{
-			src(b, "docker.io/library"),
-			src(a, "https://index.docker.io/v1/"),
-			src(b, "registry-1.docker.io"),
-			src(c, "index.docker.io"),
-		}},
+		// As in the kubelet: docker.io/library matches; the index.docker.io
+		// entries serve only Docker Hub images nothing matches, and
+		// registry-1.docker.io is another registry's name.
+		{"docker.io/library/busybox:latest", []string{src(b, "docker.io/library")}},
 		{"docker.io/someone/else:1", []string{
 			src(a, "https://index.docker.io/v1/"),
-			src(b, "registry-1.docker.io"),
 			src(c, "index.docker.io"),
 		}},
+		{"registry-1.docker.io/library/busybox:1", []string{src(b, "registry-1.docker.io")}},
 		{"x.example.com/y:1", []string{src(a, "x.example.com"), src(a, "*.example.com")}},
 		{"z.example.com/y:1", []string{src(a, "*.example.com")}},
 		{"a.b.example.com/y:1", nil},

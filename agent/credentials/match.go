@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"path"
 	"sort"
 	"strings"
@@ -11,122 +12,146 @@ import (
 	"github.com/distribution/reference"
 )
 
-// Matching follows the kubelet's keyring rules (written anew here):
-//   - a key is host, host:port or host/path, optionally with a scheme;
-//   - the host is compared label by label, each label a path.Match glob, and the
-//     label counts must be equal, so *.example.com matches a.example.com but
-//     neither example.com nor a.b.example.com;
-//   - ports are compared exactly: a key with a port matches only that port, and
-//     a key without a port matches only images without one (as the kubelet does;
-//     docker config entries for "localhost" are not meant for "localhost:5000");
-//   - a key path is a prefix of the image's repository path on segment
-//     boundaries (quay.io/a matches quay.io/a/b, not quay.io/ab);
-//   - the Docker Hub names are one registry.
+// Matching is the kubelet's, rule for rule (written anew here; match_test.go
+// states each rule with where the kubelet documents it):
+//   - an image is looked up by its repository name (host/path, no tag or
+//     digest), as the kubelet looks it up;
+//   - a docker config key or a plugin response's auth key is read as a URL
+//     (https:// put in front unless it starts with http:// or https://); its
+//     user info, query and fragment are dropped, a path starting /v1/ or /v2/
+//     loses that prefix, and host[:port][/path] is the entry's key;
+//   - a matchImages entry is read as written, with no scheme and no /v1/ rule;
+//   - hosts are compared label by label, each label a path.Match glob, with
+//     equal label counts and case as written: *.example.com matches
+//     a.example.com but neither example.com nor a.b.example.com;
+//   - ports must be equal: a key without a port matches only images without one;
+//   - the key's path is a prefix of the image's path as a string, not on
+//     segment boundaries: quay.io/a matches quay.io/a/b and quay.io/ab;
+//   - matches are tried in reverse byte order of their keys (longer keys
+//     before their prefixes, names before the globs that cover them), equal
+//     keys in the order given;
+//   - Docker Hub has no aliases: when no key matches a Docker Hub image, the
+//     entries whose key is index.docker.io (https://index.docker.io/v1/ as
+//     docker writes it) are used.
 
-// dockerHubHosts are the names under which Docker Hub appears in docker config
-// files; all of them mean the registry that reference normalises to docker.io.
-var dockerHubHosts = map[string]bool{
-	"docker.io":            true,
-	"index.docker.io":      true,
-	"registry-1.docker.io": true,
-}
+// dockerHubKey is the key whose entries serve Docker Hub images no key matches.
+const dockerHubKey = "index.docker.io"
 
-const dockerHubHost = "docker.io"
+// redacted stands for the user info of a key, which may hold a password.
+const redacted = "<redacted>"
 
-// pattern is a parsed docker config key or matchImages entry.
+// pattern is a parsed key or matchImages entry.
 type pattern struct {
-	labels []string // lower-case host labels, possibly globs
+	key    string   // host[:port][/path]; orders matches
+	labels []string // host labels as written, possibly globs
 	port   string
-	path   string // "" or "/seg/seg", no trailing slash
-	// canonical is host[:port][/path] after normalisation; its length orders
-	// matches (longer is more specific).
-	canonical string
-	globs     int // how many labels hold glob characters
+	path   string // "" or "/..." as written, compared as a string prefix
 }
 
-func parsePattern(key string) (pattern, error) {
-	s := strings.TrimSpace(key)
-	if i := strings.Index(s, "://"); i >= 0 {
-		s = s[i+len("://"):]
+// displayKey is key as it may be shown: a key with user info
+// (https://user:password@host) has everything up to its last '@' after the
+// scheme replaced, since a password may itself hold '/', ':' or '@'.
+func displayKey(key string) string {
+	at := strings.LastIndexByte(key, '@')
+	if at < 0 {
+		return key
 	}
-	host, p := s, ""
-	if i := strings.IndexByte(s, '/'); i >= 0 {
-		host, p = s[:i], s[i:]
+	scheme := ""
+	if i := strings.Index(key, "://"); i >= 0 && i < at {
+		scheme = key[:i+len("://")]
 	}
-	if j := strings.IndexAny(p, "?#"); j >= 0 {
-		p = p[:j]
+	return scheme + redacted + key[at:]
+}
+
+// parseKey reads a docker config key or a plugin response's auth key the way
+// the kubelet's keyring adds it. Its errors never quote user info.
+func parseKey(raw string) (pattern, error) {
+	s := raw
+	if !strings.HasPrefix(s, "https://") && !strings.HasPrefix(s, "http://") {
+		s = "https://" + s
 	}
-	h, port, err := splitHostPort(host)
+	u, err := url.Parse(s)
 	if err != nil {
-		return pattern{}, err
+		return pattern{}, urlError(raw, err)
 	}
-	h = strings.ToLower(h)
-	p = strings.TrimRight(p, "/")
-	if dockerHubHosts[h] && port == "" {
-		h = dockerHubHost
-		// "https://index.docker.io/v1/" is the classic key for all of Docker
-		// Hub; the API version is not a repository path.
-		if p == "/v1" || p == "/v2" {
-			p = ""
-		}
+	p := u.Path
+	if strings.HasPrefix(p, "/v1/") || strings.HasPrefix(p, "/v2/") {
+		p = p[len("/v1"):]
 	}
-	pt := pattern{labels: strings.Split(h, "."), port: port, path: p}
+	if p == "/" {
+		p = ""
+	}
+	pt, err := parseSchemeless(u.Host + p)
+	if err != nil && strings.Contains(raw, "@") {
+		return pattern{}, errors.New("not a registry URL")
+	}
+	return pt, err
+}
+
+// parseMatchImage reads a matchImages entry the way the kubelet does. Its
+// errors never quote user info.
+func parseMatchImage(raw string) (pattern, error) {
+	pt, err := parseSchemeless(raw)
+	if err != nil && strings.Contains(raw, "@") {
+		return pattern{}, errors.New("not a registry URL")
+	}
+	return pt, err
+}
+
+// parseSchemeless parses host[:port][/path]. A key the kubelet would keep but
+// that can match no image (an empty host label, a bad glob) is an error here,
+// so that it is reported rather than silently dead.
+func parseSchemeless(s string) (pattern, error) {
+	u, err := url.Parse("https://" + s)
+	if err != nil {
+		return pattern{}, urlError(s, err)
+	}
+	host, port := splitHostPort(u.Host)
+	if host == "" {
+		return pattern{}, errors.New("empty host")
+	}
+	pt := pattern{key: s, labels: strings.Split(host, "."), port: port, path: u.Path}
 	for _, l := range pt.labels {
-		if strings.ContainsFunc(l, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
-			return pattern{}, fmt.Errorf("space or control character in host %q", h)
-		}
 		if l == "" {
-			return pattern{}, fmt.Errorf("empty label in host %q", h)
+			return pattern{}, fmt.Errorf("empty label in host %q", host)
 		}
 		if _, err := path.Match(l, ""); err != nil {
-			return pattern{}, fmt.Errorf("bad glob in host %q: %w", h, err)
-		}
-		if strings.ContainsAny(l, `*?[\`) {
-			pt.globs++
+			return pattern{}, fmt.Errorf("bad glob in host %q: %w", host, err)
 		}
 	}
-	pt.canonical = h
-	if port != "" {
-		pt.canonical += ":" + port
-	}
-	pt.canonical += p
 	return pt, nil
 }
 
-func splitHostPort(host string) (string, string, error) {
-	if host == "" {
-		return "", "", errors.New("empty host")
+// urlError keeps what url.Parse found wrong without the URL it quotes, and
+// says nothing more when the text holds user info.
+func urlError(raw string, err error) error {
+	if strings.Contains(raw, "@") {
+		return errors.New("not a registry URL")
 	}
-	if !strings.Contains(host, ":") {
-		return host, "", nil
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
 	}
-	if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
-		return host[1 : len(host)-1], "", nil
-	}
-	h, port, err := net.SplitHostPort(host)
+	return fmt.Errorf("not a registry URL: %w", err)
+}
+
+// splitHostPort splits host[:port]; what does not split (no port, an IPv6
+// address in brackets without one) is all host, as in the kubelet.
+func splitHostPort(hostport string) (host, port string) {
+	h, p, err := net.SplitHostPort(hostport)
 	if err != nil {
-		return "", "", fmt.Errorf("bad host %q: %w", host, err)
+		return hostport, ""
 	}
-	if h == "" {
-		return "", "", fmt.Errorf("bad host %q: empty host name", host)
-	}
-	if port == "" {
-		return h, "", nil
-	}
-	for _, c := range port {
-		if c < '0' || c > '9' {
-			return "", "", fmt.Errorf("bad port %q", port)
-		}
-	}
-	return h, port, nil
+	return h, p
 }
 
 // target is an image reference split the way patterns are.
 type target struct {
-	labels   []string
-	port     string
-	path     string // "/repo/path"
-	registry string // host[:port], lower case, Docker Hub normalised
+	repo   string // normalized repository name: what plugins are asked about
+	host   string // repo's host[:port] as written: a plugin's Registry cache key
+	labels []string
+	port   string
+	path   string // "/" + repository path
 }
 
 func parseTarget(image string) (target, error) {
@@ -134,23 +159,26 @@ func parseTarget(image string) (target, error) {
 	if err != nil {
 		return target{}, fmt.Errorf("parse image %q: %w", image, err)
 	}
-	h, port, err := splitHostPort(reference.Domain(named))
-	if err != nil {
-		return target{}, fmt.Errorf("parse image %q: %w", image, err)
-	}
-	h = strings.ToLower(h)
-	if dockerHubHosts[h] && port == "" {
-		h = dockerHubHost
-	}
-	reg := h
-	if port != "" {
-		reg += ":" + port
-	}
-	return target{labels: strings.Split(h, "."), port: port, path: "/" + reference.Path(named), registry: reg}, nil
+	domain := reference.Domain(named)
+	h, port := splitHostPort(domain)
+	return target{
+		repo:   named.Name(),
+		host:   domain,
+		labels: strings.Split(h, "."),
+		port:   port,
+		path:   "/" + reference.Path(named),
+	}, nil
+}
+
+// dockerHub says whether the kubelet takes t for a Docker Hub image when
+// choosing the fallback: its host is docker.io or index.docker.io, or has
+// neither '.' nor ':' (which makes localhost one too, as in the kubelet).
+func (t target) dockerHub() bool {
+	return t.host == "docker.io" || t.host == dockerHubKey || !strings.ContainsAny(t.host, ".:")
 }
 
 func (p pattern) matches(t target) bool {
-	if len(p.labels) != len(t.labels) || p.port != t.port {
+	if p.port != t.port || len(p.labels) != len(t.labels) || !strings.HasPrefix(t.path, p.path) {
 		return false
 	}
 	for i, l := range p.labels {
@@ -158,32 +186,38 @@ func (p pattern) matches(t target) bool {
 			return false
 		}
 	}
-	if p.path == "" {
-		return true
+	return true
+}
+
+// candidate is an entry that may apply to an image: a docker config entry or
+// a plugin response's auth entry.
+type candidate struct {
+	pat    pattern
+	source string
+	auth   authFields
+}
+
+// pick returns the credentials of the candidates that apply to t: every match
+// in reverse key order (equal keys keep the order given), or when none
+// matches a Docker Hub image, the index.docker.io entries.
+func pick(cands []candidate, t target) []Credential {
+	var ms []candidate
+	for _, c := range cands {
+		if c.pat.matches(t) {
+			ms = append(ms, c)
+		}
 	}
-	return t.path == p.path || strings.HasPrefix(t.path, p.path+"/")
-}
-
-// moreSpecific orders patterns: longer canonical key first, then fewer glob
-// labels. Equal patterns keep their given order (callers sort stably).
-func moreSpecific(a, b pattern) bool {
-	if len(a.canonical) != len(b.canonical) {
-		return len(a.canonical) > len(b.canonical)
+	if len(ms) == 0 && t.dockerHub() {
+		for _, c := range cands {
+			if c.pat.key == dockerHubKey {
+				ms = append(ms, c)
+			}
+		}
 	}
-	return a.globs < b.globs
-}
-
-// matched is one matching entry waiting to be ordered.
-type matched struct {
-	pat  pattern
-	cred Credential
-}
-
-func sortMatched(ms []matched) []Credential {
-	sort.SliceStable(ms, func(i, j int) bool { return moreSpecific(ms[i].pat, ms[j].pat) })
+	sort.SliceStable(ms, func(i, j int) bool { return ms[i].pat.key > ms[j].pat.key })
 	out := make([]Credential, 0, len(ms))
 	for _, m := range ms {
-		out = append(out, m.cred)
+		out = append(out, Credential{Source: m.source, Auth: m.auth.authConfig()})
 	}
 	return out
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,8 +24,8 @@ import (
 
 // Kubelet credential provider plugins, run with the kubelet's exec protocol: a
 // CredentialProviderRequest as JSON on stdin, a CredentialProviderResponse as
-// JSON on stdout. The response's auth map keys are matched against the image
-// like docker config keys.
+// JSON on stdout. The auth keys of the answers of all plugins are matched
+// against the image together, like docker config keys.
 
 const (
 	configGroup   = "kubelet.config.k8s.io"
@@ -150,9 +151,20 @@ func NewPluginProvider(configPath, binDir string, opts ...Option) (*PluginProvid
 		}
 		p := &plugin{cfg: c, configPath: configPath, opts: o, cache: map[string]cacheEntry{}}
 		for _, m := range c.MatchImages {
-			pat, err := parsePattern(m)
+			// The kubelet refuses the config only for an entry that is not a
+			// URL; one that can match no image is kept and dead there, and
+			// left out with a warning here.
+			if _, err := url.Parse("https://" + m); err != nil {
+				return nil, fmt.Errorf("%s: matchImages %q: %w", where, displayKey(m), urlError(m, err))
+			}
+			if strings.Contains(m, "://") {
+				pp.warnings = append(pp.warnings, fmt.Errorf("%s: matchImages %q: ignored: the kubelet reads it without a scheme, so it matches no image", where, displayKey(m)))
+				continue
+			}
+			pat, err := parseMatchImage(m)
 			if err != nil {
-				return nil, fmt.Errorf("%s: matchImages %q: %w", where, m, err)
+				pp.warnings = append(pp.warnings, fmt.Errorf("%s: matchImages %q: ignored: it matches no image: %w", where, displayKey(m), err))
+				continue
 			}
 			p.matchers = append(p.matchers, pat)
 		}
@@ -185,16 +197,16 @@ func NewPluginProvider(configPath, binDir string, opts ...Option) (*PluginProvid
 func (pp *PluginProvider) Warnings() []error { return pp.warnings }
 
 // Lookup runs (or answers from cache) every plugin whose matchImages match
-// image, in config order, and returns the credentials of each response whose
-// auth keys match image, most specific first within a plugin. Credentials found
-// are returned even when another plugin failed; err then describes the
-// failures.
+// image, in config order, and returns the credentials of their responses'
+// auth entries that apply to image, ordered as the kubelet orders them.
+// Credentials found are returned even when another plugin failed; err then
+// describes the failures.
 func (pp *PluginProvider) Lookup(ctx context.Context, image string) ([]Credential, error) {
 	t, err := parseTarget(image)
 	if err != nil {
 		return nil, err
 	}
-	var creds []Credential
+	var cands []candidate
 	var errs []error
 	for _, p := range pp.plugins {
 		if !p.wants(t) {
@@ -205,27 +217,27 @@ func (pp *PluginProvider) Lookup(ctx context.Context, image string) ([]Credentia
 			errs = append(errs, err)
 			continue
 		}
-		var ms []matched
-		for key, a := range resp.Auth {
-			pat, err := parsePattern(key)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: response auth key %q: %w", p.describe(), key, err))
-				continue
-			}
-			if !pat.matches(t) {
-				continue
-			}
-			ms = append(ms, matched{pat: pat, cred: Credential{
-				Source: fmt.Sprintf("plugin %s[%q]", p.cfg.Name, key),
-				Auth:   authFields{username: a.Username, password: a.Password}.authConfig(),
-			}})
+		// Map order is random; sort by key so that equal keys keep an order.
+		keys := make([]string, 0, len(resp.Auth))
+		for key := range resp.Auth {
+			keys = append(keys, key)
 		}
-		// Map order is random; sort by key first so equal specificity is
-		// stable, then most specific first.
-		sortByKey(ms)
-		creds = append(creds, sortMatched(ms)...)
+		sort.Strings(keys)
+		for _, key := range keys {
+			pat, err := parseKey(key)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: response auth key %q: %w", p.describe(), displayKey(key), err))
+				continue
+			}
+			a := resp.Auth[key]
+			cands = append(cands, candidate{
+				pat:    pat,
+				source: fmt.Sprintf("plugin %s[%q]", p.cfg.Name, displayKey(key)),
+				auth:   authFields{username: a.Username, password: a.Password},
+			})
+		}
 	}
-	return creds, errors.Join(errs...)
+	return pick(cands, t), errors.Join(errs...)
 }
 
 func (p *plugin) describe() string {
@@ -275,7 +287,7 @@ func (p *plugin) cached(image string, t target) *cpv1.CredentialProviderResponse
 	now := p.opts.now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, k := range []string{"image:" + image, "registry:" + t.registry, globalKey} {
+	for _, k := range []string{"image:" + image, "registry:" + t.host, globalKey} {
 		if e, ok := p.cache[k]; ok {
 			if now.Before(e.expires) {
 				return e.resp
@@ -299,7 +311,7 @@ func (p *plugin) store(image string, t target, r *cpv1.CredentialProviderRespons
 	case cpv1.ImagePluginCacheKeyType:
 		key = "image:" + image
 	case cpv1.RegistryPluginCacheKeyType:
-		key = "registry:" + t.registry
+		key = "registry:" + t.host
 	case cpv1.GlobalPluginCacheKeyType:
 		key = globalKey
 	}
@@ -374,11 +386,6 @@ func stderrTail(b []byte) string {
 		b = append([]byte("..."), b[len(b)-maxStderrEcho:]...)
 	}
 	return fmt.Sprintf(" (stderr: %q)", b)
-}
-
-func sortByKey(ms []matched) {
-	// Sources end in the quoted key; sorting them sorts by key.
-	sort.Slice(ms, func(i, j int) bool { return ms[i].cred.Source < ms[j].cred.Source })
 }
 
 func metaType(apiVersion, kind string) metav1.TypeMeta {

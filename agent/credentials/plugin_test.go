@@ -360,8 +360,9 @@ func TestPluginConfigErrors(t *testing.T) {
 		{"duplicate", configYAML(good, good), "providers[1] (p): duplicate name"},
 		{"path in name", configYAML(providerYAML("../p", `"a.io"`, "1m", nil)), "name must be a plain file name"},
 		{"no matchImages", configYAML(providerYAML("p", ``, "1m", nil)), "matchImages is empty"},
-		{"bad matchImages", configYAML(providerYAML("p", `"a.io:x"`, "1m", nil)), `matchImages "a.io:x": bad port`},
-		{"port glob", configYAML(providerYAML("p", `"a.io:*"`, "1m", nil)), `matchImages "a.io:*": bad port`},
+		{"bad matchImages", configYAML(providerYAML("p", `"a.io:x"`, "1m", nil)), `matchImages "a.io:x": not a registry URL: invalid port ":x" after host`},
+		{"port glob", configYAML(providerYAML("p", `"a.io:*"`, "1m", nil)), `matchImages "a.io:*": not a registry URL: invalid port ":*" after host`},
+		{"user info", configYAML(providerYAML("p", `"u:Pa55/Secret-Word@a.io"`, "1m", nil)), `matchImages "<redacted>@a.io": not a registry URL`},
 		{"plugin apiVersion", configYAML(strings.Replace(good, "credentialprovider.kubelet.k8s.io/v1", "credentialprovider.kubelet.k8s.io/v1alpha1", 1)), `apiVersion "credentialprovider.kubelet.k8s.io/v1alpha1" not supported`},
 		{"negative duration", configYAML(providerYAML("p", `"a.io"`, "-1m", nil)), "defaultCacheDuration must not be negative"},
 		{"not yaml", "\t{", "error converting YAML to JSON"},
@@ -372,6 +373,9 @@ func TestPluginConfigErrors(t *testing.T) {
 			_, err := NewPluginProvider(cfg, bin)
 			if err == nil || !strings.Contains(err.Error(), cfg) || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error = %v\nwant it to name %s and contain %q", err, cfg, tc.want)
+			}
+			if err != nil && strings.Contains(err.Error(), "Secret-Word") {
+				t.Errorf("error quotes user info: %v", err)
 			}
 		})
 	}
@@ -430,5 +434,34 @@ func TestKeyringPluginsFirst(t *testing.T) {
 	// secret: the more specific one is kept.
 	if err != nil || len(creds) != 1 || creds[0].Source != `plugin gke-credential-provider["eu.gcr.io"]` {
 		t.Errorf("gcr: %v, %v", creds, err)
+	}
+}
+
+// matchImages entries the kubelet keeps but that match no image (a scheme, an
+// empty label or host) are left out with a warning; the others are used.
+func TestPluginDeadMatchImagesWarn(t *testing.T) {
+	cfg, bin, _ := pluginSetup(t, configYAML(providerYAML("p", `"https://a.example.com", "a..io", "", "*.example.com"`, "1m", map[string]string{
+		"PLUGIN_CACHE_KEY": "Image", "PLUGIN_PASSWORD": "w",
+	})), "p")
+	pp, err := NewPluginProvider(cfg, bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		`matchImages "https://a.example.com": ignored: the kubelet reads it without a scheme`,
+		`matchImages "a..io": ignored: it matches no image: empty label`,
+		`matchImages "": ignored: it matches no image: empty host`,
+	}
+	w := pp.Warnings()
+	if len(w) != len(want) {
+		t.Fatalf("warnings = %q", w)
+	}
+	for i := range want {
+		if !strings.Contains(w[i].Error(), want[i]) || !strings.Contains(w[i].Error(), cfg) {
+			t.Errorf("warning %d = %q, want %q", i, w[i], want[i])
+		}
+	}
+	if c := lookupOne(t, pp, "a.example.com/x:1"); c.Auth.Password != "w-run1" {
+		t.Errorf("credential %s %q", c.Source, c.Auth.Password)
 	}
 }
