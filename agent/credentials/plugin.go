@@ -19,13 +19,18 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubeletconfig "k8s.io/kubelet/config/v1"
 	cpv1 "k8s.io/kubelet/pkg/apis/credentialprovider/v1"
+	"k8s.io/utils/clock"
 	"sigs.k8s.io/yaml"
 )
 
 // Kubelet credential provider plugins, run with the kubelet's exec protocol: a
 // CredentialProviderRequest as JSON on stdin, a CredentialProviderResponse as
-// JSON on stdout. The auth keys of the answers of all plugins are matched
-// against the image together, like docker config keys.
+// JSON on stdout. As in the kubelet, a plugin is asked about the image's
+// repository name (no tag or digest), its answer is cached under that name,
+// the image's registry or globally as the response's cacheKeyType says, for
+// its cacheDuration (the provider's defaultCacheDuration when it gives none; 0
+// means not cached), and the auth keys of the answers of all plugins are
+// matched against the image together, like docker config keys.
 
 const (
 	configGroup   = "kubelet.config.k8s.io"
@@ -58,20 +63,20 @@ var acceptedPluginVersions = map[string]bool{
 type Option func(*options)
 
 type options struct {
-	now     func() time.Time
+	clock   clock.PassiveClock
 	timeout time.Duration
 }
 
 func buildOptions(opts []Option) options {
-	o := options{now: time.Now, timeout: DefaultPluginTimeout}
+	o := options{clock: clock.RealClock{}, timeout: DefaultPluginTimeout}
 	for _, opt := range opts {
 		opt(&o)
 	}
 	return o
 }
 
-// WithClock replaces time.Now for plugin cache expiry (tests).
-func WithClock(now func() time.Time) Option { return func(o *options) { o.now = now } }
+// WithClock replaces the real clock for plugin cache expiry (tests).
+func WithClock(c clock.PassiveClock) Option { return func(o *options) { o.clock = c } }
 
 // WithPluginTimeout bounds each plugin run (default DefaultPluginTimeout).
 func WithPluginTimeout(d time.Duration) Option { return func(o *options) { o.timeout = d } }
@@ -106,11 +111,15 @@ type cacheEntry struct {
 // JSON, apiVersion kubelet.config.k8s.io/v1 or v1beta1, decoded strictly as the
 // kubelet does) and finds each plugin's binary in binDir.
 func NewPluginProvider(configPath, binDir string, opts ...Option) (*PluginProvider, error) {
-	o := buildOptions(opts)
 	data, err := os.ReadFile(configPath)
 	if err != nil {
 		return nil, fmt.Errorf("read credential provider config: %w", err)
 	}
+	return parsePluginConfig(configPath, data, binDir, buildOptions(opts))
+}
+
+// parsePluginConfig is NewPluginProvider on the config's content.
+func parsePluginConfig(configPath string, data []byte, binDir string, o options) (*PluginProvider, error) {
 	var meta struct {
 		APIVersion string `json:"apiVersion"`
 		Kind       string `json:"kind"`
@@ -212,7 +221,7 @@ func (pp *PluginProvider) Lookup(ctx context.Context, image string) ([]Credentia
 		if !p.wants(t) {
 			continue
 		}
-		resp, err := p.response(ctx, image, t)
+		resp, err := p.response(ctx, t)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -253,23 +262,24 @@ func (p *plugin) wants(t target) bool {
 	return false
 }
 
-// response returns a cached response for image, its registry or globally, or
-// runs the plugin once per image however many callers ask at the same time.
-func (p *plugin) response(ctx context.Context, image string, t target) (*cpv1.CredentialProviderResponse, error) {
-	if r := p.cached(image, t); r != nil {
+// response returns a response cached for t's repository, its registry or
+// globally, or runs the plugin once per repository however many callers ask
+// at the same time.
+func (p *plugin) response(ctx context.Context, t target) (*cpv1.CredentialProviderResponse, error) {
+	if r := p.cached(t); r != nil {
 		return r, nil
 	}
-	ch := p.flight.DoChan(image, func() (any, error) {
-		if r := p.cached(image, t); r != nil {
+	ch := p.flight.DoChan(t.repo, func() (any, error) {
+		if r := p.cached(t); r != nil {
 			return r, nil
 		}
 		// The run is shared by every waiting caller, so one caller giving up
 		// must not kill it; the plugin timeout still bounds it.
-		r, err := p.run(context.WithoutCancel(ctx), image)
+		r, err := p.run(context.WithoutCancel(ctx), t.repo)
 		if err != nil {
 			return nil, err
 		}
-		p.store(image, t, r)
+		p.store(t, r)
 		return r, nil
 	})
 	select {
@@ -283,13 +293,16 @@ func (p *plugin) response(ctx context.Context, image string, t target) (*cpv1.Cr
 	}
 }
 
-func (p *plugin) cached(image string, t target) *cpv1.CredentialProviderResponse {
-	now := p.opts.now()
+// cached looks for an answer under t's repository, then its registry, then
+// globally. An entry serves until its expiry has passed (still at the very
+// instant), as in the kubelet.
+func (p *plugin) cached(t target) *cpv1.CredentialProviderResponse {
+	now := p.opts.clock.Now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, k := range []string{"image:" + image, "registry:" + t.host, globalKey} {
+	for _, k := range []string{"image:" + t.repo, "registry:" + t.host, globalKey} {
 		if e, ok := p.cache[k]; ok {
-			if now.Before(e.expires) {
+			if !now.After(e.expires) {
 				return e.resp
 			}
 			delete(p.cache, k)
@@ -298,7 +311,7 @@ func (p *plugin) cached(image string, t target) *cpv1.CredentialProviderResponse
 	return nil
 }
 
-func (p *plugin) store(image string, t target, r *cpv1.CredentialProviderResponse) {
+func (p *plugin) store(t target, r *cpv1.CredentialProviderResponse) {
 	ttl := p.defaultTTL
 	if r.CacheDuration != nil {
 		ttl = r.CacheDuration.Duration
@@ -309,17 +322,17 @@ func (p *plugin) store(image string, t target, r *cpv1.CredentialProviderRespons
 	var key string
 	switch r.CacheKeyType {
 	case cpv1.ImagePluginCacheKeyType:
-		key = "image:" + image
+		key = "image:" + t.repo
 	case cpv1.RegistryPluginCacheKeyType:
 		key = "registry:" + t.host
 	case cpv1.GlobalPluginCacheKeyType:
 		key = globalKey
 	}
-	now := p.opts.now()
+	now := p.opts.clock.Now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for k, e := range p.cache {
-		if !now.Before(e.expires) {
+		if now.After(e.expires) {
 			delete(p.cache, k)
 		}
 	}

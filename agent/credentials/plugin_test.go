@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	testingclock "k8s.io/utils/clock/testing"
 )
 
 // testPlugin is the binary built from testdata/plugin by TestMain.
@@ -36,23 +38,10 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-type fakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
+const zeros = "0000000000000000000000000000000000000000000000000000000000000000"
 
-func newFakeClock() *fakeClock { return &fakeClock{now: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.now = c.now.Add(d)
-	c.mu.Unlock()
+func newFakeClock() *testingclock.FakeClock {
+	return testingclock.NewFakeClock(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 }
 
 // pluginSetup writes config into a temp dir and links each name in the bin
@@ -125,11 +114,11 @@ func TestPluginImageCacheKey(t *testing.T) {
 		"PLUGIN_CACHE_KEY": "Image", "PLUGIN_CACHE_DURATION": "10m", "PLUGIN_PASSWORD": "pw",
 	})), "img-plugin")
 	clock := newFakeClock()
-	pp, err := NewPluginProvider(cfg, bin, WithClock(clock.Now))
+	pp, err := NewPluginProvider(cfg, bin, WithClock(clock))
 	if err != nil {
 		t.Fatal(err)
 	}
-	const a, b = "127.0.0.1:5001/private/rand:img-0", "127.0.0.1:5001/private/rand:img-1"
+	const a, a2, b = "127.0.0.1:5001/private/rand:img-0", "127.0.0.1:5001/private/rand@sha256:" + zeros, "127.0.0.1:5001/private/other:img-1"
 	c := lookupOne(t, pp, a)
 	if c.Source != `plugin img-plugin["127.0.0.1:5001"]` || c.Auth.Username != "--a,--b" || c.Auth.Password != "pw-run1" {
 		t.Errorf("credential = %s %q/%q", c.Source, c.Auth.Username, c.Auth.Password)
@@ -137,20 +126,27 @@ func TestPluginImageCacheKey(t *testing.T) {
 	if c := lookupOne(t, pp, a); c.Auth.Password != "pw-run1" {
 		t.Errorf("second lookup ran the plugin again: %q", c.Auth.Password)
 	}
-	// Image keys do not cover another image of the same registry.
+	// As in the kubelet, the plugin is asked about the repository, so the
+	// Image key covers its other tags and digests.
+	if c := lookupOne(t, pp, a2); c.Auth.Password != "pw-run1" {
+		t.Errorf("same repository by digest: %q, want cached run 1", c.Auth.Password)
+	}
+	// Image keys do not cover another repository of the same registry.
 	if c := lookupOne(t, pp, b); c.Auth.Password != "pw-run2" {
 		t.Errorf("other image: %q, want a new run", c.Auth.Password)
 	}
-	// The response's cacheDuration (10m) wins over defaultCacheDuration (1m).
-	clock.Advance(9 * time.Minute)
+	// The response's cacheDuration (10m) wins over defaultCacheDuration (1m);
+	// the entry serves until 10m have passed, the last instant included.
+	clock.Step(10 * time.Minute)
 	if c := lookupOne(t, pp, a); c.Auth.Password != "pw-run1" {
-		t.Errorf("after 9m: %q, want cached run 1", c.Auth.Password)
+		t.Errorf("at 10m: %q, want cached run 1", c.Auth.Password)
 	}
-	clock.Advance(time.Minute)
+	clock.Step(time.Nanosecond)
 	if c := lookupOne(t, pp, a); c.Auth.Password != "pw-run3" {
 		t.Errorf("after 10m: %q, want a new run", c.Auth.Password)
 	}
-	if got := runs(t, count); strings.Join(got, " ") != strings.Join([]string{a, b, a}, " ") {
+	repoA, repoB := "127.0.0.1:5001/private/rand", "127.0.0.1:5001/private/other"
+	if got := runs(t, count); strings.Join(got, " ") != strings.Join([]string{repoA, repoB, repoA}, " ") {
 		t.Errorf("plugin runs = %q", got)
 	}
 	// Images outside matchImages never run the plugin.
@@ -167,7 +163,7 @@ func TestPluginRegistryCacheKeyAndDefaultDuration(t *testing.T) {
 		"PLUGIN_CACHE_KEY": "Registry", "PLUGIN_PASSWORD": "pw",
 	})), "reg-plugin")
 	clock := newFakeClock()
-	pp, err := NewPluginProvider(cfg, bin, WithClock(clock.Now))
+	pp, err := NewPluginProvider(cfg, bin, WithClock(clock))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,11 +177,11 @@ func TestPluginRegistryCacheKeyAndDefaultDuration(t *testing.T) {
 		t.Errorf("other registry: %q, want run 2", c.Auth.Password)
 	}
 	// No cacheDuration in the response: defaultCacheDuration (1m) applies.
-	clock.Advance(59 * time.Second)
+	clock.Step(time.Minute)
 	if c := lookupOne(t, pp, "a.example.com/q:1"); c.Auth.Password != "pw-run1" {
-		t.Errorf("after 59s: %q, want cached run 1", c.Auth.Password)
+		t.Errorf("at 60s: %q, want cached run 1", c.Auth.Password)
 	}
-	clock.Advance(time.Second)
+	clock.Step(time.Millisecond)
 	if c := lookupOne(t, pp, "a.example.com/q:1"); c.Auth.Password != "pw-run3" {
 		t.Errorf("after 60s: %q, want run 3", c.Auth.Password)
 	}
@@ -204,7 +200,7 @@ func TestPluginGlobalCacheAndZeroDuration(t *testing.T) {
 			"PLUGIN_AUTH_KEYS": "*.nocache.test",
 		}),
 	), "global", "nocache")
-	pp, err := NewPluginProvider(cfg, bin, WithClock(newFakeClock().Now))
+	pp, err := NewPluginProvider(cfg, bin, WithClock(newFakeClock()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +225,7 @@ func TestPluginConcurrentLookupsRunOnce(t *testing.T) {
 	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("slow", `"*.example.com"`, "1m", map[string]string{
 		"PLUGIN_CACHE_KEY": "Image", "PLUGIN_DELAY": "200ms", "PLUGIN_PASSWORD": "s",
 	})), "slow")
-	pp, err := NewPluginProvider(cfg, bin, WithClock(newFakeClock().Now))
+	pp, err := NewPluginProvider(cfg, bin, WithClock(newFakeClock()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -266,9 +262,9 @@ func TestPluginFailures(t *testing.T) {
 		want string
 	}{
 		{"exit status", map[string]string{"PLUGIN_MODE": "fail"}, nil,
-			`exit status 1 (stderr: "no metadata server for a.example.com/x:1")`},
+			`exit status 1 (stderr: "no metadata server for a.example.com/x")`},
 		{"timeout", map[string]string{"PLUGIN_MODE": "sleep"}, []Option{WithPluginTimeout(300 * time.Millisecond)},
-			"image a.example.com/x:1: timed out after 300ms"},
+			"image a.example.com/x: timed out after 300ms"},
 		{"bad json", map[string]string{"PLUGIN_MODE": "badjson"}, nil, "bad response: invalid JSON"},
 		{"wrong apiVersion", map[string]string{"PLUGIN_CACHE_KEY": "Image", "PLUGIN_RESPONSE_VERSION": "credentialprovider.kubelet.k8s.io/v1alpha1"}, nil,
 			`response has apiVersion "credentialprovider.kubelet.k8s.io/v1alpha1"`},
