@@ -59,6 +59,9 @@ type prefetcher struct {
 
 	// client is the CRI connection, dialled lazily and kept across passes.
 	client *cri.Client
+	// keyring is built at the first pull and kept across passes, so that
+	// credential plugins' answers stay cached as long as they allow.
+	keyring *credentials.Keyring
 	// pins: --pin-images, on containerd's images API (pin.go).
 	pins pinning
 	// progress follows the bytes of pulls on containerd (progress.go).
@@ -535,9 +538,14 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 	if p.client == nil {
 		return failAll(entries, pull.ReasonUnavailable, pres.err), nil, pres.err
 	}
-	// The keyring is built every pass so that rotated pull secrets (mounted
-	// Secrets are updated in place) are used without a restart.
-	keyring := credentials.NewKeyring(p.opts.DockerConfigs, p.opts.CredProviderConfig, p.opts.CredProviderBinDir)
+	// Refresh re-reads the credential files that changed, so that rotated pull
+	// secrets (mounted Secrets are updated in place) are used without a restart.
+	if p.keyring == nil {
+		p.keyring = credentials.NewKeyring(p.opts.DockerConfigs, p.opts.CredProviderConfig, p.opts.CredProviderBinDir)
+	} else {
+		p.keyring.Refresh()
+	}
+	keyring := p.keyring
 	problems := p.credentialProblems(keyring)
 	engine := &pull.Engine{
 		Images:   p.client.Images,
