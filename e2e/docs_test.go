@@ -2,14 +2,19 @@ package e2e_test
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
@@ -125,6 +130,15 @@ func TestDocQuickStartAndUninstall(t *testing.T) {
 		t.Errorf("the agent runs %s, want the pinned %s", got, pinned)
 	}
 
+	// The memory request covers what the agent holds at rest (the kubelet evicts pods over their
+	// request first under memory pressure).
+	rss := agentRSS(ctx, t, env, docNamespace)
+	request := ds.Spec.Template.Spec.Containers[0].Resources.Requests.Memory()
+	t.Logf("agent resident memory after the quick start's pass: %.1f MiB; request %s", float64(rss)/(1<<20), request)
+	if rss > request.Value() {
+		t.Errorf("the agent holds %d bytes at rest, above its memory request %s", rss, request)
+	}
+
 	// The uninstall recipe, as written: nothing of the instance is left, the namespace stays.
 	out = shell(uninstall.Script())
 	t.Logf("uninstall:\n%s", out)
@@ -199,4 +213,46 @@ func pinnedImage(t *testing.T, kustomization string) string {
 		digest = yaml.GetValue(f.Value)
 	}
 	return name + "@" + digest
+}
+
+// agentRSS is the resident memory of the agent container of the namespace's pod on this node,
+// from /proc of the process the runtime reports for it.
+func agentRSS(ctx context.Context, t *testing.T, env *clusterenv.Env, namespace string) int64 {
+	t.Helper()
+	rt, _ := env.CRI(t)
+	list, err := rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{
+		State: &runtimeapi.ContainerStateValue{State: runtimeapi.ContainerState_CONTAINER_RUNNING},
+		LabelSelector: map[string]string{
+			"io.kubernetes.pod.namespace":  namespace,
+			"io.kubernetes.container.name": "agent",
+		},
+	}})
+	if err != nil || len(list.GetContainers()) != 1 {
+		t.Fatalf("the running agent container of %s: %v (%d found)", namespace, err, len(list.GetContainers()))
+	}
+	st, err := rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: list.Containers[0].Id, Verbose: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info struct {
+		Pid int `json:"pid"`
+	}
+	if err := json.Unmarshal([]byte(st.GetInfo()["info"]), &info); err != nil || info.Pid == 0 {
+		t.Fatalf("no pid in the runtime's verbose container status (%v): %.300s", err, st.GetInfo()["info"])
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", info.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				t.Fatalf("VmRSS %q: %v", v, err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatalf("no VmRSS in /proc/%d/status", info.Pid)
+	return 0
 }
