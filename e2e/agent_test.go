@@ -115,7 +115,8 @@ func requirePresent(t *testing.T, images runtimeapi.ImageServiceClient, refs []s
 
 // attemptsFor returns how many pull attempts the agent logged for image.
 func attemptsFor(output, image string) int {
-	re := regexp.MustCompile(`msg="pull attempt (succeeded|failed)" image=` + regexp.QuoteMeta(image) + ` `)
+	// Other attributes (instance, node) may stand between the message and the image.
+	re := regexp.MustCompile(`msg="pull attempt (succeeded|failed)"[^\n]*? image=` + regexp.QuoteMeta(image) + ` `)
 	return len(re.FindAllString(output, -1))
 }
 
