@@ -67,11 +67,14 @@ e2e: fn-tools flux-controllers
 # the agent against it, what differs per runtime, and (CRI-O, deployed from overlays/ocp) the
 # scenarios a node of that runtime must pass.
 E2E_RUNTIME_TESTS := TestAgent|TestCRI|TestRuntime|TestNode|TestPod
+# The other runtimes run on the previous Kubernetes minor (CRI-O's own minor), so the suite proves both:
+# e2e/cluster.sh's default (the newest) with containerd 2.x, this one with CRI-O and containerd 1.6.
+E2E_PREVIOUS_K8S := v1.35.4
 E2E_CRIO_SCENARIOS := TestScenario(QuickStart|MissingTag|PrivateImage|RecheckRepullsRemovedImage)
 
 # The progress tests are left out on CRI-O: it shows no pull progress (the agent's escalating timeouts apply).
 e2e-cri-o:
-	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=cri-o $(E2E) up; \
+	@set -e; trap '$(E2E) down' EXIT; K8S_VERSION=$(E2E_PREVIOUS_K8S) IMAGE_PREFETCHER_E2E_RUNTIME=cri-o $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS)|$(E2E_CRIO_SCENARIOS)$$)' \
 	    -skip '^TestAgentProgress' ./e2e/
 
@@ -86,7 +89,7 @@ e2e-node-lifecycle:
 	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_NODE_LIFECYCLE_TESTS))' ./e2e/
 
 e2e-containerd-1.6:
-	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd-1.6 $(E2E) up; \
+	@set -e; trap '$(E2E) down' EXIT; K8S_VERSION=$(E2E_PREVIOUS_K8S) IMAGE_PREFETCHER_E2E_RUNTIME=containerd-1.6 $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS))' ./e2e/
 
 cluster-up:

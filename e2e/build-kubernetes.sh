@@ -3,10 +3,10 @@
 # the k8s.io/kubernetes Go module (through whatever GOPROXY is configured) into a cache directory outside the
 # checkout, keyed by version, so later runs and CI on the same machine reuse them.
 #
-#   e2e/build-kubernetes.sh [version]      # default: $K8S_VERSION or v1.35.4
+#   e2e/build-kubernetes.sh [version]      # default: $K8S_VERSION (e2e/cluster.sh sets it)
 #   prints the bin directory on stdout when done
 set -euo pipefail
-K8S_VERSION=${1:-${K8S_VERSION:-v1.35.4}}
+K8S_VERSION=${1:-${K8S_VERSION:?give the Kubernetes version, e.g. v1.37.2}}
 CACHE=${IMAGE_PREFETCHER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetcher}
 DIR=$CACHE/kubernetes/$K8S_VERSION
 BIN=$DIR/bin

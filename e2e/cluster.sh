@@ -13,7 +13,7 @@
 #
 # Settings (environment): IMAGE_PREFETCHER_E2E_STATE (default /var/tmp/image-prefetcher-e2e),
 # IMAGE_PREFETCHER_E2E_RUNTIME (containerd = containerd 2.x, the default | containerd-1.6 = Debian's | cri-o),
-# K8S_VERSION (default v1.35.4), CONTAINERD_VERSION (default v2.2.1), CRIO_VERSION (default v1.35.2),
+# K8S_VERSION (default v1.37.2), CONTAINERD_VERSION (default v2.2.1), CRIO_VERSION (default v1.35.2),
 # IMAGE_PREFETCHER_E2E_AGENT_IMAGE (auto|1|0, see push_agent_image),
 # IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one),
 # IMAGE_PREFETCHER_E2E_NODE_TAINTS (kubelet --register-with-taints: the node registers tainted, as a new node
@@ -24,7 +24,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${IMAGE_PREFETCHER_E2E_STATE:-/var/tmp/image-prefetcher-e2e}
-K8S_VERSION=${K8S_VERSION:-v1.35.4}
+K8S_VERSION=${K8S_VERSION:-v1.37.2}
 NODE_NAME=${IMAGE_PREFETCHER_E2E_NODE_NAME:-e2e-node}
 NODE_TAINTS=${IMAGE_PREFETCHER_E2E_NODE_TAINTS:-}
 IMAGE_GC=${IMAGE_PREFETCHER_E2E_IMAGE_GC:-}
@@ -86,8 +86,14 @@ alive() {
 start_bg() { # start_bg <name> <cmd...>
   local name=$1; shift
   mkdir -p "$PIDS" "$LOGS"
-  # 9>&-: the harness' lock must not be inherited by what outlives it
-  nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
+  # Only stdin, stdout and stderr reach the component: a lock the caller holds (the harness' own on fd
+  # 9, or a `flock FILE cmd` around a test run) must not be inherited by what outlives the caller.
+  (
+    for fd in $(ls "/proc/$BASHPID/fd"); do
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null
+  ) &
   local pid=$!
   echo "$pid $(starttime $pid)" >"$PIDS/$name.pid"
   # the command line, so that start-component can start exactly this process again
@@ -528,6 +534,7 @@ start_control_plane() {
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" --client-ca-file="$PKI/ca.crt" \
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc --authorization-mode=Node,RBAC \
+    --enable-admission-plugins=NodeRestriction \
     --service-cluster-ip-range=10.0.0.0/24 --allow-privileged=true --cert-dir="$STATE/apiserver-certs" \
     --kubelet-client-certificate="$PKI/admin.crt" --kubelet-client-key="$PKI/admin.key" \
     --kubelet-preferred-address-types=InternalIP
@@ -541,7 +548,19 @@ start_control_plane() {
     --leader-elect=false --bind-address=127.0.0.1 --service-account-private-key-file="$PKI/sa.key" \
     --root-ca-file="$PKI/ca.crt" --use-service-account-credentials=true \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
-    --controllers='*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller'
+    --controllers="$(controllers "$kb")"
+}
+
+# controllers <bin dir>: every controller but the node IPAM and the cloud ones (this node has no
+# cloud); Kubernetes 1.37 dropped the cloud controllers from kube-controller-manager, and naming
+# an unknown one is an error, so only those the binary knows are switched off.
+controllers() {
+  local c list='*,-nodeipam' help
+  help=$("$1/kube-controller-manager" --help 2>&1 | tr -d '\n' || true)
+  for c in cloud-node-lifecycle service-lb-controller node-route-controller; do
+    case $help in *"$c"*) list="$list,-$c" ;; esac
+  done
+  echo "$list"
 }
 
 start_kubelet() {
