@@ -8,6 +8,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/labels"
 )
 
@@ -88,9 +89,6 @@ func checkCollector(t *testing.T, objs []Object, ns, instance string) {
 		psc.SeccompProfile == nil || psc.SeccompProfile.Type != corev1.SeccompProfileTypeRuntimeDefault {
 		t.Errorf("collector pod securityContext %+v: want runAsNonRoot and seccomp RuntimeDefault", pod.SecurityContext)
 	}
-	if pod.AutomountServiceAccountToken == nil || *pod.AutomountServiceAccountToken {
-		t.Errorf("collector pod mounts a service account token it does not need")
-	}
 	if len(pod.Volumes) != 0 {
 		t.Errorf("collector pod has volumes %v", pod.Volumes)
 	}
@@ -136,34 +134,111 @@ func checkCollector(t *testing.T, objs []Object, ns, instance string) {
 	// The agent's flag, as the kubelet expands it from the agent's environment, names the
 	// Service in this instance's namespace.
 	agent := ds.Spec.Template.Spec.Containers[0]
-	var addr string
-	for _, a := range agent.Args {
-		if v, ok := strings.CutPrefix(a, "--collector-address="); ok {
-			if addr != "" {
-				t.Errorf("--collector-address given twice")
+	addr := expand(ns, ds.Spec.Template, agent, oneArg(t, agent.Args, "--collector-address="))
+	if wantAddr := fmt.Sprintf("%s.%s.svc:%d", svc.Name, ns, grpcPort); addr != wantAddr {
+		t.Errorf("--collector-address expands to %s, want %s", addr, wantAddr)
+	}
+
+	// Only the instance's agents may write: the collector accepts the agents' ServiceAccount,
+	// with tokens of the audience the agents' projected volume asks for, which the agent reads.
+	if sa := expand(ns, dep.Spec.Template, c, oneArg(t, c.Args, "--agent-service-account=")); sa != ns+"/"+ds.Spec.Template.Spec.ServiceAccountName {
+		t.Errorf("collector accepts ServiceAccount %s, the agents run as %s/%s", sa, ns, ds.Spec.Template.Spec.ServiceAccountName)
+	}
+	audience := oneArg(t, c.Args, "--token-audience=")
+	tokenFile := oneArg(t, agent.Args, "--collector-token-file=")
+	var tokenVolume *corev1.ServiceAccountTokenProjection
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.Projected == nil || len(v.Projected.Sources) != 1 || v.Projected.Sources[0].ServiceAccountToken == nil {
+			continue
+		}
+		for _, m := range agent.VolumeMounts {
+			if m.Name == v.Name && tokenFile == m.MountPath+"/"+v.Projected.Sources[0].ServiceAccountToken.Path {
+				tokenVolume = v.Projected.Sources[0].ServiceAccountToken
 			}
-			addr = v
 		}
 	}
-	if addr == "" {
-		t.Fatalf("agent args %v: no --collector-address", agent.Args)
+	switch {
+	case tokenVolume == nil:
+		t.Errorf("--collector-token-file=%s is not a projected serviceAccountToken the agent mounts", tokenFile)
+	case tokenVolume.Audience != audience || audience == "":
+		t.Errorf("agent token audience %q, collector wants %q", tokenVolume.Audience, audience)
+	case tokenVolume.ExpirationSeconds == nil || *tokenVolume.ExpirationSeconds > 3600:
+		t.Errorf("agent token lives %v seconds, want at most an hour", tokenVolume.ExpirationSeconds)
 	}
-	env := map[string]string{}
-	for _, e := range agent.Env {
+
+	// The collector's own ServiceAccount may create TokenReviews and nothing else.
+	wantSA := instance + "-results-collector"
+	if pod.ServiceAccountName != wantSA || (pod.AutomountServiceAccountToken != nil && !*pod.AutomountServiceAccountToken) {
+		t.Errorf("collector pod runs as %q (automount %v), want %s with its token", pod.ServiceAccountName, pod.AutomountServiceAccountToken, wantSA)
+	}
+	var found bool
+	for _, sa := range decodeAll[corev1.ServiceAccount](t, objs, "ServiceAccount") {
+		found = found || (sa.Name == wantSA && sa.Namespace == ns)
+	}
+	if !found {
+		t.Errorf("no ServiceAccount %s/%s", ns, wantSA)
+	}
+	wantRole := fmt.Sprintf("image-prefetcher.%s.%s.results-collector", ns, instance)
+	var role *rbacv1.ClusterRole
+	for _, r := range decodeAll[rbacv1.ClusterRole](t, objs, "ClusterRole") {
+		if r.Name == wantRole {
+			role = r
+		}
+	}
+	if role == nil {
+		t.Fatalf("no ClusterRole %s", wantRole)
+	}
+	if len(role.Rules) != 1 || fmt.Sprint(role.Rules[0].APIGroups, role.Rules[0].Resources, role.Rules[0].Verbs) != "[authentication.k8s.io] [tokenreviews] [create]" ||
+		len(role.Rules[0].ResourceNames) != 0 || len(role.Rules[0].NonResourceURLs) != 0 {
+		t.Errorf("collector ClusterRole rules %+v, want create on tokenreviews only", role.Rules)
+	}
+	bound := false
+	for _, b := range decodeAll[rbacv1.ClusterRoleBinding](t, objs, "ClusterRoleBinding") {
+		if b.RoleRef.Name != wantRole {
+			continue
+		}
+		if b.Name != wantRole || len(b.Subjects) != 1 || b.Subjects[0].Kind != "ServiceAccount" ||
+			b.Subjects[0].Name != wantSA || b.Subjects[0].Namespace != ns {
+			t.Errorf("ClusterRoleBinding %s binds %+v, want only ServiceAccount %s/%s", b.Name, b.Subjects, ns, wantSA)
+		}
+		bound = true
+	}
+	if !bound {
+		t.Errorf("no ClusterRoleBinding of %s", wantRole)
+	}
+}
+
+// oneArg returns the value of the one argument with prefix.
+func oneArg(t *testing.T, args []string, prefix string) string {
+	t.Helper()
+	var out []string
+	for _, a := range args {
+		if v, ok := strings.CutPrefix(a, prefix); ok {
+			out = append(out, v)
+		}
+	}
+	if len(out) != 1 {
+		t.Fatalf("args %v: %d of %s..., want one", args, len(out), prefix)
+	}
+	return out[0]
+}
+
+// expand replaces $(VAR) in v as the kubelet does from c's environment in a pod of template
+// in namespace ns.
+func expand(ns string, template corev1.PodTemplateSpec, c corev1.Container, v string) string {
+	for _, e := range c.Env {
+		var value string
 		switch {
 		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.namespace":
-			env[e.Name] = ns
+			value = ns
 		case e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "metadata.labels['app.kubernetes.io/instance']":
-			env[e.Name] = ds.Spec.Template.Labels["app.kubernetes.io/instance"]
+			value = template.Labels["app.kubernetes.io/instance"]
 		case e.ValueFrom == nil:
-			env[e.Name] = e.Value
+			value = e.Value
+		default:
+			continue
 		}
+		v = strings.ReplaceAll(v, "$("+e.Name+")", value)
 	}
-	expanded := addr
-	for k, v := range env {
-		expanded = strings.ReplaceAll(expanded, "$("+k+")", v)
-	}
-	if wantAddr := fmt.Sprintf("%s.%s.svc:%d", svc.Name, ns, grpcPort); expanded != wantAddr {
-		t.Errorf("--collector-address=%s expands to %s, want %s", addr, expanded, wantAddr)
-	}
+	return v
 }

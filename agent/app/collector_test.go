@@ -121,8 +121,14 @@ func TestCollectorFlagsAreChecked(t *testing.T) {
 	for _, args := range [][]string{
 		{"fetch", "--label=false", "--collector-address=no-port"},
 		{"fetch", "--label=false", "--collector-address=h:1", "--collector-flush-timeout=0s"},
-		{"collect", "--max-results=0"},
-		{"aggregate-metrics", "extra"},
+		{"collect", "--agent-service-account=ns/sa", "--max-results=0"},
+		{"aggregate-metrics", "--agent-service-account=ns/sa", "extra"},
+		// Nobody may write to a collector that does not say whose agents it serves.
+		{"collect"},
+		{"collect", "--agent-service-account=system:serviceaccount:ns:sa"},
+		{"collect", "--agent-service-account=ns/sa", "--max-bytes=0"},
+		{"collect", "--agent-service-account=ns/sa", "--max-node-bytes=lots"},
+		{"collect", "--agent-service-account=ns/sa", "--token-audience="},
 	} {
 		if code := Main(args, io.Discard, io.Discard); code != ExitUsage {
 			t.Errorf("%v: exit code %d, want %d", args, code, ExitUsage)

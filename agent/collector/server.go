@@ -8,6 +8,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,14 +18,34 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 )
 
-// MaxBatch bounds the results of one Submit call, and so the memory one call
-// can take before the store's bound applies.
+// MaxBatch bounds the results of one Submit call.
 const MaxBatch = 10000
+
+// MaxMessageBytes bounds a Submit request on the wire, and so what one call
+// can make the collector decode, whoever sends it (the message is decoded
+// before its token is checked). An agent's largest batch, 100 attempts with
+// every field at the length the sender allows, is 296 KiB
+// (TestLargestBatchFitsTheCollectorsLimit in agent/sender measures it); the
+// sender also splits batches to stay under this bound.
+const MaxMessageBytes = 512 << 10
+
+// maxStreamsPerConn bounds the calls one connection has open at once.
+const maxStreamsPerConn = 4
+
+// Pages of GET /metrics.
+const (
+	DefaultPageSize = 1000
+	MaxPageSize     = 10000
+	// ContinueHeader carries the token of the next page; absent on the last.
+	ContinueHeader = "X-Continue"
+)
 
 // DefaultShutdownTimeout bounds the graceful shutdown of both servers.
 const DefaultShutdownTimeout = 10 * time.Second
@@ -35,6 +57,10 @@ type Collector struct {
 
 	Store *Store
 	Log   *slog.Logger
+	// Auth checks the token of every Submit call; the records of an
+	// accepted call are stamped with the token's node. Nil accepts anyone
+	// (tests); the collect command always sets it.
+	Auth Authenticator
 	// ShutdownTimeout bounds the graceful shutdown. Default
 	// DefaultShutdownTimeout.
 	ShutdownTimeout time.Duration
@@ -43,7 +69,9 @@ type Collector struct {
 	received   prometheus.Counter
 	duplicates prometheus.Counter
 	dropped    *prometheus.CounterVec
+	refused    *prometheus.CounterVec
 	stored     prometheus.GaugeFunc
+	bytes      prometheus.GaugeFunc
 }
 
 // New returns a collector over store, with its Prometheus metrics on a
@@ -59,14 +87,22 @@ func New(store *Store, log *slog.Logger) *Collector {
 	c.duplicates = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
 		Name: "results_duplicate_total", Help: "Received results whose attempt id was already held (resent by an agent)."})
 	c.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
-		Name: "results_dropped_total", Help: "Results not kept: evicted (the oldest, when --max-results is reached) or invalid (no attempt id)."},
+		Name: "results_dropped_total", Help: "Results not kept: evicted (the oldest, when a bound of the store is reached) or invalid (no attempt id)."},
+		[]string{"reason"})
+	c.refused = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub,
+		Name: "submits_refused_total", Help: "Submit calls refused: unauthenticated (no valid token of the collector's audience), forbidden (not this instance's agent, or a record of another node than the token's) or unavailable (the token could not be reviewed)."},
 		[]string{"reason"})
 	c.stored = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub,
 		Name: "results_stored", Help: "Results held in memory."}, func() float64 { return float64(store.Len()) })
+	c.bytes = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub,
+		Name: "results_stored_bytes", Help: "Accounted size of the results held (wire size plus a fixed overhead each)."}, func() float64 { return float64(store.Bytes()) })
 	for _, r := range []string{"evicted", "invalid"} {
 		c.dropped.WithLabelValues(r)
 	}
-	c.registry.MustRegister(c.received, c.duplicates, c.dropped, c.stored,
+	for _, r := range []string{"unauthenticated", "forbidden", "unavailable"} {
+		c.refused.WithLabelValues(r)
+	}
+	c.registry.MustRegister(c.received, c.duplicates, c.dropped, c.refused, c.stored, c.bytes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return c
 }
@@ -75,7 +111,10 @@ func New(store *Store, log *slog.Logger) *Collector {
 func (c *Collector) Registry() *prometheus.Registry { return c.registry }
 
 // Submit stores a batch and acknowledges the ids it holds.
-func (c *Collector) Submit(_ context.Context, req *resultsv1.SubmitRequest) (*resultsv1.SubmitResponse, error) {
+func (c *Collector) Submit(ctx context.Context, req *resultsv1.SubmitRequest) (*resultsv1.SubmitResponse, error) {
+	if err := c.authorize(ctx, req.GetResults()); err != nil {
+		return nil, err
+	}
 	if n := len(req.GetResults()); n > MaxBatch {
 		return nil, status.Errorf(codes.InvalidArgument, "batch of %d results; at most %d", n, MaxBatch)
 	}
@@ -85,7 +124,9 @@ func (c *Collector) Submit(_ context.Context, req *resultsv1.SubmitRequest) (*re
 	c.dropped.WithLabelValues("evicted").Add(float64(st.Evicted))
 	c.dropped.WithLabelValues("invalid").Add(float64(st.Invalid))
 	if st.Evicted > 0 {
-		c.Log.Warn("result cap reached, oldest results dropped", "dropped", st.Evicted, "max", c.Store.max)
+		lim := c.Store.Limits()
+		c.Log.Warn("result store full, oldest results dropped", "dropped", st.Evicted,
+			"maxResults", lim.MaxResults, "maxBytes", lim.MaxBytes, "maxNodeBytes", lim.MaxNodeBytes)
 	}
 	if st.Invalid > 0 {
 		c.Log.Warn("results without attempt id rejected", "count", st.Invalid)
@@ -95,6 +136,49 @@ func (c *Collector) Submit(_ context.Context, req *resultsv1.SubmitRequest) (*re
 			"durationMs", r.GetDurationMs(), "error", r.GetError())
 	}
 	return &resultsv1.SubmitResponse{AcknowledgedIds: st.Acknowledged, Duplicates: uint32(st.Duplicates)}, nil
+}
+
+// authorize checks the call's bearer token with c.Auth and stamps results
+// with the token's node. A record naming another node refuses the whole
+// call: an agent reports only its own node, so such a batch is forged.
+func (c *Collector) authorize(ctx context.Context, results []*resultsv1.Result) error {
+	if c.Auth == nil {
+		return nil
+	}
+	var token string
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get("authorization"); len(v) == 1 {
+		token, _ = strings.CutPrefix(v[0], "Bearer ")
+	}
+	from := "unknown"
+	if p, ok := peer.FromContext(ctx); ok {
+		from = p.Addr.String()
+	}
+	id, err := c.Auth.Authenticate(ctx, token)
+	switch {
+	case errors.Is(err, ErrUnauthenticated):
+		return c.refuse("unauthenticated", codes.Unauthenticated, from, err)
+	case errors.Is(err, ErrForbidden):
+		return c.refuse("forbidden", codes.PermissionDenied, from, err)
+	case err != nil:
+		return c.refuse("unavailable", codes.Unavailable, from, err)
+	}
+	for _, r := range results {
+		if n := r.GetNode(); n != "" && n != id.Node {
+			return c.refuse("forbidden", codes.PermissionDenied, from,
+				fmt.Errorf("attempt %q names node %q; the token is of node %q", r.GetAttemptId(), n, id.Node))
+		}
+	}
+	for _, r := range results {
+		r.Node = id.Node
+	}
+	return nil
+}
+
+func (c *Collector) refuse(reason string, code codes.Code, from string, err error) error {
+	c.refused.WithLabelValues(reason).Inc()
+	c.Log.Warn("submit refused", "from", from, "reason", reason, "error", err.Error())
+	return status.Errorf(code, "submit refused: %v", err)
 }
 
 // JSONResult is one element of GET /metrics. attempt_id, started_at (Unix
@@ -143,20 +227,47 @@ func toJSON(r *resultsv1.Result) JSONResult {
 	}
 }
 
+// pageOf reads ?limit= (default DefaultPageSize, at most MaxPageSize) and
+// ?continue= (the ContinueHeader of the previous page).
+func pageOf(r *http.Request) (after uint64, limit int, err error) {
+	q := r.URL.Query()
+	limit = DefaultPageSize
+	if v := q.Get("limit"); v != "" {
+		if limit, err = strconv.Atoi(v); err != nil || limit <= 0 || limit > MaxPageSize {
+			return 0, 0, fmt.Errorf("limit=%q: want 1 to %d", v, MaxPageSize)
+		}
+	}
+	if v := q.Get("continue"); v != "" {
+		if after, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return 0, 0, fmt.Errorf("continue=%q: not a token of %s", v, ContinueHeader)
+		}
+	}
+	return after, limit, nil
+}
+
 func filterOf(r *http.Request) Filter {
 	q := r.URL.Query()
 	return Filter{Node: q.Get("node"), Image: q.Get("image"), Instance: q.Get("instance")}
 }
 
-// Handler serves GET /metrics (the results as a JSON array), GET /summary,
+// Handler serves GET /metrics (a page of the results as a JSON array, the
+// next page's token in ContinueHeader), GET /summary,
 // GET /prometheus (the collector's own metrics) and GET /healthz.
 func (c *Collector) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		results := c.Store.List(filterOf(r))
+		after, limit, err := pageOf(r)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		results, next := c.Store.Page(filterOf(r), after, limit)
 		out := make([]JSONResult, len(results))
 		for i, res := range results {
 			out[i] = toJSON(res)
+		}
+		if next != 0 {
+			w.Header().Set(ContinueHeader, strconv.FormatUint(next, 10))
 		}
 		c.writeJSON(w, out)
 	})
@@ -189,7 +300,9 @@ func (c *Collector) writeJSON(w http.ResponseWriter, v any) {
 // requests finish, within ShutdownTimeout). It closes both listeners and
 // returns nil after a shutdown requested through ctx.
 func (c *Collector) Serve(ctx context.Context, grpcLn, httpLn net.Listener) error {
-	gs := grpc.NewServer(grpc.MaxRecvMsgSize(64 << 20))
+	// An agent makes one call at a time; each open stream may hold a decoded
+	// message before its token is checked.
+	gs := grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageBytes), grpc.MaxConcurrentStreams(maxStreamsPerConn))
 	resultsv1.RegisterResultsServer(gs, c)
 	hs := &http.Server{
 		Handler:           c.Handler(),

@@ -7,43 +7,138 @@ package collector
 
 import (
 	"slices"
+	"sort"
 	"sync"
+
+	"google.golang.org/protobuf/proto"
 
 	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 )
 
-// DefaultMaxResults bounds the results held in memory.
-const DefaultMaxResults = 100000
+// Defaults of Limits.
+const (
+	DefaultMaxResults = 100000
+	// DefaultMaxBytes keeps the results' heap well inside the Deployment's
+	// 256 MiB limit: the garbage collector lets the heap grow to about twice
+	// what is live, and a page being read adds its own.
+	DefaultMaxBytes = 64 << 20
+	// DefaultMaxNodeBytes is one node's share: about 12000 typical attempts,
+	// and at most an eighth of DefaultMaxBytes, so a node that sends too much
+	// (or forges from a stolen agent token) evicts its own records first.
+	DefaultMaxNodeBytes = 8 << 20
+)
 
-// Store holds results in arrival order, at most a fixed number: when it is
-// full, the oldest result is evicted (and counted) to make room. Attempt ids
-// are unique in the store: a result whose id is held is a duplicate.
+// recordOverhead is what the heap holds for a result beyond its wire size:
+// the decoded message struct, string headers, the store's entry and its id
+// index: about 330 bytes measured in TestRecordOverheadCoversTheHeap, with
+// room for the maps growing in steps.
+const recordOverhead = 512
+
+// Limits bound a Store. Zero fields take their defaults.
+type Limits struct {
+	// MaxResults bounds how many results are held.
+	MaxResults int
+	// MaxBytes bounds the accounted size of all results held; MaxNodeBytes
+	// that of one node's. A result's accounted size is its wire size plus a
+	// fixed overhead for its in-memory representation.
+	MaxBytes, MaxNodeBytes int64
+}
+
+func (l *Limits) setDefaults() {
+	if l.MaxResults <= 0 {
+		l.MaxResults = DefaultMaxResults
+	}
+	if l.MaxBytes <= 0 {
+		l.MaxBytes = DefaultMaxBytes
+	}
+	if l.MaxNodeBytes <= 0 {
+		l.MaxNodeBytes = DefaultMaxNodeBytes
+	}
+	l.MaxNodeBytes = min(l.MaxNodeBytes, l.MaxBytes)
+}
+
+// Size is a result's accounted size.
+func Size(r *resultsv1.Result) int64 { return int64(proto.Size(r)) + recordOverhead }
+
+type entry struct {
+	seq  uint64 // arrival order; the continue token of pages
+	r    *resultsv1.Result
+	size int64
+	dead bool // evicted; still in the slices until they are compacted
+}
+
+// fifo is entries in arrival order with the dead ones removed lazily.
+type fifo struct {
+	items []*entry
+	dead  int
+}
+
+func (f *fifo) push(e *entry) { f.items = append(f.items, e) }
+
+// oldest returns the oldest live entry, dropping dead ones from the front.
+func (f *fifo) oldest() *entry {
+	for len(f.items) > 0 && f.items[0].dead {
+		f.items[0] = nil
+		f.items = f.items[1:]
+		f.dead--
+	}
+	if len(f.items) == 0 {
+		return nil
+	}
+	return f.items[0]
+}
+
+// killed records that one of the entries died; the slice is compacted when
+// most of it is dead, so memory follows the live entries.
+func (f *fifo) killed() {
+	f.dead++
+	if f.dead > len(f.items)/2 {
+		f.items = slices.DeleteFunc(slices.Clone(f.items), func(e *entry) bool { return e.dead })
+		f.dead = 0
+	}
+}
+
+type nodeShare struct {
+	fifo
+	bytes int64
+}
+
+// Store holds results in arrival order within Limits: when a bound would be
+// passed, the oldest results (of the sending node first, for its share) are
+// evicted and counted. Attempt ids are unique in the store: a result whose
+// id is held is a duplicate.
 type Store struct {
-	max int
+	lim Limits
 
 	mu      sync.Mutex
-	ring    []*resultsv1.Result // ring buffer, oldest at head
-	head    int
+	seq     uint64
+	all     fifo
+	nodes   map[string]*nodeShare
+	ids     map[string]*entry
 	n       int
-	ids     map[string]struct{}
+	bytes   int64
 	evicted uint64
 }
 
 // NewStore returns a store that holds at most max results (DefaultMaxResults
-// when max <= 0).
-func NewStore(max int) *Store {
-	if max <= 0 {
-		max = DefaultMaxResults
-	}
-	return &Store{max: max, ids: map[string]struct{}{}}
+// when max <= 0) and the default byte bounds.
+func NewStore(max int) *Store { return NewBoundedStore(Limits{MaxResults: max}) }
+
+// NewBoundedStore returns a store within lim.
+func NewBoundedStore(lim Limits) *Store {
+	lim.setDefaults()
+	return &Store{lim: lim, nodes: map[string]*nodeShare{}, ids: map[string]*entry{}}
 }
+
+// Limits returns the store's bounds, defaults applied.
+func (s *Store) Limits() Limits { return s.lim }
 
 // AddStats is the outcome of one Add.
 type AddStats struct {
 	Added      int
 	Duplicates int
 	Evicted    int // older results dropped to make room
-	Invalid    int // no attempt id
+	Invalid    int // no attempt id, or larger than a node's share
 	// Acknowledged lists the ids held after the call (added or duplicates).
 	Acknowledged []string
 }
@@ -55,7 +150,8 @@ func (s *Store) Add(results []*resultsv1.Result) AddStats {
 	defer s.mu.Unlock()
 	for _, r := range results {
 		id := r.GetAttemptId()
-		if id == "" {
+		size := Size(r)
+		if id == "" || size > s.lim.MaxNodeBytes {
 			st.Invalid++
 			continue
 		}
@@ -64,25 +160,49 @@ func (s *Store) Add(results []*resultsv1.Result) AddStats {
 			st.Duplicates++
 			continue
 		}
-		if s.n == s.max {
-			old := s.ring[s.head]
-			delete(s.ids, old.GetAttemptId())
-			s.ring[s.head] = nil
-			s.head = (s.head + 1) % s.max
-			s.n--
-			s.evicted++
+		// The node's own oldest go first, then the store's: a node that sends
+		// more than its share never pushes the other nodes' results out.
+		for n := s.nodes[r.GetNode()]; n != nil && n.bytes+size > s.lim.MaxNodeBytes; n = s.nodes[r.GetNode()] {
+			s.evict(n.oldest())
 			st.Evicted++
 		}
-		if len(s.ring) < s.max && s.head == 0 && s.n == len(s.ring) {
-			s.ring = append(s.ring, r) // grow lazily: most collectors hold far fewer than max
-		} else {
-			s.ring[(s.head+s.n)%s.max] = r
+		for s.n+1 > s.lim.MaxResults || s.bytes+size > s.lim.MaxBytes {
+			s.evict(s.all.oldest())
+			st.Evicted++
 		}
+		node := s.nodes[r.GetNode()]
+		if node == nil {
+			node = &nodeShare{}
+			s.nodes[r.GetNode()] = node
+		}
+		s.seq++
+		e := &entry{seq: s.seq, r: r, size: size}
+		s.all.push(e)
+		node.push(e)
+		node.bytes += size
+		s.ids[id] = e
 		s.n++
-		s.ids[id] = struct{}{}
+		s.bytes += size
 		st.Added++
 	}
 	return st
+}
+
+// evict removes e, which is live, from every index.
+func (s *Store) evict(e *entry) {
+	e.dead = true
+	s.n--
+	s.bytes -= e.size
+	s.evicted++
+	delete(s.ids, e.r.GetAttemptId())
+	s.all.killed()
+	node := s.nodes[e.r.GetNode()]
+	node.bytes -= e.size
+	node.killed()
+	if node.oldest() == nil {
+		delete(s.nodes, e.r.GetNode())
+	}
+	e.r = nil
 }
 
 // Filter selects results; empty fields match everything.
@@ -96,19 +216,35 @@ func (f Filter) match(r *resultsv1.Result) bool {
 		(f.Instance == "" || r.GetInstance() == f.Instance)
 }
 
-// List returns the matching results in arrival order. The results are shared:
-// callers must not modify them.
+// List returns every matching result in arrival order. The results are
+// shared: callers must not modify them.
 func (s *Store) List(f Filter) []*resultsv1.Result {
+	page, _ := s.Page(f, 0, s.lim.MaxResults)
+	return page
+}
+
+// Page returns up to limit matching results that arrived after the one of
+// token after (0: from the oldest), in arrival order, and the token of the
+// next page (0 when there is none). Results evicted between two pages are
+// not seen; none is seen twice. The results are shared: callers must not
+// modify them.
+func (s *Store) Page(f Filter, after uint64, limit int) (page []*resultsv1.Result, next uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([]*resultsv1.Result, 0, s.n)
-	for i := range s.n {
-		r := s.ring[(s.head+i)%len(s.ring)]
-		if f.match(r) {
-			out = append(out, r)
+	items := s.all.items
+	var last uint64
+	for i := sort.Search(len(items), func(i int) bool { return items[i].seq > after }); i < len(items); i++ {
+		e := items[i]
+		if e.dead || !f.match(e.r) {
+			continue
 		}
+		if len(page) == limit {
+			return page, last // another one matches: there is a next page
+		}
+		page = append(page, e.r)
+		last = e.seq
 	}
-	return out
+	return page, 0
 }
 
 // Len returns the number of results held.
@@ -118,7 +254,24 @@ func (s *Store) Len() int {
 	return s.n
 }
 
-// Evicted returns how many results were dropped to respect the bound.
+// Bytes returns the accounted size of the results held.
+func (s *Store) Bytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bytes
+}
+
+// NodeBytes returns the accounted size of one node's results.
+func (s *Store) NodeBytes(node string) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if n := s.nodes[node]; n != nil {
+		return n.bytes
+	}
+	return 0
+}
+
+// Evicted returns how many results were dropped to respect the bounds.
 func (s *Store) Evicted() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -14,13 +14,17 @@ import (
 	"math"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
 	"k8s.io/apimachinery/pkg/util/wait"
 
+	"github.com/nodeprefetch/image-prefetcher/agent/collector"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 	resultsv1 "github.com/nodeprefetch/image-prefetcher/api/results/v1"
 )
@@ -53,10 +57,30 @@ type Config struct {
 	// RPCTimeout bounds one Submit call.
 	RPCTimeout time.Duration
 	Log        *slog.Logger
+	// TokenFile, when set, is the projected ServiceAccount token the
+	// collector authenticates the agent with. It is read again for every
+	// call, so the token the kubelet rotates into the file is used as soon
+	// as it is there.
+	TokenFile string
 	// DialOptions are added to the defaults (insecure transport, a reconnect
 	// backoff bounded by MaxBackoff).
 	DialOptions []grpc.DialOption
 }
+
+// Bounds of a result's free-text fields: with them an agent's largest batch
+// stays well inside collector.MaxMessageBytes. An image reference is at most
+// about 530 bytes (255 of name, 128 of tag, a sha512 digest); the runtime's
+// error text is cut.
+const (
+	maxImageBytes = 1024
+	maxRefBytes   = 512
+	maxErrorBytes = 1024
+)
+
+// maxBatchBytes bounds the encoded size of one Submit request: a batch is
+// cut short before it would reach the collector's limit, whatever its
+// records hold.
+const maxBatchBytes = collector.MaxMessageBytes - 4<<10
 
 // backoff is the schedule of retries after failed sends (and of gRPC's
 // reconnects). The jitter keeps the agents of a cluster from retrying in step
@@ -137,7 +161,7 @@ func New(cfg Config) (*Sender, error) {
 	}
 	cfg.setDefaults()
 	b := cfg.backoff()
-	opts := append([]grpc.DialOption{
+	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// gRPC's own reconnect backoff grows to two minutes; a collector
 		// that restarts should be found again within our own bound.
@@ -145,7 +169,11 @@ func New(cfg Config) (*Sender, error) {
 			Backoff:           backoff.Config{BaseDelay: b.Duration, Multiplier: b.Factor, Jitter: b.Jitter, MaxDelay: b.Cap},
 			MinConnectTimeout: 5 * time.Second,
 		}),
-	}, cfg.DialOptions...)
+	}
+	if cfg.TokenFile != "" {
+		opts = append(opts, grpc.WithPerRPCCredentials(tokenFile(cfg.TokenFile)))
+	}
+	opts = append(opts, cfg.DialOptions...)
 	conn, err := grpc.NewClient(cfg.Address, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("results collector client for %s: %w", cfg.Address, err)
@@ -186,8 +214,8 @@ func (s *Sender) result(a pull.Attempt) *resultsv1.Result {
 		AttemptId:         uuid.NewString(),
 		Instance:          s.cfg.Instance,
 		Node:              s.cfg.Node,
-		Image:             a.Image,
-		ImageRef:          a.ImageRef,
+		Image:             truncate(a.Image, maxImageBytes),
+		ImageRef:          truncate(a.ImageRef, maxRefBytes),
 		StartedAt:         a.Start.Unix(),
 		StartedAtUnixNano: a.Start.UnixNano(),
 		DurationMs:        uint64(max(a.Duration, 0).Milliseconds()),
@@ -201,7 +229,7 @@ func (s *Sender) result(a pull.Attempt) *resultsv1.Result {
 	}
 	if a.Err != nil {
 		r.Outcome = resultsv1.Outcome_OUTCOME_FAILED
-		r.Error = a.Err.Error()
+		r.Error = truncate(a.Err.Error(), maxErrorBytes)
 		r.Reason = string(a.Reason)
 		if r.Reason == "" {
 			r.Reason = string(pull.ReasonUnknown)
@@ -364,11 +392,21 @@ func (s *Sender) loop() {
 	}
 }
 
-// take moves up to BatchSize results from the queue into flight.
+// take moves up to BatchSize results, and at most maxBatchBytes of them,
+// from the queue into flight.
 func (s *Sender) take() []*resultsv1.Result {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	n := min(len(s.queue), s.cfg.BatchSize)
+	n, size := 0, 0
+	for n < min(len(s.queue), s.cfg.BatchSize) {
+		// A repeated field's element: its tag, length and body.
+		rs := proto.Size(s.queue[n])
+		size += 1 + protowire.SizeVarint(uint64(rs)) + rs
+		if n > 0 && size > maxBatchBytes {
+			break
+		}
+		n++
+	}
 	if n == 0 {
 		return nil
 	}
@@ -425,4 +463,17 @@ func (s *Sender) send(ctx context.Context, batch []*resultsv1.Result) error {
 		return fmt.Errorf("submit %d results: %w", len(batch), err)
 	}
 	return nil
+}
+
+// truncate cuts s to at most n bytes on a rune boundary, marking the cut.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	const mark = "..."
+	cut := n - len(mark)
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + mark
 }
