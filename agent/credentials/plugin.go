@@ -21,6 +21,8 @@ import (
 	cpv1 "k8s.io/kubelet/pkg/apis/credentialprovider/v1"
 	"k8s.io/utils/clock"
 	"sigs.k8s.io/yaml"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/reaper"
 )
 
 // Kubelet credential provider plugins, run with the kubelet's exec protocol: a
@@ -361,7 +363,9 @@ func (p *plugin) run(ctx context.Context, image string) (*cpv1.CredentialProvide
 	// A plugin's children may hold stdout open after it is killed; do not wait
 	// for them forever.
 	cmd.WaitDelay = 2 * time.Second
-	err = cmd.Run()
+	// Through the reaper, which collects the plugin's orphans when the agent is
+	// PID 1 but must leave this child to Wait.
+	err = reaper.Run(cmd)
 	if ctx.Err() == context.DeadlineExceeded {
 		return nil, fmt.Errorf("%s: image %s: timed out after %s", p.describe(), image, p.opts.timeout)
 	}
