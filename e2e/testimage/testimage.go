@@ -37,7 +37,9 @@ type CatalogueEntry struct {
 	Private bool `json:"private"`
 	// Runnable images have busybox and a default command.
 	Runnable bool `json:"runnable"`
-	// LayersBytes is the sum of the compressed layer sizes.
+	// ArtifactType is set for an OCI artifact (not an image): its manifest's artifactType.
+	ArtifactType string `json:"artifactType,omitempty"`
+	// LayersBytes is the sum of the compressed layer sizes (an artifact's blobs).
 	LayersBytes int64    `json:"layersBytes"`
 	Layers      []string `json:"layers"`
 	Description string   `json:"description"`

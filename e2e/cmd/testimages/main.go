@@ -32,6 +32,10 @@ type spec struct {
 	layers      []v1.Layer
 	config      v1.Config
 	description string
+	// image, when set, is the whole image (or artifact) instead of layers and config.
+	image v1.Image
+	// artifactType is the artifact's, for the catalogue.
+	artifactType string
 }
 
 func main() {
@@ -123,7 +127,30 @@ func catalogue(busyboxPath string) ([]spec, error) {
 			description: "reserved for the harness smoke test: 1 MiB"},
 		spec{repo: "e2e/private", tag: "smoke", private: true, layers: []v1.Layer{randomLayer("private-smoke", 1*mib)},
 			description: "reserved for the harness smoke test: only on the auth registry, 1 MiB"})
-	return specs, nil
+	models, err := modelSpecs()
+	if err != nil {
+		return nil, err
+	}
+	return append(specs, models...), nil
+}
+
+// modelSpecs are what image volumes mount: one model (4 MiB of weights and a config.json) as
+// an image and as an OCI artifact.
+func modelSpecs() ([]spec, error) {
+	model, err := testimage.ModelImage("model", 4*mib)
+	if err != nil {
+		return nil, fmt.Errorf("model image: %w", err)
+	}
+	artifact, err := testimage.ModelArtifact("model", 4*mib)
+	if err != nil {
+		return nil, fmt.Errorf("model artifact: %w", err)
+	}
+	return []spec{
+		{repo: "e2e/model", tag: "image", image: model,
+			description: "an image volume's image: /model/weights.safetensors (4 MiB) and /model/config.json (not runnable)"},
+		{repo: "e2e/model", tag: "artifact", image: artifact, artifactType: testimage.ModelArtifactType,
+			description: "the same model as an OCI artifact: empty config, a safetensors and a config layer (no tar)"},
+	}, nil
 }
 
 func push(host string, s spec, opts []remote.Option) (testimage.CatalogueEntry, bool, error) {
@@ -132,17 +159,23 @@ func push(host string, s spec, opts []remote.Option) (testimage.CatalogueEntry, 
 	if err != nil {
 		return testimage.CatalogueEntry{}, false, fmt.Errorf("parse %s: %w", refText, err)
 	}
-	img, err := testimage.Image(s.config, s.layers...)
+	img := s.image
+	if img == nil {
+		if img, err = testimage.Image(s.config, s.layers...); err != nil {
+			return testimage.CatalogueEntry{}, false, fmt.Errorf("build %s: %w", refText, err)
+		}
+	}
+	layers, err := img.Layers()
 	if err != nil {
-		return testimage.CatalogueEntry{}, false, fmt.Errorf("build %s: %w", refText, err)
+		return testimage.CatalogueEntry{}, false, fmt.Errorf("layers %s: %w", refText, err)
 	}
 	digest, err := img.Digest()
 	if err != nil {
 		return testimage.CatalogueEntry{}, false, fmt.Errorf("digest %s: %w", refText, err)
 	}
 	entry := testimage.CatalogueEntry{Ref: refText, DigestRef: fmt.Sprintf("%s/%s@%s", host, s.repo, digest), Digest: digest.String(),
-		Private: s.private, Runnable: s.runnable, Description: s.description}
-	for _, l := range s.layers {
+		Private: s.private, Runnable: s.runnable, ArtifactType: s.artifactType, Description: s.description}
+	for _, l := range layers {
 		size, err := l.Size()
 		if err != nil {
 			return testimage.CatalogueEntry{}, false, fmt.Errorf("layer size %s: %w", refText, err)
