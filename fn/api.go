@@ -16,6 +16,12 @@ import (
 const (
 	APIVersion = "fn.image-prefetcher.stackrox.io/v1alpha1"
 	Kind       = "ImagePrefetcher"
+	// RenderCheckKind (same API version) is a marker a kustomization that runs the function
+	// lists among its resources: the function removes it, so a build holds it only when the
+	// function did not run (kustomize without --enable-alpha-plugins --enable-exec, or kubectl
+	// kustomize, skip exec functions silently). No cluster serves the kind, so applying such a
+	// build fails, and kubectl apply --prune prunes nothing: the instance is not deleted.
+	RenderCheckKind = "ImagePrefetcherRenderCheck"
 )
 
 // CredentialProviderNone is spec.credentialProvider's default; any other value <p> adds the

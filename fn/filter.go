@@ -70,6 +70,9 @@ func (c *ImagePrefetcher) place(items []*yaml.RNode, list string) ([]*yaml.RNode
 	used := map[string]bool{}
 	var out []*yaml.RNode
 	for _, it := range items {
+		if it.GetApiVersion() == APIVersion && it.GetKind() == RenderCheckKind {
+			continue // the function ran: the marker goes
+		}
 		if skipped(it) {
 			out = append(out, it)
 			continue

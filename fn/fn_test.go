@@ -29,7 +29,7 @@ func TestGolden(t *testing.T) {
 		ErrorAssertionFunc:       eachLineOccurs,
 	}
 	c.Assert(t)
-	want := []string{"bad-image", "bad-name", "credential-provider", "images-file", "ocp", "placement", "pull-secret", "rerender", "same-name", "second-config", "two-configs", "unknown-flavor", "vanilla", "workloads", "workloads-bad-config", "workloads-bad-image"}
+	want := []string{"bad-image", "bad-name", "credential-provider", "images-file", "node-identity-taint", "ocp", "placement", "pull-secret", "rerender", "same-name", "second-config", "two-configs", "unknown-flavor", "vanilla", "workloads", "workloads-bad-config", "workloads-bad-image"}
 	var ran []string
 	for _, p := range c.TestCasesRun() {
 		ran = append(ran, p[strings.LastIndex(p, "/")+1:])
@@ -84,7 +84,7 @@ func TestMatchesBundle(t *testing.T) {
 		add("spec.startupTaint", "startupTaint: true\n", bundle.Instance{Components: []string{"startup-taint"}})
 		add("spec.maxConcurrentNodes", "maxConcurrentNodes: 3\n",
 			bundle.Instance{Components: []string{"max-concurrent-nodes"}, Args: []string{"--max-concurrent-nodes=3"}})
-		add("everything", `components: [pull-secret, node-placement, admission-policy]
+		add("everything", `components: [pull-secret, node-placement]
 credentialProvider: gke
 prometheus: true
 metricsCollector: true
@@ -99,7 +99,7 @@ placement:
   priorityClassName: system-node-critical
 resources: {requests: {cpu: 20m, memory: 64Mi}, limits: {memory: 256Mi}}
 `, bundle.Instance{
-			Components:  []string{"admission-policy", "gke-credential-provider", "max-concurrent-nodes", "metrics-collector", "node-placement", "prometheus", "pull-secret"},
+			Components:  []string{"gke-credential-provider", "max-concurrent-nodes", "metrics-collector", "node-placement", "prometheus", "pull-secret"},
 			Args:        []string{"--max-parallel-pulls=2", "--max-concurrent-nodes=3"},
 			PullSecrets: []string{"registry-a", "registry-b"},
 			AgentImage:  "registry.example.com/image-prefetcher:v1.0.0@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",

@@ -80,6 +80,10 @@ func (c *ImagePrefetcher) Validate() error {
 	if s.PinnedImageSet && s.Flavor != bundle.FlavorOCP {
 		r.errorf("spec.pinnedImageSet", "true", "a PinnedImageSet is OpenShift's (flavor %s); on containerd nodes use components: [pin-images]", bundle.FlavorOCP)
 	}
+	if comps := c.components(); slices.Contains(comps, "node-identity") && slices.Contains(comps, "startup-taint") {
+		r.errorf("spec.components", "node-identity", "a node may not remove its own taints (NodeRestriction): with node-identity, "+
+			"leave spec.startupTaint unset and let the node-readiness-controller remove a readiness.k8s.io/<instance> taint (docs/bundle.md)")
+	}
 	fileBytes, fileImages := 0, 0
 	if s.ImagesFile != "" {
 		fileBytes, fileImages = c.validateImagesFile(r)

@@ -55,8 +55,9 @@ var podSpecPaths = map[schema.GroupKind][]string{
 	{Group: "batch", Kind: "CronJob"}:          {"spec", "jobTemplate", "spec", "template", "spec"},
 }
 
-// containerLists are the pod spec's lists whose images a node pulls before the pod runs.
-// Ephemeral containers are left out: they are added to running pods for debugging.
+// containerLists are the pod spec's lists whose images a node pulls before the pod runs
+// (with the image volumes, spec.volumes[].image.reference). Ephemeral containers are left
+// out: they are added to running pods for debugging.
 var containerLists = []string{"initContainers", "containers"}
 
 // workloadSelection is a validated spec.fromWorkloads, ready to match.
@@ -149,7 +150,9 @@ func (s *workloadSelection) selects(it *yaml.RNode) bool {
 
 // workloadImage is one image of the derived list and the workloads that use it.
 type workloadImage struct {
-	ref       string // normalized, as the agent sends it to CRI
+	ref string // normalized, as the agent sends it to CRI
+	// workloads name the workloads that use the image, as "Kind/namespace/name" for a
+	// container's image and "volume <name> of Kind/namespace/name" for an image volume's.
 	workloads []string
 }
 
@@ -188,9 +191,9 @@ func (s *workloadSelection) workloadImages(items []*yaml.RNode) ([]workloadImage
 			if !ok || !s.wants(named) {
 				continue
 			}
-			ref := named.String()
-			if !slices.Contains(users[ref], name) {
-				users[ref] = append(users[ref], name)
+			ref, user := named.String(), img.user(name)
+			if !slices.Contains(users[ref], user) {
+				users[ref] = append(users[ref], user)
 			}
 		}
 		results = append(results, r.results...)
@@ -204,33 +207,49 @@ func (s *workloadSelection) workloadImages(items []*yaml.RNode) ([]workloadImage
 	return out, results
 }
 
-// containerImage is an image field of a pod spec.
-type containerImage struct {
+// podImage is an image the node pulls for a pod: a container's image or an image volume's
+// reference (KEP-4639: the kubelet pulls it through CRI like a container's image).
+type podImage struct {
 	field, value string
+	// volume is the image volume's name; empty for a container's image.
+	volume string
+}
+
+// user names the workload, and the volume when the image is one, in the list's comment.
+func (p podImage) user(workload string) string {
+	if p.volume == "" {
+		return workload
+	}
+	return "volume " + p.volume + " of " + workload
 }
 
 // parse normalizes the image with the agent's rules (imagelist.Normalize) and returns it
 // parsed, for the patterns.
-func (c containerImage) parse(r *reporter) (reference.Named, bool) {
-	if c.value == "" {
-		r.errorf(c.field, c.value, "no image: give the container an image, or opt the workload out with %s: \"false\"", PrefetchAnnotation)
+func (p podImage) parse(r *reporter) (reference.Named, bool) {
+	if p.value == "" {
+		what := "give the container an image"
+		if p.volume != "" {
+			what = "give the image volume a reference"
+		}
+		r.errorf(p.field, p.value, "no image: %s, or opt the workload out with %s: \"false\"", what, PrefetchAnnotation)
 		return nil, false
 	}
-	ref, err := imagelist.Normalize(c.value)
+	ref, err := imagelist.Normalize(p.value)
 	if err != nil {
-		r.errorf(c.field, c.value, "invalid image reference: %v", err)
+		r.errorf(p.field, p.value, "invalid image reference: %v", err)
 		return nil, false
 	}
 	named, err := reference.ParseNormalizedNamed(ref)
 	if err != nil {
-		r.errorf(c.field, c.value, "invalid image reference %s: %v", ref, err)
+		r.errorf(p.field, p.value, "invalid image reference %s: %v", ref, err)
 		return nil, false
 	}
 	return named, true
 }
 
-// podImages are the image fields of the workload's init containers and containers.
-func podImages(r *reporter, it *yaml.RNode, specPath []string) []containerImage {
+// podImages are the images of the workload's init containers and containers, then of its
+// image volumes.
+func podImages(r *reporter, it *yaml.RNode, specPath []string) []podImage {
 	spec, err := it.Pipe(yaml.Lookup(specPath...))
 	prefix := strings.Join(specPath, ".")
 	if err != nil {
@@ -240,35 +259,73 @@ func podImages(r *reporter, it *yaml.RNode, specPath []string) []containerImage 
 	if spec == nil {
 		return nil
 	}
-	var out []containerImage
+	var out []podImage
 	for _, list := range containerLists {
-		field := prefix + "." + list
-		l := spec.Field(list)
-		if l == nil || yaml.IsMissingOrNull(l.Value) {
-			continue
-		}
-		if l.Value.YNode().Kind != yaml.SequenceNode {
-			r.errorf(field, "", "must be a list of containers")
-			continue
-		}
-		for i, c := range l.Value.Content() {
-			cf := fmt.Sprintf("%s[%d]", field, i)
-			if c.Kind != yaml.MappingNode {
-				r.errorf(cf, "", "must be a container (a mapping)")
-				continue
+		eachMapping(r, spec, prefix+"."+list, list, "container", func(field string, c *yaml.RNode) {
+			if v, ok := scalar(r, c, field, "image"); ok {
+				out = append(out, podImage{field: field + ".image", value: v})
 			}
-			img := yaml.NewRNode(c).Field("image")
-			switch {
-			case img == nil:
-				out = append(out, containerImage{field: cf + ".image"})
-			case img.Value.YNode().Kind != yaml.ScalarNode:
-				r.errorf(cf+".image", "", "must be a string")
-			default:
-				out = append(out, containerImage{field: cf + ".image", value: img.Value.YNode().Value})
-			}
-		}
+		})
 	}
+	eachMapping(r, spec, prefix+".volumes", "volumes", "volume", func(vf string, v *yaml.RNode) {
+		src := v.Field("image")
+		if src == nil || yaml.IsMissingOrNull(src.Value) {
+			return // another kind of volume
+		}
+		field := vf + ".image"
+		if src.Value.YNode().Kind != yaml.MappingNode {
+			r.errorf(field, "", "must be an image volume source (a mapping)")
+			return
+		}
+		ref, ok := scalar(r, src.Value, field, "reference")
+		if !ok {
+			return
+		}
+		// The API requires a name; without one the comment still says which volume.
+		name := vf[strings.LastIndex(vf, ".")+1:]
+		if n := v.Field("name"); n != nil && !yaml.IsMissingOrNull(n.Value) && n.Value.YNode().Kind == yaml.ScalarNode && n.Value.YNode().Value != "" {
+			name = n.Value.YNode().Value
+		}
+		out = append(out, podImage{field: field + ".reference", value: ref, volume: name})
+	})
 	return out
+}
+
+// eachMapping calls do with each element of the spec's list key (field is its path) and the
+// element's path, in order, after checking it is a mapping; what names an element in the
+// errors.
+func eachMapping(r *reporter, spec *yaml.RNode, field, key, what string, do func(field string, m *yaml.RNode)) {
+	l := spec.Field(key)
+	if l == nil || yaml.IsMissingOrNull(l.Value) {
+		return
+	}
+	if l.Value.YNode().Kind != yaml.SequenceNode {
+		r.errorf(field, "", "must be a list of %ss", what)
+		return
+	}
+	for i, n := range l.Value.Content() {
+		f := fmt.Sprintf("%s[%d]", field, i)
+		if n.Kind != yaml.MappingNode {
+			r.errorf(f, "", "must be a %s (a mapping)", what)
+			continue
+		}
+		do(f, yaml.NewRNode(n))
+	}
+}
+
+// scalar is the string value of the mapping's key (field is the mapping's path): empty when
+// absent or null, as the API server reads it; false after an error result for another type.
+func scalar(r *reporter, m *yaml.RNode, field, key string) (string, bool) {
+	f := m.Field(key)
+	switch {
+	case f == nil || yaml.IsMissingOrNull(f.Value):
+		return "", true
+	case f.Value.YNode().Kind != yaml.ScalarNode:
+		r.errorf(field+"."+key, "", "must be a string")
+		return "", false
+	default:
+		return f.Value.YNode().Value, true
+	}
 }
 
 // workloadName names a workload in the list's comments: Kind/namespace/name, or Kind/name

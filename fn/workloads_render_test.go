@@ -52,7 +52,8 @@ func writeFile(t *testing.T, name string, data []byte) string {
 }
 
 // TestWorkloadsList: the list the agent reads from the realistic app: every selected image
-// once after normalization, sorted, digests whole, after the explicit image; the comments
+// (of containers and image volumes) once after normalization, sorted, digests whole, after the
+// explicit image; the comments
 // naming the workloads do not change the agent's list digest.
 func TestWorkloadsList(t *testing.T) {
 	out, err := fn.RenderFile(workloadsConfig, workloadsInput)
@@ -73,6 +74,7 @@ func TestWorkloadsList(t *testing.T) {
 		"docker.io/library/redis:7.4.1",
 		"registry.example.com/shop/api:2.4.0",
 		"registry.example.com/shop/migrate@sha256:4b6f3bd0d1ec3cf0b5e8d3b5c7a9b6a1d2e3f405162738495a6b7c8d9e0f1a2b",
+		"registry.example.com/shop/ranking-model:v3",
 		"registry.example.com/shop/report:1.8.3",
 		"registry.example.com/shop/worker:2.4.0",
 	}
@@ -81,6 +83,9 @@ func TestWorkloadsList(t *testing.T) {
 	}
 	if !strings.Contains(list, "docker.io/library/nginx:1.27  # Deployment/shop/static-assets, Deployment/shop/storefront\n") {
 		t.Errorf("no comment naming both workloads of nginx's two spellings in:\n%s", list)
+	}
+	if !strings.Contains(list, "registry.example.com/shop/ranking-model:v3  # volume model of Deployment/shop/api\n") {
+		t.Errorf("no comment naming the image volume and its workload in:\n%s", list)
 	}
 	bare := imagelist.Parse(strings.NewReader(strings.Join(want, "\n")), "bare")
 	if l.Digest != bare.Digest {

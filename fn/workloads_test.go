@@ -11,10 +11,17 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 )
 
-// podSpec is a pod spec with one init container, one container and one ephemeral container,
-// their images named after tag.
+// podSpec is a pod spec with one init container, one container, one ephemeral container and
+// an image volume beside another volume, their images named after tag.
 func podSpec(indent, tag string) string {
-	s := fmt.Sprintf(`initContainers:
+	s := fmt.Sprintf(`volumes:
+- name: scratch
+  emptyDir: {}
+- name: model
+  image:
+    reference: registry.example.com/model:%[1]s
+    pullPolicy: IfNotPresent
+initContainers:
 - name: init
   image: registry.example.com/init:%[1]s
 containers:
@@ -67,8 +74,9 @@ func collect(t *testing.T, s *workloadSelection, items []*yaml.RNode) map[string
 	return got
 }
 
-// TestWorkloadKinds: every workload kind gives the images of its init containers and
-// containers, not of its ephemeral containers; kinds of other API groups are not workloads.
+// TestWorkloadKinds: every workload kind gives the images of its init containers, containers
+// and image volumes, not of its ephemeral containers; kinds of other API groups are not
+// workloads.
 func TestWorkloadKinds(t *testing.T) {
 	docs := []string{
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: pod}\nspec:\n" + podSpec("  ", "pod"),
@@ -95,6 +103,7 @@ func TestWorkloadKinds(t *testing.T) {
 		name := []string{w.kind + "/" + w.tag}
 		want["registry.example.com/init:"+w.tag] = name
 		want["registry.example.com/main:"+w.tag] = name
+		want["registry.example.com/model:"+w.tag] = []string{"volume model of " + name[0]}
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("images:\n got %v\nwant %v", got, want)
@@ -201,6 +210,49 @@ func TestWorkloadImagesNormalized(t *testing.T) {
 	}
 }
 
+// TestImageVolumes: an image volume's reference is normalized like a container's image; the
+// comment names the volume and its workload, so an image both a container and a volume use
+// names both; include and exclude apply to volumes too, and so does the opt-out annotation.
+func TestImageVolumes(t *testing.T) {
+	const dig = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+	items := parseItems(t,
+		"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: shop}\nspec:\n  template:\n    spec:\n"+
+			"      containers: [{name: api, image: registry.example.com/shop/api:2.4.0}]\n"+
+			"      volumes:\n"+
+			"      - {name: model, image: {reference: registry.example.com/models/ranker:v3, pullPolicy: IfNotPresent}}\n"+
+			"      - {name: tokenizer, image: {reference: 'registry.example.com/models/tokenizer@"+dig+"'}}\n"+
+			"      - {name: same-as-container, image: {reference: registry.example.com/shop/api:2.4.0}}\n"+
+			"      - {name: config, configMap: {name: api}}\n"+
+			"      - {name: nothing, image: null}\n",
+		"apiVersion: batch/v1\nkind: Job\nmetadata: {name: warmup, namespace: shop}\nspec:\n  template:\n    spec:\n"+
+			"      containers: [{name: c, image: busybox}]\n"+
+			"      volumes: [{name: weights, image: {reference: 'registry.example.com/models/ranker:v3'}}, {name: data, image: {reference: ollama/llama}}]\n",
+		"apiVersion: v1\nkind: Pod\nmetadata: {name: skipped, namespace: shop, annotations: {image-prefetcher.stackrox.io/prefetch: 'false'}}\nspec:\n"+
+			"  containers: [{name: c, image: busybox}]\n  volumes: [{name: m, image: {reference: registry.example.com/models/opted-out:1}}]\n",
+	)
+	imgs, results := selection(t, FromWorkloads{}).workloadImages(items)
+	if len(results) > 0 {
+		t.Fatal(results)
+	}
+	want := []workloadImage{
+		{"docker.io/library/busybox:latest", []string{"Job/shop/warmup"}},
+		{"docker.io/ollama/llama:latest", []string{"volume data of Job/shop/warmup"}},
+		{"registry.example.com/models/ranker:v3", []string{"volume model of Deployment/shop/api", "volume weights of Job/shop/warmup"}},
+		{"registry.example.com/models/tokenizer@" + dig, []string{"volume tokenizer of Deployment/shop/api"}},
+		{"registry.example.com/shop/api:2.4.0", []string{"Deployment/shop/api", "volume same-as-container of Deployment/shop/api"}},
+	}
+	if !reflect.DeepEqual(imgs, want) {
+		t.Errorf("images:\n got %+v\nwant %+v", imgs, want)
+	}
+	var refs []string
+	for ref := range collect(t, selection(t, FromWorkloads{Include: []string{"registry.example.com/models/*"}, Exclude: []string{"*/*/tokenizer@*"}}), items) {
+		refs = append(refs, ref)
+	}
+	if want := []string{"registry.example.com/models/ranker:v3"}; !reflect.DeepEqual(refs, want) {
+		t.Errorf("include and exclude on volumes give %v, want %v", refs, want)
+	}
+}
+
 // TestPatterns: include and exclude match the registry, the repository or the whole
 // reference, fully qualified or short.
 func TestPatterns(t *testing.T) {
@@ -278,7 +330,8 @@ func TestIncludeExclude(t *testing.T) {
 }
 
 // TestWorkloadErrors: problems of workloads are error results on the workload, with the field
-// path and, when the orchestrator says, the file; the other workloads are still read.
+// path and, when the orchestrator says, the file; the other workloads, containers and volumes
+// are still read. A null image is no image, as the API server reads it.
 func TestWorkloadErrors(t *testing.T) {
 	items := parseItems(t,
 		"apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: shop\n  annotations: {config.kubernetes.io/path: app/web.yaml, config.kubernetes.io/index: '2'}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: nginx}, {name: b, image: 'UPPER:1'}]\n",
@@ -286,6 +339,17 @@ func TestWorkloadErrors(t *testing.T) {
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: q, namespace: shop}\nspec:\n  containers: [{name: a, image: [x]}, oops]\n",
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: r, namespace: shop, annotations: {image-prefetcher.stackrox.io/prefetch: 'False'}}\nspec:\n  containers: [{name: a, image: busybox}]\n",
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: ok, namespace: shop}\nspec:\n  containers: [{name: a, image: alpine:3.20}]\n",
+		"apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: llm\n  namespace: shop\n  annotations: {config.kubernetes.io/path: app/llm.yaml}\nspec:\n  template:\n    spec:\n"+
+			"      containers: [{name: a, image: null}]\n"+
+			"      volumes:\n"+
+			"      - {name: empty, image: {reference: ''}}\n"+
+			"      - {name: absent, image: {pullPolicy: Always}}\n"+
+			"      - {name: upper, image: {reference: 'Models/X:1'}}\n"+
+			"      - {name: list, image: {reference: [x]}}\n"+
+			"      - {name: scalar, image: registry.example.com/models/x:1}\n"+
+			"      - oops\n"+
+			"      - {name: good, image: {reference: registry.example.com/models/good:1}}\n",
+		"apiVersion: v1\nkind: Pod\nmetadata: {name: v, namespace: shop}\nspec:\n  volumes: {name: m}\n",
 	)
 	imgs, results := selection(t, FromWorkloads{}).workloadImages(items)
 	var got []string
@@ -302,6 +366,15 @@ func TestWorkloadErrors(t *testing.T) {
 		"error Pod/q spec.containers[0].image",
 		"error Pod/q spec.containers[1]",
 		"error Pod/r metadata.annotations.image-prefetcher.stackrox.io/prefetch",
+		// The shape of the pod spec is checked first, then each image.
+		"error StatefulSet/llm spec.template.spec.volumes[3].image.reference app/llm.yaml#0",
+		"error StatefulSet/llm spec.template.spec.volumes[4].image app/llm.yaml#0",
+		"error StatefulSet/llm spec.template.spec.volumes[5] app/llm.yaml#0",
+		"error StatefulSet/llm spec.template.spec.containers[0].image app/llm.yaml#0",
+		"error StatefulSet/llm spec.template.spec.volumes[0].image.reference app/llm.yaml#0",
+		"error StatefulSet/llm spec.template.spec.volumes[1].image.reference app/llm.yaml#0",
+		"error StatefulSet/llm spec.template.spec.volumes[2].image.reference app/llm.yaml#0",
+		"error Pod/v spec.volumes",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("results:\n got %q\nwant %q", got, want)
@@ -310,8 +383,8 @@ func TestWorkloadErrors(t *testing.T) {
 	for _, w := range imgs {
 		refs = append(refs, w.ref)
 	}
-	if want := []string{"docker.io/library/alpine:3.20", "docker.io/library/nginx:latest"}; !reflect.DeepEqual(refs, want) {
-		t.Errorf("images of the good containers %v, want %v", refs, want)
+	if want := []string{"docker.io/library/alpine:3.20", "docker.io/library/nginx:latest", "registry.example.com/models/good:1"}; !reflect.DeepEqual(refs, want) {
+		t.Errorf("images of the good containers and volumes %v, want %v", refs, want)
 	}
 }
 

@@ -130,8 +130,8 @@ func TestStandalone(t *testing.T) {
 		t.Fatalf("%v: %s", err, stderr)
 	}
 	objs := manifesttest.YAMLByID(t, []byte(out))
-	if len(objs) != 6 {
-		t.Errorf("standalone vanilla render: %d objects (%v), want 6", len(objs), kinds(objs))
+	if len(objs) != 10 {
+		t.Errorf("standalone vanilla render: %d objects (%v), want 10", len(objs), kinds(objs))
 	}
 	if _, ok := objs["DaemonSet/prefetch-images/my-images"]; !ok {
 		t.Errorf("no DaemonSet prefetch-images/my-images in %v", kinds(objs))
@@ -257,8 +257,8 @@ func TestKptRenderTwice(t *testing.T) {
 		t.Fatalf("kpt wrote no my-images.yaml; files: %v", first)
 	}
 	objs := manifesttest.YAMLByID(t, []byte(out))
-	if _, ok := objs["DaemonSet/prefetch-images/my-images"]; !ok || len(objs) != 6 {
-		t.Errorf("kpt render: %v, want the 6 objects of a vanilla instance", kinds(objs))
+	if _, ok := objs["DaemonSet/prefetch-images/my-images"]; !ok || len(objs) != 10 {
+		t.Errorf("kpt render: %v, want the 10 objects of a vanilla instance", kinds(objs))
 	}
 	if strings.Contains(out, "config.kubernetes.io/") {
 		t.Errorf("orchestrator annotations left in the rendered file:\n%s", out)
@@ -303,7 +303,16 @@ func TestKustomizeExec(t *testing.T) {
 		t.Fatalf("kustomize build: %v\n%s", err, stderr)
 	}
 	if strings.Contains(out, "config.kubernetes.io/") || strings.Contains(out, "ImagePrefetcher") {
-		t.Errorf("function configuration or orchestrator annotations leaked:\n%s", out)
+		t.Errorf("function configuration, render check or orchestrator annotations leaked:\n%s", out)
+	}
+	// Without --enable-exec (kustomize skips the function silently, exit 0) the build is the
+	// render check alone: a kind no cluster serves, so no apply or sync goes ahead with it.
+	skipped, stderr, err := runCmd(t, t.TempDir(), kustomize, "build", "--enable-alpha-plugins", dir)
+	if err != nil {
+		t.Fatalf("kustomize build without --enable-exec: %v\n%s", err, stderr)
+	}
+	if objs := manifesttest.YAMLByID(t, []byte(skipped)); len(objs) != 1 || !strings.Contains(skipped, "kind: "+fn.RenderCheckKind) {
+		t.Errorf("a build that did not run the function is not the render check alone:\n%s", skipped)
 	}
 	want, err := fn.RenderFile(filepath.Join(repo, "examples", "standalone", "prefetcher.yaml"))
 	if err != nil {
