@@ -238,9 +238,11 @@ func (in Instance) patch() []op {
 	for i, s := range in.PullSecrets {
 		volume := "pull-secret-" + strconv.Itoa(i)
 		dir := PullSecretDir + "/" + s
+		// 0440 as components/pull-secret: root:root files that the agent, a non-root uid in group
+		// 0, reads through its group.
 		ops = append(ops,
 			op{"add", podSpec + "/volumes/-", corev1.Volume{Name: volume, VolumeSource: corev1.VolumeSource{
-				Secret: &corev1.SecretVolumeSource{SecretName: s, DefaultMode: ptr.To[int32](0o400)},
+				Secret: &corev1.SecretVolumeSource{SecretName: s, DefaultMode: ptr.To[int32](0o440)},
 			}}},
 			op{"add", agent + "/volumeMounts/-", corev1.VolumeMount{Name: volume, MountPath: dir, ReadOnly: true}},
 		)

@@ -9,6 +9,8 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+
+	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 )
 
 // The in-memory build of the embedded bundle (what the KRM function runs) equals the build of
@@ -96,7 +98,7 @@ func TestInstanceValues(t *testing.T) {
 		for _, tol := range pod.Tolerations {
 			keys = append(keys, tol.Key)
 		}
-		if want := []string{"image-prefetcher.stackrox.io/values", "dedicated", "k"}; !slices.Equal(keys, want) {
+		if want := append(nodelabel.StartupTaintKeys("values"), "dedicated", "k"); !slices.Equal(keys, want) {
 			t.Errorf("%s: toleration keys %v, want %v", flavor, keys, want)
 		}
 		if pod.Affinity == nil || pod.Affinity.PodAntiAffinity == nil || pod.PriorityClassName != "system-node-critical" {

@@ -12,6 +12,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 	"github.com/nodeprefetch/image-prefetcher/internal/recipe"
 )
 
@@ -67,6 +68,33 @@ func TestDocRecipes(t *testing.T) {
 				if !slices.Contains(keys, want) {
 					t.Errorf("tolerations %v lack %s", keys, want)
 				}
+			}
+		},
+		"node-identity": func(t *testing.T, objs []Object) {
+			var rule, rest []Object
+			for _, o := range objs {
+				if o.Kind == "NodeReadinessRule" {
+					rule = append(rule, o)
+				} else {
+					rest = append(rest, o)
+				}
+			}
+			checkInstance(t, "vanilla+node-identity", rest, DefaultNamespace, DefaultInstance)
+			ds := decodeOne[appsv1.DaemonSet](t, rest, "DaemonSet")
+			if args := ds.Spec.Template.Spec.Containers[0].Args; !slices.Contains(args, "--act-as-node") || !slices.Contains(args, "--node-condition") {
+				t.Errorf("agent args %v lack --act-as-node or --node-condition", args)
+			}
+			if len(rule) != 1 {
+				t.Fatalf("%d NodeReadinessRules, want the recipe's", len(rule))
+			}
+			// The rule's condition is the instance's, and its taint one the agent tolerates.
+			for _, want := range []string{"type: " + nodelabel.Key(DefaultInstance), "key: readiness.k8s.io/" + DefaultInstance} {
+				if !strings.Contains(rule[0].YAML, want) {
+					t.Errorf("the NodeReadinessRule lacks %q:\n%s", want, rule[0].YAML)
+				}
+			}
+			if !slices.Contains(nodelabel.StartupTaintKeys(DefaultInstance), "readiness.k8s.io/"+DefaultInstance) {
+				t.Error("the agent does not tolerate the rule's taint key")
 			}
 		},
 		"shared-namespace": func(t *testing.T, objs []Object) {

@@ -98,7 +98,7 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	removeImages(ctx, t, images, list)
 
 	in := newNamedInstance(t, env, strings.TrimPrefix(gate.Key, labelPrefix), append(slices.Clone(list), missing),
-		"startup-taint", "admission-policy")
+		"startup-taint")
 	condType := in.labelKey()
 	in.apply()
 	createSleeper(ctx, t, in, "app", list[0], corev1.PullIfNotPresent, nil)

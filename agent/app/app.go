@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -22,6 +24,7 @@ import (
 	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
+	"github.com/nodeprefetch/image-prefetcher/agent/pullslots"
 )
 
 // Exit codes of the commands.
@@ -237,14 +240,35 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 	}
 	if opts.Label {
 		if client == nil {
-			if client, err = kubeClient(opts.Kubeconfig); err != nil {
+			asNode := ""
+			if opts.ActAsNode {
+				asNode = opts.NodeName
+			}
+			if client, err = kubeClient(opts.Kubeconfig, asNode); err != nil {
 				return nil, err
 			}
 		}
-		p.labels = &nodelabel.Labeler{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
+		labeler := &nodelabel.Labeler{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout,
+			Namespace: opts.Namespace}
+		p.labels = labeler
+		if opts.Namespace != "" {
+			sa := client
+			if opts.ActAsNode {
+				// A node may not read DaemonSets: the ServiceAccount asks.
+				if sa, err = kubeClient(opts.Kubeconfig, ""); err != nil {
+					return nil, err
+				}
+			}
+			labeler.InstanceAlive = instanceAlive(sa, opts.Instance)
+		}
 		p.events = &nodelabel.Events{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
 		p.setupNodeGate(client)
 		log = log.With("instance", opts.Instance, "node", opts.NodeName)
+	}
+	// client-go logs through klog: its lines (throttling, watch trouble, API
+	// warnings) get the agent's format, instance and node.
+	if err := routeClientGoLogs(log); err != nil {
+		return nil, err
 	}
 	if err := p.setupGate(client, log); err != nil {
 		return nil, err
@@ -253,7 +277,43 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 	return p, nil
 }
 
-func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+// instanceAlive reports whether the instance's DaemonSet (named after the
+// instance, labelled as ours) exists in a namespace. The base ClusterRole may
+// get exactly the DaemonSets of that name, in any namespace.
+func instanceAlive(client kubernetes.Interface, instance string) func(context.Context, string) (bool, error) {
+	return func(ctx context.Context, namespace string) (bool, error) {
+		ds, err := client.AppsV1().DaemonSets(namespace).Get(ctx, instance, metav1.GetOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+			return false, nil
+		case apierrors.IsForbidden(err):
+			return false, fmt.Errorf("cannot tell (the ServiceAccount needs get on daemonsets named %s, in the base ClusterRole): %w", instance, err)
+		case err != nil:
+			return false, err
+		}
+		return ds.Labels[pullslots.LabelName] == "image-prefetcher" && ds.Labels[pullslots.LabelInstance] == instance, nil
+	}
+}
+
+// kubeClient is the agent's client of the API server: as its ServiceAccount,
+// or, with asNode set, as that node (constrained impersonation, mode
+// associated-node: the API server allows it only for the node the pod's token
+// is bound to, and the node's own authorizer and NodeRestriction then decide).
+func kubeClient(kubeconfig, asNode string) (kubernetes.Interface, error) {
+	c, err := newClient(kubeconfig, "image-prefetcher/"+build().Version, func(cfg *rest.Config) {
+		if asNode != "" {
+			cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:node:" + asNode}
+		}
+	})
+	if err != nil {
+		return nil, &clientError{fmt.Errorf("%w (use --label=false to pull without labelling)", err)}
+	}
+	return c, nil
+}
+
+// newClient is a clientset from --kubeconfig, else the in-cluster config, with
+// this user agent; adjust changes the config before the clientset is made.
+func newClient(kubeconfig, userAgent string, adjust func(*rest.Config)) (kubernetes.Interface, error) {
 	var cfg *rest.Config
 	var err error
 	if kubeconfig != "" {
@@ -262,12 +322,15 @@ func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
 		cfg, err = rest.InClusterConfig()
 	}
 	if err != nil {
-		return nil, &clientError{fmt.Errorf("kubernetes client config (--kubeconfig=%q; use --label=false to pull without labelling): %w", kubeconfig, err)}
+		return nil, fmt.Errorf("kubernetes client config (--kubeconfig=%q): %w", kubeconfig, err)
 	}
-	cfg.UserAgent = "image-prefetcher/" + build().Version
+	cfg.UserAgent = userAgent
+	if adjust != nil {
+		adjust(cfg)
+	}
 	c, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
-		return nil, &clientError{fmt.Errorf("kubernetes client (--kubeconfig=%q): %w", kubeconfig, err)}
+		return nil, fmt.Errorf("kubernetes client (--kubeconfig=%q): %w", kubeconfig, err)
 	}
 	return c, nil
 }

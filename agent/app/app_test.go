@@ -5,9 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -338,15 +341,17 @@ func TestFetchDeadSocketFailsFastNamingThePath(t *testing.T) {
 
 func TestUsageErrors(t *testing.T) {
 	for name, args := range map[string][]string{
-		"no command":        {},
-		"unknown command":   {"frobnicate"},
-		"bad instance":      {"fetch", "--instance", "Not_Valid!", "--node-name", "n", "--kubeconfig", "/dev/null"},
-		"bad policy":        {"fetch", "--label=false", "--pull-policy", "Sometimes"},
-		"bad log format":    {"fetch", "--label=false", "--log-format", "xml"},
-		"stray argument":    {"fetch", "--label=false", "busybox"},
-		"no node name":      {"fetch", "--instance", "x", "--node-name", ""},
-		"negative parallel": {"fetch", "--label=false", "--max-parallel-pulls", "-1"},
-		"no results held":   {"collect", "--max-results=0"},
+		"no command":         {},
+		"unknown command":    {"frobnicate"},
+		"bad instance":       {"fetch", "--instance", "Not_Valid!", "--node-name", "n", "--kubeconfig", "/dev/null"},
+		"bad policy":         {"fetch", "--label=false", "--pull-policy", "Sometimes"},
+		"bad log format":     {"fetch", "--label=false", "--log-format", "xml"},
+		"stray argument":     {"fetch", "--label=false", "busybox"},
+		"no node name":       {"fetch", "--instance", "x", "--node-name", ""},
+		"negative parallel":  {"fetch", "--label=false", "--max-parallel-pulls", "-1"},
+		"no results held":    {"collect", "--max-results=0"},
+		"node without label": {"fetch", "--label=false", "--act-as-node"},
+		"node removes taint": {"fetch", "--instance", "x", "--node-name", "n", "--kubeconfig", "/dev/null", "--act-as-node", "--startup-taint"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			var out bytes.Buffer
@@ -373,4 +378,54 @@ func passUntilPull(p *prefetcher, cri *critest.Server, ref string) (cancel conte
 		time.Sleep(5 * time.Millisecond)
 	}
 	return cancel, reports
+}
+
+// With --act-as-node every request of the node's state carries the
+// impersonation of the node the agent runs on, and nothing else; the pull
+// slots stay with the ServiceAccount.
+func TestActAsNodeImpersonatesItsNode(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[string]string{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen[r.Method+" "+r.URL.Path] = r.Header.Get("Impersonate-User") + "|" + strings.Join(r.Header.Values("Impersonate-Group"), ",")
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte(`{"kind":"Node","apiVersion":"v1","metadata":{"name":"node-a"}}`))
+	}))
+	defer srv.Close()
+	kubeconfig := serverKubeconfig(t, srv.URL)
+	for _, c := range []struct {
+		asNode, want string
+	}{{"node-a", "system:node:node-a|"}, {"", "|"}} {
+		client, err := kubeClient(kubeconfig, c.asNode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := client.CoreV1().Nodes().Get(context.Background(), "node-a", metav1.GetOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		mu.Lock()
+		got := seen["GET /api/v1/nodes/node-a"]
+		mu.Unlock()
+		if got != c.want {
+			t.Errorf("as node %q: impersonation %q, want %q", c.asNode, got, c.want)
+		}
+	}
+}
+
+// serverKubeconfig writes a kubeconfig for a test API server (a token, no TLS).
+func serverKubeconfig(t *testing.T, server string) string {
+	t.Helper()
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: %q}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+`, server)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return kubeconfig
 }

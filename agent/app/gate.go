@@ -49,8 +49,8 @@ func (o *PullSlotOptions) validate() error {
 	if o.Namespace == "" {
 		errs = append(errs, errors.New("--max-concurrent-nodes needs --namespace (or $POD_NAMESPACE)"))
 	}
-	if o.PullSlotLeaseDuration < 3*time.Second {
-		errs = append(errs, fmt.Errorf("--pull-slot-lease-duration=%s: must be at least 3s", o.PullSlotLeaseDuration))
+	if o.PullSlotLeaseDuration < 3*time.Second || o.PullSlotLeaseDuration > pullslots.MaxLeaseDuration {
+		errs = append(errs, fmt.Errorf("--pull-slot-lease-duration=%s: must be within [3s, %s]", o.PullSlotLeaseDuration, pullslots.MaxLeaseDuration))
 	}
 	return errors.Join(errs...)
 }
@@ -67,7 +67,9 @@ func (p *prefetcher) setupGate(client kubernetes.Interface, log *slog.Logger) er
 	}
 	if client == nil {
 		var err error
-		if client, err = kubeClient(o.Kubeconfig); err != nil {
+		// The slots are the instance's Leases: always as the ServiceAccount
+		// (a node may write only its own Lease in kube-node-lease).
+		if client, err = kubeClient(o.Kubeconfig, ""); err != nil {
 			return err
 		}
 	}

@@ -38,7 +38,7 @@ func (o *NodeGateOptions) addFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.StartupTaint, "startup-taint", o.StartupTaint,
 		"Remove the node's startup taint (--startup-taint-key:--startup-taint-effect) once the node holds the whole list and its label says succeeded. The taint is never added back: a later failure does not block or evict a node in use.")
 	fs.StringVar(&o.StartupTaintKey, "startup-taint-key", o.StartupTaintKey,
-		"Key of the startup taint (default: the instance's label key, image-prefetcher.stackrox.io/<instance>).")
+		"Key of the startup taint: image-prefetcher.stackrox.io/<instance> (the default), readiness.k8s.io/<instance> (for the node-readiness-controller) or startup-taint.cluster-autoscaler.kubernetes.io/<instance> (a startup taint to Cluster Autoscaler).")
 	fs.StringVar(&o.StartupTaintEffect, "startup-taint-effect", o.StartupTaintEffect,
 		"Effect of the startup taint: NoSchedule, PreferNoSchedule or NoExecute. Only a taint with this key and effect is removed.")
 	fs.BoolVar(&o.NodeCondition, "node-condition", o.NodeCondition,
@@ -61,7 +61,8 @@ func (o *NodeGateOptions) validate(label bool, instance string) error {
 		errs = append(errs, errors.New("--node-condition needs --label: the condition says what the label says"))
 	}
 	if o.StartupTaint && nodelabel.ValidateInstance(instance) == nil {
-		if err := nodelabel.ValidateTaint(o.taintKey(instance), corev1.TaintEffect(o.StartupTaintEffect)); err != nil {
+		if err := errors.Join(nodelabel.ValidateTaint(o.taintKey(instance), corev1.TaintEffect(o.StartupTaintEffect)),
+			nodelabel.ValidateStartupTaintKey(instance, o.taintKey(instance))); err != nil {
 			errs = append(errs, fmt.Errorf("--startup-taint-key/--startup-taint-effect: %w", err))
 		}
 	}

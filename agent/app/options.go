@@ -41,8 +41,11 @@ type Options struct {
 	PullProgressTimeout       time.Duration
 	PullProgressLogInterval   time.Duration
 
-	Label             bool
-	Kubeconfig        string
+	Label      bool
+	Kubeconfig string
+	// ActAsNode writes the node's prefetch state as the node itself
+	// (constrained impersonation, associated-node).
+	ActAsNode         bool
 	LabelWriteTimeout time.Duration
 	RecheckInterval   time.Duration
 	ListenAddress     string
@@ -119,6 +122,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.DurationVar(&o.PullProgressLogInterval, "pull-progress-log-interval", o.PullProgressLogInterval, "How often each image being pulled gets a progress log line (bytes, total when known, rate), when progress is followed; 0 disables the lines.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
+	fs.BoolVar(&o.ActAsNode, "act-as-node", o.ActAsNode, "Write the node's label, list annotation, condition and events as the node itself (system:node:<node-name>, through the constrained impersonation of Kubernetes 1.36+, mode associated-node): the ServiceAccount then holds no node or event RBAC of its own and NodeRestriction applies. A node cannot remove its own taints, so not with --startup-taint: let the node-readiness-controller remove a readiness.k8s.io/<instance> taint from the condition (--node-condition) instead.")
 	fs.StringVar(&o.Kubeconfig, "kubeconfig", o.Kubeconfig, "Kubeconfig for the API server (default: $KUBECONFIG, else the in-cluster config).")
 	fs.DurationVar(&o.LabelWriteTimeout, "label-write-timeout", o.LabelWriteTimeout, "Time budget of each node label write (and of the events), separate from the pass's: transient API errors (server down, 5xx, 429, conflicts) are retried until it is spent.")
 	o.Log.addFlags(fs)
@@ -144,6 +148,13 @@ func (o *Options) validate(withServer bool) error {
 	}
 	if o.Label && o.NodeName == "" {
 		errs = append(errs, errors.New("--node-name is empty and $NODE_NAME is unset"))
+	}
+	if o.ActAsNode && !o.Label {
+		errs = append(errs, errors.New("--act-as-node needs --label: it is the identity of the node writes"))
+	}
+	if o.ActAsNode && o.StartupTaint {
+		errs = append(errs, errors.New("--act-as-node and --startup-taint: a node may not change its own taints (NodeRestriction); "+
+			"leave the taint to the node-readiness-controller (key readiness.k8s.io/<instance>, from --node-condition) or drop --act-as-node"))
 	}
 	if o.PinImages && o.Instance == "" {
 		errs = append(errs, errors.New("--pin-images needs --instance: each instance records the pins it set"))

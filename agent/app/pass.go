@@ -31,6 +31,9 @@ type labelWriter interface {
 	Set(ctx context.Context, listDigest string, state nodelabel.State) (wrote bool, err error)
 	// Claim is what the node's label says about the list.
 	Claim(ctx context.Context, listDigest string) (nodelabel.State, error)
+	// CheckOwner fails with a *nodelabel.ConflictError while another
+	// namespace's instance of this name holds the node's keys.
+	CheckOwner(ctx context.Context) error
 }
 
 type eventReporter interface {
@@ -148,6 +151,9 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 		return p.listUnreadable(ctx, err), err
 	}
 	rep := passReport{Digest: list.Digest}
+	if err := p.ownsNodeKeys(ctx); err != nil {
+		return rep, err
+	}
 	p.logLineErrors(list)
 	if list.Digest != p.lastDigest {
 		p.readiness.SetNotReady("pass of list " + shortDigest(list.Digest) + " in progress")
@@ -297,6 +303,25 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 			"unanswered", len(unanswered), "images", len(list.Entries), "error", err.Error())
 	}
 	return presence{known: true, missing: append(absent, unanswered...), present: present, err: err}
+}
+
+// ownsNodeKeys refuses the pass, before anything is pulled or written, while
+// an instance of the same name in another namespace holds the node's label
+// key (nodelabel.ConflictError): the pod stays unready and says why.
+func (p *prefetcher) ownsNodeKeys(ctx context.Context) error {
+	if p.labels == nil {
+		return nil
+	}
+	err := p.labels.CheckOwner(ctx)
+	var conflict *nodelabel.ConflictError
+	if !errors.As(err, &conflict) {
+		// The node could not be read, or the owner not asked: the pass goes
+		// on, and its label writes (which check again) say what failed.
+		return nil
+	}
+	p.readiness.SetNotReady(err.Error())
+	p.log.Error("instance name taken: the node is left alone", "otherNamespace", conflict.Other, "error", err.Error())
+	return err
 }
 
 // startOnNode makes the node stop claiming what it does not hold before any
@@ -566,6 +591,14 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 		}
 	}
 	if p.gate != nil {
+		// The wait for a slot counts against the pass's deadline: held slots
+		// that never free (a stuck or malicious holder) end the pass as
+		// failed instead of stalling it, and the node's gate, forever.
+		if p.cfg.OverallTimeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, p.cfg.OverallTimeout)
+			defer cancel()
+		}
 		release, err := p.gate.Acquire(ctx)
 		if err != nil {
 			err = fmt.Errorf("wait for a cluster-wide pull slot: %w", err)

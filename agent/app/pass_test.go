@@ -7,13 +7,16 @@ package app
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes/fake"
@@ -399,5 +402,89 @@ func TestFinalCheckIsOneListImagesCall(t *testing.T) {
 		if n := cri.StatusCalls(r); n != 2 {
 			t.Errorf("%s: %d ImageStatus calls with ListImages failing, want 2", r, n)
 		}
+	}
+}
+
+// stuckGate never hands out a slot: every holder keeps its Lease alive.
+type stuckGate struct{}
+
+func (stuckGate) Acquire(ctx context.Context) (func(), error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// The wait for a pull slot is part of the pass: slots that never free end
+// the pass as failed within --overall-timeout instead of holding the node's
+// label (and its startup taint) forever.
+func TestSlotWaitIsBoundedByThePassDeadline(t *testing.T) {
+	cri := critest.Start(t)
+	client := gatedNodeClient(ourTaint)
+	o := gateOptions(cri.Path(), writeList(t, pullable))
+	o.OverallTimeout = 200 * time.Millisecond
+	p, logs := newFaultPrefetcher(t, o, false, client)
+	p.gate = stuckGate{}
+
+	done := make(chan struct{})
+	var rep passReport
+	var err error
+	go func() {
+		defer close(done)
+		rep, err = p.pass(context.Background())
+	}()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the pass still waits for a pull slot long after --overall-timeout\n%s", logs)
+	}
+	if err == nil || !strings.Contains(err.Error(), "pull slot") || rep.State != nodelabel.Failed {
+		t.Errorf("pass: %s %v, want failed waiting for a pull slot", rep.State, err)
+	}
+	if n := cri.PullCalls(pullable); n != 0 {
+		t.Errorf("%d pulls without a slot", n)
+	}
+}
+
+// Another namespace's instance of the same name wrote the node's keys and still
+// exists: the pass pulls nothing and writes nothing, and readiness says why.
+// Once that instance is gone, the next pass takes the keys over.
+func TestPassLeavesANameTakenInAnotherNamespaceAlone(t *testing.T) {
+	cri := critest.Start(t)
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+		Name:        testNode,
+		Labels:      map[string]string{nodelabel.Key(testInstance): "succeeded"},
+		Annotations: map[string]string{nodelabel.AnnotationKey(testInstance): "sha256:other-list"},
+		ManagedFields: []metav1.ManagedFieldsEntry{{
+			Manager: nodelabel.FieldManagerPrefix + "team-a", Operation: metav1.ManagedFieldsOperationUpdate, FieldsType: "FieldsV1",
+			FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:metadata":{"f:annotations":{"f:` + nodelabel.AnnotationKey(testInstance) + `":{}}}}`)},
+		}},
+	}}
+	other := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Name: testInstance, Namespace: "team-a",
+		Labels: map[string]string{"app.kubernetes.io/name": "image-prefetcher", "app.kubernetes.io/instance": testInstance}}}
+	client := fake.NewClientset(node, other)
+	o := testOptions(cri.Path(), writeList(t, pullable))
+	o.Namespace = "team-b"
+	p, logs := newFaultPrefetcher(t, o, false, client)
+
+	_, err := p.pass(context.Background())
+	var conflict *nodelabel.ConflictError
+	if !errors.As(err, &conflict) || conflict.Other != "team-a" {
+		t.Fatalf("pass: %v, want the name conflict with team-a\n%s", err, logs)
+	}
+	if n := cri.PullCalls(pullable); n != 0 {
+		t.Errorf("%d pulls under a taken name", n)
+	}
+	if w := writes(client); len(w) != 0 {
+		t.Errorf("writes under a taken name: %v", w)
+	}
+	if err := p.readiness.Check(); err == nil || !strings.Contains(err.Error(), "team-a") {
+		t.Errorf("readiness %v, want not ready naming team-a", err)
+	}
+
+	if err := client.AppsV1().DaemonSets("team-a").Delete(context.Background(), testInstance, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p.labels.(*nodelabel.Labeler).MaxCacheAge = time.Nanosecond
+	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+		t.Fatalf("pass after the other instance went: %s %v\n%s", rep.State, err, logs)
 	}
 }

@@ -13,6 +13,17 @@ import (
 // counted, to keep the probe's answer short.
 const maxNamed = 3
 
+// notReady is a reason in two forms: Error() names the images (for the pod's
+// log and callers on loopback), Public() only counts them, for anyone on the
+// pod network: the list says which software a cluster runs, and a failing
+// image which one it is still without.
+type notReady struct {
+	detail, public string
+}
+
+func (e *notReady) Error() string  { return e.detail }
+func (e *notReady) Public() string { return e.public }
+
 // Readiness holds whether the agent's node is in the state the contract
 // promises, for Server.Ready: every image of the current list is present AND
 // the node's label says so (it was written). It starts not ready. Safe for
@@ -57,31 +68,39 @@ func (r *Readiness) SetRecorded(results []pull.Result, labelErr, nodeErr error) 
 			missing = append(missing, res.Image)
 		}
 	}
-	var errs []error
+	var detail, public []string
 	if len(missing) > 0 {
 		named := missing
 		if len(named) > maxNamed {
 			named = named[:maxNamed]
 		}
-		msg := fmt.Sprintf("%d of %d images missing: %s", len(missing), len(results), strings.Join(named, ", "))
+		count := fmt.Sprintf("%d of %d images missing", len(missing), len(results))
+		msg := count + ": " + strings.Join(named, ", ")
 		if len(missing) > maxNamed {
 			msg += fmt.Sprintf(" and %d more", len(missing)-maxNamed)
 		}
-		errs = append(errs, errors.New(msg))
+		detail, public = append(detail, msg), append(public, count)
 	}
 	if labelErr != nil {
-		errs = append(errs, fmt.Errorf("node label not written (retried within seconds): %w", labelErr))
+		const msg = "node label not written (retried within seconds)"
+		detail, public = append(detail, msg+": "+labelErr.Error()), append(public, msg)
 	}
 	if nodeErr != nil {
-		errs = append(errs, fmt.Errorf("node not updated (retried within seconds): %w", nodeErr))
+		const msg = "node not updated (retried within seconds)"
+		detail, public = append(detail, msg+": "+nodeErr.Error()), append(public, msg)
+	}
+	var err error
+	if len(detail) > 0 {
+		err = &notReady{detail: strings.Join(detail, "\n"), public: strings.Join(public, "; ")}
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.err, r.set = errors.Join(errs...), true
+	r.err, r.set = err, true
 }
 
 // SetNotReady marks the agent not ready, for example when a new list starts
-// or the pass failed before it could pull (no CRI socket).
+// or the pass failed before it could pull (no CRI socket). The reason is for
+// loopback callers only: it may name images or paths.
 func (r *Readiness) SetNotReady(reason string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()

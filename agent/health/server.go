@@ -37,7 +37,7 @@ func (s *Server) Handler() http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		err := errors.New("no readiness check")
 		if s.Ready != nil {
@@ -45,7 +45,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		if err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "not ready: %v\n", err)
+			fmt.Fprintln(w, notReadyBody(err, r.RemoteAddr))
 			return
 		}
 		fmt.Fprintln(w, "ok")
@@ -103,4 +103,22 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		return fmt.Errorf("shut down server on %s: %w", ln.Addr(), err)
 	}
 	return nil
+}
+
+// notReadyBody is the /readyz answer when not ready. The reason names the
+// missing images, so only a caller on loopback gets it (kubectl
+// port-forward arrives there, and needs pods/portforward on the agent's
+// pod); anyone else on the pod network gets the counts, or nothing more
+// than "not ready" for reasons without a public form. The kubelet only
+// looks at the status code.
+func notReadyBody(err error, remoteAddr string) string {
+	host, _, _ := net.SplitHostPort(remoteAddr)
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return "not ready: " + err.Error()
+	}
+	var p interface{ Public() string }
+	if errors.As(err, &p) {
+		return "not ready: " + p.Public()
+	}
+	return "not ready"
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -258,5 +259,41 @@ func TestReadinessNeedsTheNodeWrites(t *testing.T) {
 	r.SetRecorded(all, nil, nil)
 	if err := r.Check(); err != nil {
 		t.Errorf("everything written: %v", err)
+	}
+}
+
+// /readyz names the missing images only to a caller on loopback (the pod
+// itself, kubectl port-forward); a caller from the pod network gets counts.
+func TestReadyzNamesImagesOnlyOnLoopback(t *testing.T) {
+	var ready Readiness
+	h := (&Server{Ready: ready.Check}).Handler()
+	body := func(remote string) (int, string) {
+		req := httptest.NewRequest(http.MethodGet, "/readyz", nil)
+		req.RemoteAddr = remote
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		return rec.Code, rec.Body.String()
+	}
+	const secret = "registry.corp.example/payments/ledger:7.1"
+	results := []pull.Result{{Image: "a:1", Outcome: pull.OutcomePresent}, {Image: secret, Outcome: pull.OutcomeFailed}}
+	ready.SetRecorded(results, errors.New("patch node: connection refused"), nil)
+
+	for _, remote := range []string{"10.88.0.7:41234", "[fd00::7]:41234", "192.0.2.1:80"} {
+		code, got := body(remote)
+		if code != http.StatusServiceUnavailable || got != "not ready: 1 of 2 images missing; node label not written (retried within seconds)\n" {
+			t.Errorf("/readyz from %s = %d %q, want the counts without names or errors", remote, code, got)
+		}
+	}
+	for _, remote := range []string{"127.0.0.1:5555", "[::1]:5555"} {
+		if code, got := body(remote); code != http.StatusServiceUnavailable || !strings.Contains(got, secret) || !strings.Contains(got, "connection refused") {
+			t.Errorf("/readyz from %s = %d %q, want the names and the error", remote, code, got)
+		}
+	}
+
+	// A reason without a public form (a pass in progress, an unreadable
+	// list's path) says no more than that.
+	ready.SetNotReady("3 of 9 images missing, pulling them: " + secret)
+	if _, got := body("10.88.0.7:1"); got != "not ready\n" {
+		t.Errorf("/readyz from the pod network = %q, want only \"not ready\"", got)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -69,6 +70,18 @@ type Labeler struct {
 	// else removed or changed is put back within a pass or two without a GET on
 	// every call. Default DefaultMaxCacheAge.
 	MaxCacheAge time.Duration
+	// Namespace is the instance's namespace. The label key is cluster-wide
+	// while instances are namespaced: writes name it as their field manager
+	// (FieldManagerPrefix + Namespace), so the node tells which namespace's
+	// instance wrote the keys. Empty: the default field manager, no check.
+	Namespace string
+	// InstanceAlive, with Namespace, reports whether the instance of the same
+	// name in another namespace still exists. When the node's list annotation
+	// was last written by a live one, every write and claim fails with a
+	// *ConflictError instead of fighting over the label: the first instance
+	// keeps the key, the later one is refused. A stale writer (uninstalled,
+	// its keys left behind) is taken over.
+	InstanceAlive func(ctx context.Context, namespace string) (bool, error)
 
 	mu  sync.Mutex
 	now func() time.Time // for tests
@@ -85,6 +98,9 @@ type Labeler struct {
 type observed struct {
 	label, digest       string
 	hasLabel, hasDigest bool
+	// otherNamespace: the namespace of another instance of this name that
+	// last wrote the list annotation (its field manager), if any.
+	otherNamespace string
 	// unknown: the node could not be read, so every operation writes.
 	unknown bool
 }
@@ -158,8 +174,29 @@ func (l *Labeler) Set(ctx context.Context, listDigest string, state State) (wrot
 // get, before the first write). It reads the node only when the labeler's
 // cache is too old (the read then serves the write that follows, too).
 func (l *Labeler) Claim(ctx context.Context, listDigest string) (State, error) {
+	var state State
+	err := l.withOwned(ctx, func(_ context.Context, cur observed) error {
+		if !cur.unknown && cur.hasLabel && cur.hasDigest && cur.digest == listDigest && State(cur.label).Valid() {
+			state = State(cur.label)
+		}
+		return nil
+	})
+	return state, err
+}
+
+// CheckOwner returns a *ConflictError while a live instance of this name in
+// another namespace holds the node's keys (see InstanceAlive); it reads the
+// node only when the cache is too old.
+func (l *Labeler) CheckOwner(ctx context.Context) error {
+	return l.withOwned(ctx, func(context.Context, observed) error { return nil })
+}
+
+// withOwned runs fn, under the labeler's lock and write budget, with the
+// node's known state, once it is known that no live instance of this name in
+// another namespace holds the node's keys.
+func (l *Labeler) withOwned(ctx context.Context, fn func(context.Context, observed) error) error {
 	if err := l.check(); err != nil {
-		return "", err
+		return err
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -167,15 +204,12 @@ func (l *Labeler) Claim(ctx context.Context, listDigest string) (State, error) {
 	defer cancel()
 	cur, err := l.current(ctx)
 	if err != nil {
-		return "", err
+		return err
 	}
-	if cur.unknown || !cur.hasLabel || !cur.hasDigest || cur.digest != listDigest {
-		return "", nil
+	if err := l.checkOwner(ctx, cur); err != nil {
+		return err
 	}
-	if s := State(cur.label); s.Valid() {
-		return s, nil
-	}
-	return "", nil
+	return fn(ctx, cur)
 }
 
 // Remove deletes this instance's label and annotation from the node, for
@@ -190,24 +224,18 @@ func (l *Labeler) Remove(ctx context.Context) error {
 // wanted. It runs under the write budget, detached from ctx's cancellation,
 // and reports whether it patched the node.
 func (l *Labeler) update(ctx context.Context, done func(observed) bool, label, digest *string, what string) (bool, error) {
-	if err := l.check(); err != nil {
-		return false, err
-	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	ctx, cancel := l.writeContext(ctx)
-	defer cancel()
-	cur, err := l.current(ctx)
-	if err != nil {
-		return false, err
-	}
-	if !cur.unknown && done(cur) {
-		return false, nil
-	}
-	if err := l.patch(ctx, label, digest, what); err != nil {
-		return false, err
-	}
-	return true, nil
+	wrote := false
+	err := l.withOwned(ctx, func(ctx context.Context, cur observed) error {
+		if !cur.unknown && done(cur) {
+			return nil
+		}
+		if err := l.patch(ctx, label, digest, what); err != nil {
+			return err
+		}
+		wrote = true
+		return nil
+	})
+	return wrote, err
 }
 
 // writeContext detaches from the caller's cancellation and deadline (but
@@ -256,8 +284,67 @@ func (l *Labeler) current(ctx context.Context) (observed, error) {
 func (l *Labeler) remember(node *corev1.Node) {
 	label, hasLabel := node.Labels[Key(l.Instance)]
 	digest, hasDigest := node.Annotations[AnnotationKey(l.Instance)]
-	l.known = &observed{label: label, digest: digest, hasLabel: hasLabel, hasDigest: hasDigest}
+	l.known = &observed{label: label, digest: digest, hasLabel: hasLabel, hasDigest: hasDigest,
+		otherNamespace: l.otherWriter(node)}
 	l.knownAt = l.clock()
+}
+
+// FieldManagerPrefix starts the field manager of every agent write of the
+// node's keys; the instance's namespace follows.
+const FieldManagerPrefix = "image-prefetcher."
+
+func (l *Labeler) fieldManager() string {
+	if l.Namespace == "" {
+		return ""
+	}
+	return FieldManagerPrefix + l.Namespace
+}
+
+// otherWriter is the namespace of another instance of this name whose agent
+// owns the node's list annotation (every pass writes it first), from the
+// node's managed fields; "" when there is none.
+func (l *Labeler) otherWriter(node *corev1.Node) string {
+	if l.Namespace == "" {
+		return ""
+	}
+	field := `"f:` + AnnotationKey(l.Instance) + `"`
+	for _, m := range node.ManagedFields {
+		ns, ours := strings.CutPrefix(m.Manager, FieldManagerPrefix)
+		if !ours || ns == l.Namespace || m.FieldsV1 == nil || !strings.Contains(string(m.FieldsV1.Raw), field) {
+			continue
+		}
+		return ns
+	}
+	return ""
+}
+
+// ConflictError: another instance of the same name, in another namespace,
+// holds the node's keys.
+type ConflictError struct {
+	Instance, Namespace, Other string
+}
+
+func (e *ConflictError) Error() string {
+	return fmt.Sprintf("instance %q also runs in namespace %q, which writes the node's label %s: the label key is "+
+		"cluster-wide, so instance names must be too; this one (namespace %q) leaves the node alone: rename it or remove the other",
+		e.Instance, e.Other, Key(e.Instance), e.Namespace)
+}
+
+// checkOwner refuses to touch the node's keys while a live instance of this
+// name in another namespace owns them.
+func (l *Labeler) checkOwner(ctx context.Context, cur observed) error {
+	if cur.otherNamespace == "" || l.InstanceAlive == nil {
+		return nil
+	}
+	alive, err := l.InstanceAlive(ctx, cur.otherNamespace)
+	if err != nil {
+		return fmt.Errorf("node %s: instance %q of namespace %q wrote the node's keys; is it still installed? %w",
+			l.Node, l.Instance, cur.otherNamespace, err)
+	}
+	if alive {
+		return &ConflictError{Instance: l.Instance, Namespace: l.Namespace, Other: cur.otherNamespace}
+	}
+	return nil
 }
 
 // patch sends one JSON merge patch naming only this instance's keys; a nil
@@ -275,7 +362,7 @@ func (l *Labeler) patch(ctx context.Context, label, digest *string, what string)
 	var node *corev1.Node
 	err = l.retry(ctx, func(ctx context.Context) error {
 		var err error
-		node, err = l.Client.CoreV1().Nodes().Patch(ctx, l.Node, types.MergePatchType, body, metav1.PatchOptions{})
+		node, err = l.Client.CoreV1().Nodes().Patch(ctx, l.Node, types.MergePatchType, body, metav1.PatchOptions{FieldManager: l.fieldManager()})
 		return err
 	})
 	if err != nil {

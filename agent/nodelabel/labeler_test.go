@@ -139,7 +139,7 @@ func TestPatchNamesOnlyThisInstance(t *testing.T) {
 	}
 	var patches []k8stesting.PatchAction
 	for _, a := range client.Actions() {
-		if p, ok := a.(k8stesting.PatchAction); ok {
+		if p, ok := a.(k8stesting.PatchActionImpl); ok {
 			patches = append(patches, p)
 		}
 	}
@@ -524,14 +524,18 @@ func TestWriteGivesUpOnlyWhenItsBudgetEnds(t *testing.T) {
 	if err == nil {
 		t.Fatal("Set succeeded against a server that is down")
 	}
-	if took < 400*time.Millisecond || took > 2*time.Second {
-		t.Errorf("Set gave up after %s, want when its 400 ms budget ended", took)
+	// Only a lower bound: how soon after the budget it returns depends on
+	// the machine's load.
+	if took < 400*time.Millisecond {
+		t.Errorf("Set gave up after %s, before its 400 ms budget ended", took)
 	}
 	if !utilnet.IsConnectionRefused(err) || !strings.Contains(err.Error(), "time budget") {
 		t.Errorf("error %q: want the last API error (connection refused) and the budget named", err)
 	}
-	if n := len(client.Actions()); n < 10 {
-		t.Errorf("%d requests in 400 ms with 10-20 ms between them, want many more: it stopped retrying", n)
+	// The backoff's two steps allow three requests; a write that keeps
+	// trying for its whole budget makes more (about 20 on an idle machine).
+	if n := len(client.Actions()); n <= 3 {
+		t.Errorf("%d requests in 400 ms with 10-20 ms between them: it stopped retrying when the backoff's steps ran out", n)
 	}
 }
 
@@ -655,5 +659,87 @@ func TestSetReportsWhetherItWrote(t *testing.T) {
 	// A new process (a second fetch) reads the node and writes nothing either.
 	if wrote, err := newLabeler(client).Set(context.Background(), digestA, Succeeded); err != nil || wrote {
 		t.Errorf("Set by a new labeler on a node that already says so: wrote %v, %v", wrote, err)
+	}
+}
+
+// Two instances of one name in different namespaces would write one cluster-wide label key:
+// the node's managed fields say which namespace's agent wrote the list annotation, and while
+// that instance lives, the other one touches nothing and says why; a stale writer (its
+// instance gone, its keys left behind) is taken over.
+func TestSecondInstanceOfANameLeavesTheNodeAlone(t *testing.T) {
+	node := newNode(map[string]string{Key(instance): string(Succeeded)}, map[string]string{AnnotationKey(instance): digestA})
+	node.ManagedFields = []metav1.ManagedFieldsEntry{{
+		Manager: FieldManagerPrefix + "team-a", Operation: metav1.ManagedFieldsOperationUpdate, FieldsType: "FieldsV1",
+		FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:metadata":{"f:annotations":{"f:` + AnnotationKey(instance) + `":{}},"f:labels":{"f:` + Key(instance) + `":{}}}}`)},
+	}}
+	for _, c := range []struct {
+		name       string
+		alive      bool
+		wantWrites int
+	}{{"the other instance lives", true, 0}, {"the other instance is gone", false, 1}} {
+		t.Run(c.name, func(t *testing.T) {
+			client := fake.NewClientset(node.DeepCopy())
+			l := newLabeler(client)
+			l.Namespace = "team-b"
+			var asked []string
+			l.InstanceAlive = func(_ context.Context, ns string) (bool, error) {
+				asked = append(asked, ns)
+				return c.alive, nil
+			}
+			_, err := l.Set(context.Background(), digestB, Failed)
+			var conflict *ConflictError
+			if c.alive && (!errors.As(err, &conflict) || conflict.Other != "team-a" || !strings.Contains(err.Error(), `also runs in namespace "team-a"`)) {
+				t.Errorf("Set: %v, want a conflict naming team-a", err)
+			}
+			if !c.alive && err != nil {
+				t.Errorf("Set over a stale writer: %v", err)
+			}
+			if _, err := l.Claim(context.Background(), digestA); c.alive && !errors.As(err, &conflict) {
+				t.Errorf("Claim: %v, want the conflict", err)
+			}
+			if n := countVerb(client, "patch"); n != c.wantWrites {
+				t.Errorf("%d patches, want %d", n, c.wantWrites)
+			}
+			if len(asked) == 0 || asked[0] != "team-a" {
+				t.Errorf("asked about %v, want team-a", asked)
+			}
+			got := getNode(t, client)
+			if c.alive && got.Labels[Key(instance)] != string(Succeeded) {
+				t.Errorf("the other instance's label changed to %q", got.Labels[Key(instance)])
+			}
+		})
+	}
+	// Its own namespace's writes are no conflict.
+	client := fake.NewClientset(node.DeepCopy())
+	l := newLabeler(client)
+	l.Namespace = "team-a"
+	l.InstanceAlive = func(context.Context, string) (bool, error) {
+		t.Error("asked about its own namespace")
+		return true, nil
+	}
+	if _, err := l.Set(context.Background(), digestA, Failed); err != nil {
+		t.Errorf("Set in the owning namespace: %v", err)
+	}
+}
+
+// Every write names the instance's namespace as its field manager.
+func TestWritesNameTheNamespaceAsFieldManager(t *testing.T) {
+	client := fake.NewClientset(newNode(nil, nil))
+	l := newLabeler(client)
+	l.Namespace = "team-a"
+	if _, err := l.Set(context.Background(), digestA, Succeeded); err != nil {
+		t.Fatal(err)
+	}
+	patches := 0
+	for _, a := range client.Actions() {
+		if p, ok := a.(k8stesting.PatchActionImpl); ok {
+			patches++
+			if got := p.GetPatchOptions().FieldManager; got != FieldManagerPrefix+"team-a" {
+				t.Errorf("field manager %q, want %s", got, FieldManagerPrefix+"team-a")
+			}
+		}
+	}
+	if patches == 0 {
+		t.Error("no patch")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -40,6 +41,34 @@ func ValidateTaint(key string, effect corev1.TaintEffect) error {
 		errs = append(errs, fmt.Errorf("taint effect %q: want NoSchedule, PreferNoSchedule or NoExecute", effect))
 	}
 	return errors.Join(errs...)
+}
+
+// StartupTaintPrefixes are the prefixes a startup taint's key may have: ours;
+// the node-readiness-controller's, whose rules remove taints under it from
+// Node conditions such as the instance's; and Cluster Autoscaler's, which
+// treats taints under it as startup taints without --startup-taint. The
+// name part is always the instance, so that the admission policy can tell the
+// agent's own taint from everyone else's (base/admission-policy.yaml lists
+// the same keys).
+var StartupTaintPrefixes = []string{Domain, "readiness.k8s.io", "startup-taint.cluster-autoscaler.kubernetes.io"}
+
+// StartupTaintKeys are the keys the instance's startup taint may have.
+func StartupTaintKeys(instance string) []string {
+	keys := make([]string, len(StartupTaintPrefixes))
+	for i, p := range StartupTaintPrefixes {
+		keys[i] = p + "/" + instance
+	}
+	return keys
+}
+
+// ValidateStartupTaintKey checks that key is one of the instance's
+// StartupTaintKeys.
+func ValidateStartupTaintKey(instance, key string) error {
+	if !slices.Contains(StartupTaintKeys(instance), key) {
+		return fmt.Errorf("taint key %q: want one of %s (the admission policy lets the agent remove only those)",
+			key, strings.Join(StartupTaintKeys(instance), ", "))
+	}
+	return nil
 }
 
 // StartupTaint removes the startup taint an instance gates its node with, once
@@ -145,7 +174,7 @@ func (s *StartupTaint) Sync(ctx context.Context, complete bool) (TaintState, err
 	if err != nil {
 		if apierrors.IsForbidden(err) {
 			return TaintAbsent, fmt.Errorf("node %s: remove startup taint %s: forbidden: the agent's ServiceAccount "+
-				"needs get and patch on nodes (and, with components/admission-policy, the policy's taint key and "+
+				"needs get and patch on nodes (and, with the bundle's admission policy, the policy's taint key and "+
 				"effect must be this one): %w", s.Node, s, err)
 		}
 		return TaintAbsent, fmt.Errorf("node %s: remove startup taint %s: %w", s.Node, s, err)

@@ -212,6 +212,21 @@ func TestValidateTaint(t *testing.T) {
 	}
 }
 
+// The startup taint's key is the instance's under one of three prefixes: the
+// admission policy tells the agent's own taint from others by that.
+func TestValidateStartupTaintKey(t *testing.T) {
+	for _, key := range []string{Key(instance), "readiness.k8s.io/" + instance, "startup-taint.cluster-autoscaler.kubernetes.io/" + instance} {
+		if err := ValidateStartupTaintKey(instance, key); err != nil {
+			t.Errorf("%s: %v", key, err)
+		}
+	}
+	for _, key := range []string{"readiness.k8s.io/other", "example.com/" + instance, instance, "node.kubernetes.io/not-ready"} {
+		if err := ValidateStartupTaintKey(instance, key); err == nil {
+			t.Errorf("%s: accepted", key)
+		}
+	}
+}
+
 // The condition type is valid by the rules of metav1.Condition's type (a
 // qualified name), for every valid instance name.
 func TestConditionTypeIsValid(t *testing.T) {

@@ -51,6 +51,12 @@ const (
 	DefaultStartJitter    = 2 * time.Second
 	DefaultClaimJitter    = 500 * time.Millisecond
 	DefaultReleaseTimeout = 5 * time.Second
+	// MaxLeaseDuration bounds LeaseDuration. Waiters also never trust a
+	// holder's Lease for longer than their own LeaseDuration, so one agent
+	// writing a huge leaseDurationSeconds cannot stall every other node's
+	// pulls (components/max-concurrent-nodes' admission policy refuses it
+	// too, with the same bound).
+	MaxLeaseDuration = 5 * time.Minute
 )
 
 // ErrLost is logged when a held slot was taken over by another node (this
@@ -113,8 +119,8 @@ func New(s Semaphore) (*Semaphore, error) {
 	if s.LeaseDuration == 0 {
 		s.LeaseDuration = DefaultLeaseDuration
 	}
-	if s.LeaseDuration < 3*time.Second {
-		return nil, fmt.Errorf("pull slots: lease duration %s is below 3s", s.LeaseDuration)
+	if s.LeaseDuration < 3*time.Second || s.LeaseDuration > MaxLeaseDuration {
+		return nil, fmt.Errorf("pull slots: lease duration %s is not within [3s, %s]", s.LeaseDuration, MaxLeaseDuration)
 	}
 	if s.StartJitter < 0 || s.ClaimJitter < 0 {
 		return nil, errors.New("pull slots: negative jitter")

@@ -303,6 +303,36 @@ func TestExpiredSlotOfDeadNodeIsReclaimed(t *testing.T) {
 	r.release()
 }
 
+// A holder that wrote an hour-long lease and stopped renewing (a bad or
+// broken agent) keeps the slot no longer than the waiter's own duration: it
+// cannot stall every other node's pulls.
+func TestHolderCannotStretchItsLease(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
+	bad, secs := "bad-node", int32(3600)
+	c := newClient(t, &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: "my-images-pull-slot-0", Namespace: ns, ResourceVersion: "7",
+			Labels: map[string]string{LabelName: "image-prefetcher", LabelInstance: "my-images", LabelComponent: "pull-slot"}},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: &bad, LeaseDurationSeconds: &secs},
+	})
+	b := newSem(t, c, "node-b", 1, clk)
+	ch := acquireAsync(context.Background(), b)
+	eventually(t, "b to wait on the expiry timer", func() bool { return countActions(c, "watch") >= 1 && clk.HasWaiters() })
+	clk.Step(31 * time.Second)
+	var r result
+	select {
+	case r = <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a slot held with an hour-long lease was not taken over after the waiter's 30s")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "node-b" {
+		t.Errorf("holder %q, want node-b", h)
+	}
+	r.release()
+}
+
 func TestRenewedWhileHeld(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	c := newClient(t)
@@ -415,6 +445,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		"upper instance": {Client: c, Namespace: ns, Instance: "X", Holder: "n", Slots: 1},
 		"no instance":    {Client: c, Namespace: ns, Holder: "n", Slots: 1},
 		"short lease":    {Client: c, Namespace: ns, Instance: "x", Holder: "n", Slots: 1, LeaseDuration: time.Second},
+		"long lease":     {Client: c, Namespace: ns, Instance: "x", Holder: "n", Slots: 1, LeaseDuration: MaxLeaseDuration + time.Second},
 	} {
 		if _, err := New(s); err == nil {
 			t.Errorf("%s: accepted", name)

@@ -221,9 +221,13 @@ func (w *waiter) free(i int, le *coordinationv1.Lease, now time.Time) (bool, tim
 		// Free, or ours from before a restart of this agent.
 		return true, time.Time{}
 	}
+	// The holder's own duration, but never longer than ours: all agents of
+	// an instance run with the same flag, and a larger value in a Lease is a
+	// misbehaving or malicious holder that would otherwise keep the slot
+	// from everyone for as long as it likes.
 	d := w.s.LeaseDuration
 	if secs := ptr.Deref(le.Spec.LeaseDurationSeconds, 0); secs > 0 {
-		d = time.Duration(secs) * time.Second
+		d = min(d, time.Duration(secs)*time.Second)
 	}
 	expiry := st.observed.Add(d)
 	return !now.Before(expiry), expiry

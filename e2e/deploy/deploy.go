@@ -32,6 +32,10 @@ import (
 type Options struct {
 	// Namespace and Instance name the instance (both required).
 	Namespace, Instance string
+	// OverlayNamespace, when set, is the namespace written into the instance overlay; a layer
+	// around it then moves the instance into Namespace, as Flux's targetNamespace or a wrapping
+	// kustomization with `namespace:` would.
+	OverlayNamespace string
 	// Flavor is the overlay the instance is made from (default vanilla; ocp for a CRI-O node).
 	Flavor string
 	// Images is the image list, one reference per entry (images.txt of the overlay).
@@ -87,7 +91,7 @@ func Overlay(root, dir string, o Options) (string, error) {
 	}
 	in := bundle.Instance{
 		Flavor:     flavor,
-		Namespace:  o.Namespace,
+		Namespace:  o.overlayNamespace(),
 		Name:       o.Instance,
 		Images:     []byte(ImagesFile(o.Images)),
 		Components: o.Components,
@@ -105,7 +109,37 @@ func Overlay(root, dir string, o Options) (string, error) {
 	if err := Wrap(e2e, "../overlays/"+flavor, o); err != nil {
 		return "", err
 	}
-	return e2e, nil
+	if o.overlayNamespace() == o.Namespace {
+		return e2e, nil
+	}
+	moved := filepath.Join(dir, "moved")
+	if err := os.MkdirAll(moved, 0o755); err != nil {
+		return "", fmt.Errorf("deploy %s: %w", o.Instance, err)
+	}
+	// The Namespace object the overlay brings is renamed with the rest (it is cluster-scoped, so
+	// `namespace:` alone would leave it, and the moved objects' namespace would not exist).
+	k := fmt.Sprintf(`# e2e only: the instance moved to another namespace after its overlay (see e2e/deploy).
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+namespace: %[1]s
+resources:
+- ../e2e
+patches:
+- target: {kind: Namespace, name: %[2]s}
+  patch: |-
+    - {op: replace, path: /metadata/name, value: %[1]s}
+`, o.Namespace, o.overlayNamespace())
+	if err := os.WriteFile(filepath.Join(moved, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		return "", fmt.Errorf("deploy %s: %w", o.Instance, err)
+	}
+	return moved, nil
+}
+
+func (o Options) overlayNamespace() string {
+	if o.OverlayNamespace != "" {
+		return o.OverlayNamespace
+	}
+	return o.Namespace
 }
 
 // Build renders Overlay's result with the bundle's (Flux-like) kustomize options.
@@ -132,7 +166,7 @@ func Wrap(dir, resource string, o Options) error {
 	smp := map[string]any{
 		"apiVersion": "apps/v1",
 		"kind":       "DaemonSet",
-		"metadata":   map[string]any{"name": o.Instance, "namespace": o.Namespace},
+		"metadata":   map[string]any{"name": o.Instance, "namespace": o.overlayNamespace()},
 		"spec": map[string]any{"template": map[string]any{"spec": map[string]any{
 			"hostNetwork": true,
 			"dnsPolicy":   "ClusterFirstWithHostNet",
@@ -172,12 +206,15 @@ func Wrap(dir, resource string, o Options) error {
 	files := map[string]any{"daemonset-patch.json": smp, "daemonset-ops.json": ops}
 	collectorPatch := ""
 	if o.CollectorGRPCPort != 0 {
+		// The product's arguments stay (who may write, the bounds); the addresses given last win.
+		// Like the agent, the collector reaches the API server (its TokenReviews) on loopback.
 		files["collector-ops.json"] = []map[string]any{
 			{"op": "add", "path": "/spec/template/spec/hostNetwork", "value": true},
 			{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": o.AgentImage},
-			{"op": "replace", "path": "/spec/template/spec/containers/0/args", "value": []any{
-				"collect", fmt.Sprintf("--grpc-address=:%d", o.CollectorGRPCPort), fmt.Sprintf("--http-address=:%d", o.CollectorHTTPPort),
-			}},
+			{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": fmt.Sprintf("--grpc-address=:%d", o.CollectorGRPCPort)},
+			{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": fmt.Sprintf("--http-address=:%d", o.CollectorHTTPPort)},
+			{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"}},
+			{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}},
 			{"op": "replace", "path": "/spec/template/spec/containers/0/ports", "value": []any{
 				map[string]any{"name": "grpc", "containerPort": o.CollectorGRPCPort, "hostPort": o.CollectorGRPCPort, "protocol": "TCP"},
 				map[string]any{"name": "http", "containerPort": o.CollectorHTTPPort, "hostPort": o.CollectorHTTPPort, "protocol": "TCP"},
