@@ -24,6 +24,7 @@ import (
 	kustomizev1 "github.com/fluxcd/kustomize-controller/api/v1"
 	"github.com/fluxcd/pkg/apis/meta"
 	sourcev1 "github.com/fluxcd/source-controller/api/v1"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	apimeta "k8s.io/apimachinery/pkg/api/meta"
@@ -145,7 +146,9 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 	}
 	requireFailedEvent(ctx, t, in, missing)
 
-	// 4. The instance removed from Git: every object goes, the node keeps label and annotation.
+	// 4. The instance removed from Git: every object goes but its Namespace, which the overlays
+	// mark for Flux never to prune (another instance may share it); the node keeps label and
+	// annotation.
 	applied := inventoryIDs(k)
 	start = time.Now()
 	rev = repo.commit(in, false, "remove the instance")
@@ -156,12 +159,18 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 		t.Errorf("inventory after the removal: %v", left)
 	}
 	err := wait.PollUntilContextCancel(ctx, 500*time.Millisecond, true, func(ctx context.Context) (bool, error) {
-		var ns corev1.Namespace
-		err := c.Get(ctx, client.ObjectKey{Name: in.opts.Namespace}, &ns)
+		var ds appsv1.DaemonSet
+		err := c.Get(ctx, client.ObjectKey{Namespace: in.opts.Namespace, Name: in.name()}, &ds)
 		return apierrors.IsNotFound(err), nil
 	})
 	if err != nil {
-		t.Errorf("namespace %s of the removed instance still there: %v (inventory was %v)", in.opts.Namespace, err, applied)
+		t.Errorf("DaemonSet %s/%s of the removed instance still there: %v (inventory was %v)", in.opts.Namespace, in.name(), err, applied)
+	}
+	var ns corev1.Namespace
+	if err := c.Get(ctx, client.ObjectKey{Name: in.opts.Namespace}, &ns); err != nil || ns.DeletionTimestamp != nil {
+		t.Errorf("namespace %s after the removal: %v (deleting: %v), want it kept (prune disabled)", in.opts.Namespace, err, ns.DeletionTimestamp)
+	} else if err := c.Delete(ctx, &ns); err != nil {
+		t.Errorf("delete namespace %s: %v", in.opts.Namespace, err)
 	}
 	if s := in.node(ctx); s.label != "failed" || s.list == "" {
 		t.Errorf("node after the removal: %s, want label and annotation left as they were", s)
