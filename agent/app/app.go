@@ -260,6 +260,7 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 				}
 			}
 			labeler.InstanceAlive = instanceAlive(sa, opts.Instance)
+			p.kube = sa
 		}
 		p.events = &nodelabel.Events{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
 		p.setupNodeGate(client)
@@ -372,6 +373,9 @@ func (p *prefetcher) serve(ctx context.Context) int {
 	if err != nil && !errors.Is(context.Cause(ctx), errShutdown) {
 		p.log.Error("agent stopped", "error", err.Error())
 		return ExitFailed
+	}
+	if errors.Is(context.Cause(ctx), errShutdown) {
+		p.leave(ctx)
 	}
 	p.log.Info("agent stopped")
 	return ExitOK

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"k8s.io/client-go/kubernetes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/credentials"
@@ -34,6 +35,8 @@ type labelWriter interface {
 	// CheckOwner fails with a *nodelabel.ConflictError while another
 	// namespace's instance of this name holds the node's keys.
 	CheckOwner(ctx context.Context) error
+	// Remove deletes the label and list annotation (the agent leaves the node).
+	Remove(ctx context.Context) error
 }
 
 type eventReporter interface {
@@ -59,6 +62,9 @@ type prefetcher struct {
 	// nodeGate: the startup taint and the Node condition (nodegate.go), nil
 	// unless asked for.
 	nodeGate *nodeGate
+	// kube reads the instance's DaemonSet as the ServiceAccount (leave.go);
+	// nil without --label or --namespace.
+	kube kubernetes.Interface
 
 	// client is the CRI connection, dialled lazily and kept across passes.
 	client *cri.Client

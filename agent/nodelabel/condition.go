@@ -180,3 +180,55 @@ func (c *Condition) describe(what string, err error) error {
 	}
 	return fmt.Errorf("node %s: %s: %w", c.Node, what, err)
 }
+
+// Remove deletes this instance's condition from the node's status, for an
+// agent that leaves the node (its DaemonSet gone, or its placement no longer
+// selecting the node). Removing a condition that is not there writes nothing.
+func (c *Condition) Remove(ctx context.Context) (wrote bool, err error) {
+	if c.Client == nil || c.Node == "" {
+		return false, errors.New("node condition: no Kubernetes client or node name")
+	}
+	if err := ValidateInstance(c.Instance); err != nil {
+		return false, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	timeout := c.WriteTimeout
+	if timeout <= 0 {
+		timeout = DefaultWriteTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	defer cancel()
+	typ := ConditionType(c.Instance)
+	err = retryTransient(ctx, c.Backoff, c.RequestTimeout, func(ctx context.Context) error {
+		node, err := c.Client.CoreV1().Nodes().Get(ctx, c.Node, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if findCondition(node.Status.Conditions, typ) == nil {
+			wrote = false
+			return nil
+		}
+		// The conditions list merges by type: this deletes only ours.
+		body, err := json.Marshal(map[string]any{
+			"metadata": map[string]any{"resourceVersion": node.ResourceVersion},
+			"status": map[string]any{"conditions": []map[string]any{
+				{"type": string(typ), "$patch": "delete"},
+			}},
+		})
+		if err != nil {
+			return fmt.Errorf("encode patch: %w", err)
+		}
+		if _, err := c.Client.CoreV1().Nodes().Patch(ctx, c.Node, types.StrategicMergePatchType, body,
+			metav1.PatchOptions{}, "status"); err != nil {
+			return err
+		}
+		wrote = true
+		return nil
+	})
+	c.known = nil
+	if err != nil {
+		return false, c.describe(fmt.Sprintf("remove condition %s", typ), err)
+	}
+	return wrote, nil
+}

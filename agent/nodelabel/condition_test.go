@@ -225,3 +225,32 @@ func TestClaim(t *testing.T) {
 		t.Errorf("%d reads of the node, want 1 (the cache serves the rest)", n)
 	}
 }
+
+// Remove deletes only this instance's condition, and writes nothing when it is
+// already gone.
+func TestConditionRemove(t *testing.T) {
+	client := fake.NewClientset(conditionNode())
+	now := time.Unix(2000, 0)
+	c := newCondition(client, &now)
+	if _, err := c.Set(context.Background(), corev1.ConditionTrue, ConditionReasonPresent, "all 3 images"); err != nil {
+		t.Fatal(err)
+	}
+	wrote, err := c.Remove(context.Background())
+	if err != nil || !wrote {
+		t.Fatalf("Remove = %v, %v; want a write", wrote, err)
+	}
+	if got := ourCondition(t, client); got != nil {
+		t.Errorf("condition after Remove: %+v", got)
+	}
+	conds := getNode(t, client).Status.Conditions
+	if len(conds) != 1 || conds[0].Type != corev1.NodeReady {
+		t.Errorf("other conditions after Remove: %+v, want the kubelet's Ready only", conds)
+	}
+	before := len(statusPatches(client))
+	if wrote, err := c.Remove(context.Background()); err != nil || wrote {
+		t.Errorf("second Remove = %v, %v; want no write", wrote, err)
+	}
+	if n := len(statusPatches(client)) - before; n != 0 {
+		t.Errorf("second Remove patched %d times", n)
+	}
+}

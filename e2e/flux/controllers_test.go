@@ -172,8 +172,10 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 	} else if err := c.Delete(ctx, &ns); err != nil {
 		t.Errorf("delete namespace %s: %v", in.opts.Namespace, err)
 	}
-	if s := in.node(ctx); s.label != "failed" || s.list == "" {
-		t.Errorf("node after the removal: %s, want label and annotation left as they were", s)
+	// The stopping agent withdraws them when its RBAC outlived its DaemonSet (Flux prunes them in
+	// one go, so either may happen); nothing else may be there.
+	if s := in.node(ctx); (s.label != "failed" || s.list == "") && (s.hasLabel || s.list != "") {
+		t.Errorf("node after the removal: %s, want label and annotation left as they were, or both withdrawn", s)
 	}
 }
 
