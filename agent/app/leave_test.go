@@ -111,7 +111,6 @@ func leaveFixture(t *testing.T, objs ...runtime.Object) (*prefetcher, *fake.Clie
 		t.Fatal(err)
 	}
 	t.Cleanup(p.close)
-	p.pins.socket = imgs.Path()
 	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Failed {
 		t.Fatalf("pass: %v, %s; want failed", err, rep.State)
 	}

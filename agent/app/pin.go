@@ -23,16 +23,11 @@ type pinning struct {
 	// the pass (only a pull can drop a pin: containerd 2.x rewrites the
 	// record's labels). Written only between passes, read by the pulls.
 	pinned map[string]bool
-	// socket is where containerd's API is served when not on the CRI socket
-	// (tests only).
-	socket string
 }
 
+// close forgets the pinner; its connection is the CRI client's.
 func (s *pinning) close() {
-	if s.pinner != nil {
-		s.pinner.Client.Close()
-		s.pinner = nil
-	}
+	s.pinner = nil
 	s.pinned = nil
 }
 
@@ -59,26 +54,17 @@ func (p *prefetcher) startPinning(ctx context.Context, c *cri.Client) error {
 		// instance nothing can have been pinned as ours.
 		return nil
 	}
-	if c.RuntimeName != pin.RuntimeName {
+	if !c.IsContainerd() {
 		if p.opts.PinImages {
 			return pinUnsupported(c, nil)
 		}
 		return nil
 	}
-	path := p.pins.socket
-	if path == "" {
-		path = c.Path
-	}
-	client, err := pin.Dial(path, p.opts.DialTimeout)
-	if err != nil {
-		return fmt.Errorf("containerd images API: %w", err)
-	}
-	pinner := &pin.Pinner{Client: client, Instance: p.opts.Instance}
+	pinner := &pin.Pinner{Client: pin.NewClient(c.Conn(), p.opts.DialTimeout), Instance: p.opts.Instance}
 	if p.opts.PinImages {
 		owned, err := pinner.Owned(ctx)
 		switch {
 		case errors.Is(err, pin.ErrUnsupported):
-			client.Close()
 			return pinUnsupported(c, err)
 		case err != nil:
 			// Not the runtime's kind, only this call: the pass goes on and

@@ -22,23 +22,20 @@ import (
 // every image CRI holds or will pull, as containerd's CRI keeps them.
 func pinRuntime(t *testing.T, refs ...string) (*critest.Server, *pintest.Server) {
 	t.Helper()
-	c := critest.Start(t)
-	c.SetRuntimeName(pin.RuntimeName)
-	imgs := pintest.Start(t)
+	imgs := pintest.New()
+	c := critest.Start(t, imgs.Register)
+	c.SetRuntimeName(cri.RuntimeContainerd)
 	for _, r := range refs {
 		imgs.Add(r, map[string]string{"io.cri-containerd.image": "managed"})
 	}
 	return c, imgs
 }
 
-func newPinPrefetcher(t *testing.T, c *critest.Server, imgs *pintest.Server, list string, pinImages bool) (*prefetcher, *bytes.Buffer) {
+func newPinPrefetcher(t *testing.T, c *critest.Server, list string, pinImages bool) (*prefetcher, *bytes.Buffer) {
 	t.Helper()
 	o := testOptions(c.Path(), list)
 	o.PinImages = pinImages
 	p, _, logs := newTestPrefetcher(t, o)
-	if imgs != nil {
-		p.pins.socket = imgs.Path()
-	}
 	return p, logs
 }
 
@@ -86,7 +83,7 @@ func TestPinImagesPinsWhatIsPresentAndReleasesWhatLeavesTheList(t *testing.T) {
 	c.OnPull(missing, critest.NotFound(missing))
 	const unlisted = "registry.test/app/unlisted:1"
 	imgs.Add(unlisted, nil)
-	p, logs := newPinPrefetcher(t, c, imgs, writeList(t, present, pullable, missing), true)
+	p, logs := newPinPrefetcher(t, c, writeList(t, present, pullable, missing), true)
 
 	rep, err := p.pass(context.Background())
 	if err != nil {
@@ -136,7 +133,7 @@ func TestPinFailureDoesNotChangeTheLabel(t *testing.T) {
 	c, imgs := pinRuntime(t, present)
 	c.AddImage(present, critest.Image{Size: 10})
 	imgs.FailUpdates(present, codes.Unavailable)
-	p, logs := newPinPrefetcher(t, c, imgs, writeList(t, present), true)
+	p, logs := newPinPrefetcher(t, c, writeList(t, present), true)
 
 	rep, err := p.pass(context.Background())
 	if err != nil || rep.State != nodelabel.Succeeded || rep.LabelErr != nil {
@@ -164,7 +161,7 @@ func TestPinImagesOffReleasesThisInstancesPins(t *testing.T) {
 	c.AddImage(present, critest.Image{Size: 10})
 	c.AddImage(pullable, critest.Image{Size: 10})
 	list := writeList(t, present, pullable)
-	on, _ := newPinPrefetcher(t, c, imgs, list, true)
+	on, _ := newPinPrefetcher(t, c, list, true)
 	if _, err := on.pass(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -172,12 +169,11 @@ func TestPinImagesOffReleasesThisInstancesPins(t *testing.T) {
 	other := testOptions(c.Path(), list)
 	other.Instance, other.PinImages = "other", true
 	op, _, _ := newTestPrefetcher(t, other)
-	op.pins.socket = imgs.Path()
 	if _, err := op.pass(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 
-	off, logs := newPinPrefetcher(t, c, imgs, list, false)
+	off, logs := newPinPrefetcher(t, c, list, false)
 	if _, err := off.pass(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -202,14 +198,14 @@ func TestPinImagesFailsThePassOnARuntimeWithoutContainerdsAPI(t *testing.T) {
 		{"CRI-O", cri.RuntimeCRIO},
 		// A containerd-named runtime whose socket serves no images API
 		// (critest serves CRI only): Unimplemented.
-		{"no images service", pin.RuntimeName},
+		{"no images service", cri.RuntimeContainerd},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := critest.Start(t)
 			c.SetRuntimeName(tc.runtime)
 			c.AddImage(present, critest.Image{Size: 10})
 			list := writeList(t, present, pullable)
-			p, _ := newPinPrefetcher(t, c, nil, list, true)
+			p, _ := newPinPrefetcher(t, c, list, true)
 			rep, err := p.pass(context.Background())
 			if err == nil || rep.State != nodelabel.Failed {
 				t.Fatalf("pass with --pin-images: state %s, err %v; want failed with an error", rep.State, err)
@@ -224,7 +220,7 @@ func TestPinImagesFailsThePassOnARuntimeWithoutContainerdsAPI(t *testing.T) {
 			}
 
 			// Off, the same runtime is fine.
-			p, logs := newPinPrefetcher(t, c, nil, list, false)
+			p, logs := newPinPrefetcher(t, c, list, false)
 			if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
 				t.Errorf("pass without --pin-images: state %s, err %v", rep.State, err)
 			}
@@ -271,7 +267,6 @@ func TestEachImageIsPinnedBeforeTheNextPullStarts(t *testing.T) {
 	o := testOptions(c.Path(), writeList(t, present, pullable, third))
 	o.PinImages, o.MaxParallelPulls = true, 1
 	p, _, logs := newTestPrefetcher(t, o)
-	p.pins.socket = imgs.Path()
 
 	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
 		t.Fatalf("pass: %s %v\n%s", rep.State, err, logs)
@@ -296,5 +291,25 @@ func TestEachImageIsPinnedBeforeTheNextPullStarts(t *testing.T) {
 	}
 	if n := imgs.Updates() - before; n != 0 {
 		t.Errorf("a steady pass wrote %d pin labels", n)
+	}
+}
+
+// The runtime is reached over one connection: CRI, containerd's images API
+// (pins) and its leases and content APIs (progress) share it, across passes.
+// cri.Dial's probe connect before it is the only other one.
+func TestOneRuntimeConnection(t *testing.T) {
+	c, imgs := pinRuntime(t, present, pullable)
+	c.AddImage(present, critest.Image{Size: 10})
+	p, _ := newPinPrefetcher(t, c, writeList(t, present, pullable), true)
+	for range 3 {
+		if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
+			t.Fatalf("pass: %s, %v", rep.State, err)
+		}
+	}
+	if !isPinnedBy(imgs, pullable, testInstance) || p.progress.source == nil {
+		t.Fatalf("pins and progress not in use: pinned %v, progress %v", isPinnedBy(imgs, pullable, testInstance), p.progress.source != nil)
+	}
+	if got := c.Accepted(); got != 2 {
+		t.Errorf("connections to the runtime's socket: %d, want 2 (cri.Dial's probe and the one gRPC connection)", got)
 	}
 }

@@ -2,7 +2,6 @@ package app
 
 import (
 	"github.com/nodeprefetch/image-prefetcher/agent/cri"
-	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -12,9 +11,6 @@ type progressFollowing struct {
 	// watcher is set once the runtime is known to be a containerd.
 	watcher *progress.Watcher
 	source  *progress.Containerd
-	// socket is where containerd's API is served when not on the CRI socket
-	// (tests only).
-	socket string
 }
 
 // engine is what the pull engine follows progress with; nil when nothing.
@@ -25,10 +21,8 @@ func (s *progressFollowing) engine() pull.Progress {
 	return s.watcher
 }
 
+// close forgets the watcher; its connection is the CRI client's.
 func (s *progressFollowing) close() {
-	if s.source != nil {
-		s.source.Close()
-	}
 	s.watcher, s.source = nil, nil
 }
 
@@ -41,7 +35,7 @@ func (p *prefetcher) startProgress(c *cri.Client) {
 	if p.cfg.ProgressTimeout <= 0 {
 		return
 	}
-	if c.RuntimeName != pin.RuntimeName {
+	if !c.IsContainerd() {
 		msg := "pull progress not followed: only containerd shows it; attempts end at their escalating timeouts"
 		if cri.JoinsConcurrentPulls(c.RuntimeName) {
 			msg += " (CRI-O: its own pull_progress_timeout in [crio.image] ends a pull whose bytes stopped)"
@@ -49,15 +43,7 @@ func (p *prefetcher) startProgress(c *cri.Client) {
 		p.log.Info(msg, "runtime", c.RuntimeName)
 		return
 	}
-	path := p.progress.socket
-	if path == "" {
-		path = c.Path
-	}
-	src, err := progress.Dial(path, p.opts.Instance)
-	if err != nil {
-		p.log.Warn("pull progress not followed: attempts end at their escalating timeouts", "error", err.Error())
-		return
-	}
+	src := progress.NewContainerd(c.Conn(), p.opts.Instance)
 	p.progress.source = src
 	p.progress.watcher = &progress.Watcher{Source: src, LogInterval: p.opts.PullProgressLogInterval, Log: p.log, Recorder: p.metrics}
 	p.log.Info("following pull progress through containerd's content API", "noProgressWindow", p.cfg.ProgressTimeout,

@@ -106,6 +106,16 @@ type Client struct {
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 
+// Conn is the runtime's one connection. containerd serves its own APIs
+// (images, leases, content) on the CRI socket, so pinning and progress use
+// their clients on this connection instead of dialling the socket again.
+func (c *Client) Conn() grpc.ClientConnInterface { return c.conn }
+
+// IsContainerd reports whether the runtime is a containerd (k3s and rke2
+// embed one and report the same name): the one runtime whose own images,
+// leases and content APIs the agent uses, for pins and pull progress.
+func (c *Client) IsContainerd() bool { return c.RuntimeName == RuntimeContainerd }
+
 // Dial connects to the runtime at endpoint (a path or a unix:// URL) and calls
 // RuntimeService.Version within timeout (DefaultTimeout when zero), so a
 // missing socket, a socket nobody listens on or a runtime that does not answer
@@ -199,8 +209,13 @@ func versionError(path string, timeout time.Duration, err, dialErr error) error 
 	}
 }
 
-// RuntimeCRIO is the RuntimeName CRI-O reports in Version.
-const RuntimeCRIO = "cri-o"
+// RuntimeName values reported in CRI Version.
+const (
+	RuntimeCRIO = "cri-o"
+	// RuntimeContainerd: containerd, and the containerd embedded in k3s and
+	// rke2.
+	RuntimeContainerd = "containerd"
+)
 
 // JoinsConcurrentPulls reports whether the runtime makes a second PullImage of
 // an image wait for the one already in flight instead of fetching it on a

@@ -23,7 +23,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net"
 	"slices"
 	"strings"
 	"time"
@@ -32,7 +31,6 @@ import (
 	"github.com/distribution/reference"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
@@ -46,9 +44,6 @@ const (
 	// NamespaceHeader is the gRPC metadata key containerd reads the namespace
 	// of a request from.
 	NamespaceHeader = "containerd-namespace"
-	// RuntimeName is what containerd (and the containerd embedded in k3s and
-	// rke2) reports as RuntimeName in CRI Version.
-	RuntimeName = "containerd"
 
 	// PinLabel=PinValue on an image record makes containerd's CRI report the
 	// image pinned.
@@ -91,7 +86,6 @@ var ErrUnsupported = errors.New("the runtime does not serve containerd's images 
 // Client calls containerd's images service in Namespace.
 type Client struct {
 	images imagesapi.ImagesClient
-	conn   *grpc.ClientConn
 	// timeout bounds each call, so a runtime that hangs cannot hang a pass.
 	timeout time.Duration
 }
@@ -99,40 +93,13 @@ type Client struct {
 // DefaultTimeout bounds each call when none is given.
 const DefaultTimeout = 5 * time.Second
 
-// Dial returns a client of containerd's images API on the unix socket at
-// path. It connects lazily: the first call tells whether the API is there.
-func Dial(path string, timeout time.Duration) (*Client, error) {
-	var d net.Dialer
-	conn, err := grpc.NewClient("passthrough:///"+path,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return d.DialContext(ctx, "unix", addr)
-		}),
-		// Nodes may hold thousands of image records; the kubelet allows as much.
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(16*1024*1024)),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("containerd socket %s: %w", path, err)
-	}
-	c := NewClient(conn, timeout)
-	c.conn = conn
-	return c, nil
-}
-
-// NewClient returns a client on an existing connection (closed by its owner).
+// NewClient returns a client on the runtime's connection (cri.Client.Conn),
+// which its owner closes.
 func NewClient(conn grpc.ClientConnInterface, timeout time.Duration) *Client {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
 	return &Client{images: imagesapi.NewImagesClient(conn), timeout: timeout}
-}
-
-// Close closes a connection made by Dial.
-func (c *Client) Close() error {
-	if c.conn == nil {
-		return nil
-	}
-	return c.conn.Close()
 }
 
 // call returns the context of one call: in Namespace, within the timeout.

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"sync"
 	"time"
 
@@ -17,7 +16,6 @@ import (
 	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -59,7 +57,6 @@ const (
 type Containerd struct {
 	leases  leasesapi.LeasesClient
 	content contentapi.ContentClient
-	conn    *grpc.ClientConn
 	// Instance is part of each lease's name, so two instances pulling the
 	// same image keep leases of their own.
 	Instance string
@@ -88,36 +85,11 @@ type blob struct {
 	fetched bool // written under the lease, not found on the node already
 }
 
-// Dial returns a Containerd on the unix socket at path. It connects lazily.
-func Dial(path, instance string) (*Containerd, error) {
-	var d net.Dialer
-	conn, err := grpc.NewClient("passthrough:///"+path,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return d.DialContext(ctx, "unix", addr)
-		}),
-	)
-	if err != nil {
-		return nil, fmt.Errorf("containerd socket %s: %w", path, err)
-	}
-	c := NewContainerd(conn, instance)
-	c.conn = conn
-	return c, nil
-}
-
-// NewContainerd returns a Containerd on an existing connection (closed by its
-// owner).
+// NewContainerd returns a Containerd on the runtime's connection
+// (cri.Client.Conn), which its owner closes.
 func NewContainerd(conn grpc.ClientConnInterface, instance string) *Containerd {
 	return &Containerd{leases: leasesapi.NewLeasesClient(conn), content: contentapi.NewContentClient(conn),
 		Instance: instance, leased: map[string]*leaseState{}}
-}
-
-// Close closes a connection made by Dial.
-func (c *Containerd) Close() error {
-	if c.conn == nil {
-		return nil
-	}
-	return c.conn.Close()
 }
 
 // LeaseID is the lease of instance's pulls of image: stable, so that the

@@ -15,6 +15,7 @@ import (
 	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -222,11 +223,7 @@ func (f *fakeContainerd) commit(lease, ref, digest string, data []byte, size int
 
 func TestContainerdSourceFollowsALease(t *testing.T) {
 	f, path := startFake(t)
-	src, err := progress.Dial(path, "team-a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
+	src := progress.NewContainerd(dial(t, path), "team-a")
 	ctx := context.Background()
 	const image = "registry.example/app:1"
 	key, fresh, err := src.Open(ctx, image)
@@ -321,11 +318,7 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 
 func TestContainerdSourceReplacesAnOldLease(t *testing.T) {
 	f, path := startFake(t)
-	src, err := progress.Dial(path, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
+	src := progress.NewContainerd(dial(t, path), "")
 	id := progress.LeaseID("", "busybox")
 	f.mu.Lock()
 	f.leases[id] = &leasesapi.Lease{ID: id, CreatedAt: timestamppb.New(time.Now().Add(-13 * time.Hour))}
@@ -349,11 +342,7 @@ func TestContainerdSourceOnARuntimeWithoutTheAPI(t *testing.T) {
 	s := grpc.NewServer() // serves nothing: every call is Unimplemented
 	go s.Serve(l)         //nolint:errcheck // ends with Stop
 	defer s.Stop()
-	src, err := progress.Dial(path, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
+	src := progress.NewContainerd(dial(t, path), "")
 	_, _, err = src.Open(context.Background(), "busybox")
 	if err == nil || !strings.Contains(err.Error(), "lease") || !errors.Is(err, progress.ErrUnsupported) {
 		t.Errorf("Open = %v, want ErrUnsupported", err)
@@ -364,11 +353,7 @@ func TestContainerdSourceOnARuntimeWithoutTheAPI(t *testing.T) {
 // that holds partial blobs stays for the next pass.
 func TestContainerdSourceReleasesAnEmptyLeaseOfAFailedImage(t *testing.T) {
 	f, path := startFake(t)
-	src, err := progress.Dial(path, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
+	src := progress.NewContainerd(dial(t, path), "")
 	ctx := context.Background()
 	empty, _, err := src.Open(ctx, "registry.example/missing:1")
 	if err != nil {
@@ -392,4 +377,16 @@ func TestContainerdSourceReleasesAnEmptyLeaseOfAFailedImage(t *testing.T) {
 	if _, ok := f.leases[partial]; !ok {
 		t.Error("the lease holding a partial blob was deleted")
 	}
+}
+
+// dial connects to the fake's socket as the agent's one runtime connection
+// (cri.Client.Conn) would.
+func dial(t *testing.T, path string) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }

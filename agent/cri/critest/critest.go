@@ -168,6 +168,31 @@ type Server struct {
 	maxInflight  int
 	calls        []Call
 	runtimeName  string
+	accepted     int
+}
+
+// counting counts the connections its listener accepts.
+type counting struct {
+	net.Listener
+	s *Server
+}
+
+func (l counting) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err == nil {
+		l.s.mu.Lock()
+		l.s.accepted++
+		l.s.mu.Unlock()
+	}
+	return c, err
+}
+
+// Accepted counts the connections made to the socket Listen serves (a
+// client's probe connect included).
+func (s *Server) Accepted() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.accepted
 }
 
 var (
@@ -193,8 +218,10 @@ func New() *Server {
 }
 
 // Start starts a server on a socket in a temporary directory and stops it when
-// the test ends.
-func Start(t testing.TB) *Server {
+// the test ends. Each of services registers another API on the same gRPC
+// server before it serves (containerd's images API from pintest, say), so that
+// the socket serves what a containerd's serves.
+func Start(t testing.TB, services ...func(*grpc.Server)) *Server {
 	t.Helper()
 	dir := t.TempDir()
 	if len(dir) > 90 { // unix socket paths are limited to 108 bytes
@@ -205,6 +232,9 @@ func Start(t testing.TB) *Server {
 		t.Cleanup(func() { os.RemoveAll(dir) })
 	}
 	s := New()
+	for _, register := range services {
+		register(s.grpc)
+	}
 	if err := s.Listen(filepath.Join(dir, "cri.sock")); err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +251,7 @@ func (s *Server) Listen(path string) error {
 	s.mu.Lock()
 	s.path = path
 	s.mu.Unlock()
-	go s.grpc.Serve(l) //nolint:errcheck // Serve returns when Stop closes the listener
+	go s.grpc.Serve(counting{l, s}) //nolint:errcheck // Serve returns when Stop closes the listener
 	return nil
 }
 

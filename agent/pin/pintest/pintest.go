@@ -9,7 +9,12 @@
 //
 //	srv := pintest.Start(t)
 //	srv.Add("docker.io/library/busybox:latest", nil)
-//	c, _ := pin.Dial(srv.Path(), 0)
+//	c := pin.NewClient(conn, 0) // conn: a gRPC connection to srv.Path()
+//
+// Served beside a fake CRI on one socket, as containerd serves both:
+//
+//	imgs := pintest.New()
+//	cri := critest.Start(t, imgs.Register)
 package pintest
 
 import (
@@ -39,7 +44,6 @@ import (
 type Server struct {
 	imagesapi.UnimplementedImagesServer
 
-	grpc *grpc.Server
 	path string
 
 	mu      sync.Mutex
@@ -51,8 +55,17 @@ type Server struct {
 
 var _ imagesapi.ImagesServer = (*Server)(nil)
 
-// Start serves a new fake on a socket in a temporary directory; it stops when
-// the test ends.
+// New returns a fake that serves nothing yet: Register it on a gRPC server
+// (beside a fake CRI, as containerd serves both on one socket), or use Start.
+func New() *Server {
+	return &Server{records: map[string]map[string]*imagesapi.Image{}, fail: map[string]codes.Code{}}
+}
+
+// Register serves the fake's images API on g.
+func (s *Server) Register(g *grpc.Server) { imagesapi.RegisterImagesServer(g, s) }
+
+// Start serves a new fake on a socket of its own in a temporary directory; it
+// stops when the test ends.
 func Start(t testing.TB) *Server {
 	t.Helper()
 	dir := t.TempDir()
@@ -63,20 +76,20 @@ func Start(t testing.TB) *Server {
 		}
 		t.Cleanup(func() { os.RemoveAll(dir) })
 	}
-	s := &Server{records: map[string]map[string]*imagesapi.Image{}, fail: map[string]codes.Code{}}
+	s := New()
 	s.path = filepath.Join(dir, "containerd.sock")
 	l, err := net.Listen("unix", s.path)
 	if err != nil {
 		t.Fatalf("pintest: listen: %v", err)
 	}
-	s.grpc = grpc.NewServer()
-	imagesapi.RegisterImagesServer(s.grpc, s)
-	go s.grpc.Serve(l)
-	t.Cleanup(s.grpc.Stop)
+	g := grpc.NewServer()
+	s.Register(g)
+	go g.Serve(l) //nolint:errcheck // ends with Stop
+	t.Cleanup(g.Stop)
 	return s
 }
 
-// Path is the socket path.
+// Path is the socket path of a fake made by Start.
 func (s *Server) Path() string { return s.path }
 
 // Add creates (or replaces) the record name in pin.Namespace with labels.
