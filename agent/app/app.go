@@ -23,7 +23,6 @@ import (
 	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
-	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 	"github.com/nodeprefetch/image-prefetcher/agent/pullslots"
 )
 
@@ -210,29 +209,9 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 	if err != nil {
 		return nil, err
 	}
-	policy, err := pull.ParsePolicy(opts.PullPolicy)
-	if err != nil {
-		return nil, fmt.Errorf("--pull-policy: %w", err)
-	}
-	cfg := pull.Config{
-		MaxParallel:           opts.MaxParallelPulls,
-		Policy:                policy,
-		InitialAttemptTimeout: opts.InitialPullAttemptTimeout,
-		MaxAttemptTimeout:     opts.MaxPullAttemptTimeout,
-		InitialDelay:          opts.InitialPullAttemptDelay,
-		MaxDelay:              opts.MaxPullAttemptDelay,
-		OverallTimeout:        opts.OverallTimeout,
-		MaxAttempts:           opts.MaxAttempts,
-		HedgeAfter:            opts.HedgeAfter,
-		MaxHedges:             opts.MaxHedges,
-		ProgressTimeout:       opts.PullProgressTimeout,
-	}
-	if err := cfg.Validate(); err != nil {
-		return nil, err
-	}
 	p := &prefetcher{
 		opts:       opts,
-		cfg:        cfg,
+		cfg:        opts.Pull,
 		metrics:    metrics.New(),
 		readiness:  &health.Readiness{},
 		retryAfter: defaultRetryAfter,

@@ -47,9 +47,9 @@ func testOptions(socket, list string) *Options {
 	o := defaultOptions()
 	o.Instance, o.NodeName = testInstance, testNode
 	o.CRISocket, o.ImageList = socket, list
-	o.InitialPullAttemptTimeout, o.MaxPullAttemptTimeout = 200*time.Millisecond, time.Second
-	o.InitialPullAttemptDelay, o.MaxPullAttemptDelay = 10*time.Millisecond, 50*time.Millisecond
-	o.OverallTimeout = 20 * time.Second
+	o.Pull.InitialAttemptTimeout, o.Pull.MaxAttemptTimeout = 200*time.Millisecond, time.Second
+	o.Pull.InitialDelay, o.Pull.MaxDelay = 10*time.Millisecond, 50*time.Millisecond
+	o.Pull.OverallTimeout = 20 * time.Second
 	o.ListenAddress = ""
 	return o
 }

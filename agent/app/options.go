@@ -28,18 +28,10 @@ type Options struct {
 	CredProviderConfig string
 	CredProviderBinDir string
 
-	PullPolicy                string
-	MaxParallelPulls          int
-	MaxAttempts               int
-	InitialPullAttemptTimeout time.Duration
-	MaxPullAttemptTimeout     time.Duration
-	InitialPullAttemptDelay   time.Duration
-	MaxPullAttemptDelay       time.Duration
-	OverallTimeout            time.Duration
-	HedgeAfter                time.Duration
-	MaxHedges                 int
-	PullProgressTimeout       time.Duration
-	PullProgressLogInterval   time.Duration
+	// Pull is the pull engine's configuration; it registers and checks its
+	// own flags.
+	Pull                    pull.Config
+	PullProgressLogInterval time.Duration
 
 	Label      bool
 	Kubeconfig string
@@ -61,40 +53,24 @@ type Options struct {
 	Collector CollectorOptions
 }
 
-// DefaultMaxParallelPulls is the per-node pull concurrency. It was chosen
-// by measurement (docs/benchmarks.md), not guessed.
-const DefaultMaxParallelPulls = 4
-
 func defaultOptions() *Options {
-	// The pull engine's defaults live with the engine (pull.DefaultConfig).
-	d := pull.DefaultConfig()
 	return &Options{
-		Instance:                  os.Getenv("INSTANCE"),
-		NodeName:                  os.Getenv("NODE_NAME"),
-		ImageList:                 "/etc/image-prefetcher/images.txt",
-		HostRoot:                  "/host",
-		DialTimeout:               5 * time.Second,
-		PullPolicy:                string(d.Policy),
-		MaxParallelPulls:          DefaultMaxParallelPulls,
-		MaxAttempts:               d.MaxAttempts,
-		InitialPullAttemptTimeout: d.InitialAttemptTimeout,
-		MaxPullAttemptTimeout:     d.MaxAttemptTimeout,
-		InitialPullAttemptDelay:   d.InitialDelay,
-		MaxPullAttemptDelay:       d.MaxDelay,
-		OverallTimeout:            d.OverallTimeout,
-		HedgeAfter:                d.HedgeAfter,
-		MaxHedges:                 d.MaxHedges,
-		PullProgressTimeout:       d.ProgressTimeout,
-		PullProgressLogInterval:   10 * time.Second,
-		Label:                     true,
-		Kubeconfig:                os.Getenv("KUBECONFIG"),
-		LabelWriteTimeout:         30 * time.Second,
-		RecheckInterval:           5 * time.Minute,
-		ListenAddress:             ":9477",
-		Log:                       defaultLogOptions(),
-		PullSlotOptions:           defaultPullSlotOptions(),
-		NodeGateOptions:           defaultNodeGateOptions(),
-		Collector:                 defaultCollectorOptions(),
+		Instance:                os.Getenv("INSTANCE"),
+		NodeName:                os.Getenv("NODE_NAME"),
+		ImageList:               "/etc/image-prefetcher/images.txt",
+		HostRoot:                "/host",
+		DialTimeout:             5 * time.Second,
+		Pull:                    pull.DefaultConfig(),
+		PullProgressLogInterval: 10 * time.Second,
+		Label:                   true,
+		Kubeconfig:              os.Getenv("KUBECONFIG"),
+		LabelWriteTimeout:       30 * time.Second,
+		RecheckInterval:         5 * time.Minute,
+		ListenAddress:           ":9477",
+		Log:                     defaultLogOptions(),
+		PullSlotOptions:         defaultPullSlotOptions(),
+		NodeGateOptions:         defaultNodeGateOptions(),
+		Collector:               defaultCollectorOptions(),
 	}
 }
 
@@ -108,17 +84,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	fs.StringArrayVar(&o.DockerConfigs, "docker-config", o.DockerConfigs, "Docker config file (.dockerconfigjson or .dockercfg) with pull credentials; repeatable.")
 	fs.StringVar(&o.CredProviderConfig, "image-credential-provider-config", o.CredProviderConfig, "Kubelet CredentialProviderConfig file for credential provider plugins.")
 	fs.StringVar(&o.CredProviderBinDir, "image-credential-provider-bin-dir", o.CredProviderBinDir, "Directory holding the credential provider plugin binaries.")
-	fs.StringVar(&o.PullPolicy, "pull-policy", o.PullPolicy, "IfNotPresent (skip images already present) or Always.")
-	fs.IntVar(&o.MaxParallelPulls, "max-parallel-pulls", o.MaxParallelPulls, "Images pulled at the same time on this node; 0 means unbounded.")
-	fs.IntVar(&o.MaxAttempts, "max-attempts", o.MaxAttempts, "Pull attempts per image before it is given up.")
-	fs.DurationVar(&o.InitialPullAttemptTimeout, "initial-pull-attempt-timeout", o.InitialPullAttemptTimeout, "Timeout of the first pull attempt; each later attempt doubles it up to --max-pull-attempt-timeout.")
-	fs.DurationVar(&o.MaxPullAttemptTimeout, "max-pull-attempt-timeout", o.MaxPullAttemptTimeout, "Upper bound of a pull attempt's timeout.")
-	fs.DurationVar(&o.InitialPullAttemptDelay, "initial-pull-attempt-delay", o.InitialPullAttemptDelay, "Delay before the second attempt of an image; doubles up to --max-pull-attempt-delay.")
-	fs.DurationVar(&o.MaxPullAttemptDelay, "max-pull-attempt-delay", o.MaxPullAttemptDelay, "Upper bound of the delay between attempts.")
-	fs.DurationVar(&o.OverallTimeout, "overall-timeout", o.OverallTimeout, "Upper bound of one pass over the whole list.")
-	fs.DurationVar(&o.HedgeAfter, "hedge-after", o.HedgeAfter, "When a pull attempt has not answered after this long, start another PullImage of the image on a new registry connection (first success wins); 0 disables.")
-	fs.IntVar(&o.MaxHedges, "max-hedges", o.MaxHedges, "Extra PullImage calls per attempt, --hedge-after apart.")
-	fs.DurationVar(&o.PullProgressTimeout, "pull-progress-timeout", o.PullProgressTimeout, "On containerd: end a pull attempt as stuck when no byte arrived for this long; while bytes flow an attempt runs up to --max-pull-attempt-timeout, and the next attempt resumes where it stopped. 0 turns progress watching off (escalating timeouts only, as on other runtimes).")
+	o.Pull.AddFlags(fs)
 	fs.DurationVar(&o.PullProgressLogInterval, "pull-progress-log-interval", o.PullProgressLogInterval, "How often each image being pulled gets a progress log line (bytes, total when known, rate), when progress is followed; 0 disables the lines.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
@@ -162,8 +128,8 @@ func (o *Options) validate(withServer bool) error {
 	if o.ImageList == "" {
 		errs = append(errs, errors.New("--image-list-file is empty"))
 	}
-	if o.MaxParallelPulls < 0 {
-		errs = append(errs, fmt.Errorf("--max-parallel-pulls=%d: must be 0 (unbounded) or more", o.MaxParallelPulls))
+	if err := o.Pull.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if o.PullProgressLogInterval < 0 {
 		errs = append(errs, fmt.Errorf("--pull-progress-log-interval=%s: must not be negative (0 disables the lines)", o.PullProgressLogInterval))

@@ -238,7 +238,7 @@ func TestFailedWithdrawalIsRetriedWhileThePassPulls(t *testing.T) {
 	o := testOptions(cri.Path(), writeList(t, present, pullable))
 	o.LabelWriteTimeout = 300 * time.Millisecond
 	// One attempt waits for the test to let the pull end.
-	o.InitialPullAttemptTimeout, o.MaxPullAttemptTimeout = 30*time.Second, 30*time.Second
+	o.Pull.InitialAttemptTimeout, o.Pull.MaxAttemptTimeout = 30*time.Second, 30*time.Second
 	p, logs := newFaultPrefetcher(t, o, true, client)
 	labeler(p).Backoff = &fewSteps
 	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
@@ -420,7 +420,7 @@ func TestSlotWaitIsBoundedByThePassDeadline(t *testing.T) {
 	cri := critest.Start(t)
 	client := gatedNodeClient(ourTaint)
 	o := gateOptions(cri.Path(), writeList(t, pullable))
-	o.OverallTimeout = 200 * time.Millisecond
+	o.Pull.OverallTimeout = 200 * time.Millisecond
 	p, logs := newFaultPrefetcher(t, o, false, client)
 	p.gate = stuckGate{}
 

@@ -265,7 +265,7 @@ func TestEachImageIsPinnedBeforeTheNextPullStarts(t *testing.T) {
 	c.OnPull(pullable, critest.Succeed().Doing(seen(pullable)))
 	c.OnPull(third, critest.Succeed().Doing(seen(third)))
 	o := testOptions(c.Path(), writeList(t, present, pullable, third))
-	o.PinImages, o.MaxParallelPulls = true, 1
+	o.PinImages, o.Pull.MaxParallel = true, 1
 	p, _, logs := newTestPrefetcher(t, o)
 
 	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {

@@ -31,9 +31,9 @@ func TestHedgesOnlyWhereARuntimeFetchesThemApart(t *testing.T) {
 			srv.OnPull(ref, critest.Step{Stall: true}, critest.Step{}) // later calls succeed
 			o := testOptions(srv.Path(), writeList(t, ref))
 			o.Label = false
-			o.MaxAttempts = 1
-			o.InitialPullAttemptTimeout, o.MaxPullAttemptTimeout = 500*time.Millisecond, 500*time.Millisecond
-			o.HedgeAfter, o.MaxHedges = 20*time.Millisecond, 2
+			o.Pull.MaxAttempts = 1
+			o.Pull.InitialAttemptTimeout, o.Pull.MaxAttemptTimeout = 500*time.Millisecond, 500*time.Millisecond
+			o.Pull.HedgeAfter, o.Pull.MaxHedges = 20*time.Millisecond, 2
 			p, _, _ := newTestPrefetcher(t, o)
 			rep, err := p.pass(context.Background())
 			if err != nil {

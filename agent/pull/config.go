@@ -49,10 +49,11 @@ type Config struct {
 	ProgressTimeout time.Duration // --pull-progress-timeout
 }
 
-// DefaultConfig returns the timing defaults (the reference tool's, where its
-// flags overlap ours). MaxParallel is left to the caller.
+// DefaultConfig returns the defaults (the reference tool's, where its flags
+// overlap ours).
 func DefaultConfig() Config {
 	return Config{
+		MaxParallel:           DefaultMaxParallel,
 		Policy:                PolicyIfNotPresent,
 		InitialAttemptTimeout: 30 * time.Second,
 		MaxAttemptTimeout:     5 * time.Minute,

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nodeprefetch/image-prefetcher/agent/app"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 	"github.com/nodeprefetch/image-prefetcher/bench/imageset"
 )
 
@@ -36,7 +36,7 @@ func (b *bench) variants() []variant {
 		if p == 0 {
 			name = "agent p=unbounded"
 		}
-		if p == app.DefaultMaxParallelPulls {
+		if p == pull.DefaultMaxParallel {
 			name += " (default)"
 		}
 		vs = append(vs, variant{name, func(ctx context.Context, refs []string) (time.Duration, error) {
