@@ -209,6 +209,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	// images present were set as each became present (pinPresent).
 	p.record(ctx, &rep, problems)
 	p.reconcilePins(ctx, list, results)
+	p.pruneLeases(ctx, list)
 	p.readiness.SetRecorded(rep.Results, rep.LabelErr, rep.NodeErr)
 	if err != nil {
 		p.readiness.SetNotReady(err.Error())

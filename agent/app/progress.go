@@ -1,7 +1,10 @@
 package app
 
 import (
+	"context"
+
 	"github.com/nodeprefetch/image-prefetcher/agent/cri"
+	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -48,4 +51,26 @@ func (p *prefetcher) startProgress(c *cri.Client) {
 	p.progress.watcher = &progress.Watcher{Source: src, LogInterval: p.opts.PullProgressLogInterval, Log: p.log, Recorder: p.metrics}
 	p.log.Info("following pull progress through containerd's content API", "noProgressWindow", p.cfg.ProgressTimeout,
 		"attemptCap", p.cfg.MaxAttemptTimeout, "logInterval", p.opts.PullProgressLogInterval)
+}
+
+// pruneLeases deletes, at the end of a pass, this instance's leases of images
+// that left the list: what their failed pulls fetched would otherwise hold
+// disk space, which the kubelet's image GC cannot reclaim, until the lease
+// expires a day later.
+func (p *prefetcher) pruneLeases(ctx context.Context, list *imagelist.List) {
+	src := p.progress.source
+	if src == nil {
+		return
+	}
+	refs := make([]string, 0, len(list.Entries))
+	for _, e := range list.Entries {
+		refs = append(refs, e.Ref)
+	}
+	pruned, err := src.Prune(ctx, refs)
+	for _, img := range pruned {
+		p.log.Info("lease of an image that left the list deleted: what its pulls fetched may be collected", "image", img)
+	}
+	if err != nil {
+		p.log.Warn("pull progress: leases of images that left the list not all deleted", "error", err.Error())
+	}
 }

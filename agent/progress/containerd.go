@@ -369,17 +369,18 @@ func (c *Containerd) read(ctx context.Context, digest string, offset, size int64
 	}
 }
 
-// Release deletes the lease of a pulled image: the image's own record holds
-// its content from then on. An image not pulled keeps its lease, and with it
-// the partial blobs the next pass resumes from, until the lease expires;
-// unless the lease holds nothing (a missing tag, a refused credential), which
-// would only linger.
-func (c *Containerd) Release(ctx context.Context, key string, pulled bool) error {
+// Release deletes the lease of a pulled image (the image's own record holds
+// its content from then on) and of an image that failed for good (its partial
+// blobs would only hold disk space the kubelet cannot reclaim). An image that
+// failed otherwise keeps its lease, and with it the partial blobs the next
+// pass resumes from, until the image leaves the list (Prune) or the lease
+// expires; unless the lease holds nothing, which would only linger.
+func (c *Containerd) Release(ctx context.Context, key string, done bool) error {
 	c.mu.Lock()
 	delete(c.leased, key)
 	c.mu.Unlock()
 	ctx = namespaced(ctx)
-	if !pulled {
+	if !done {
 		res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: key})
 		if err != nil || len(res.GetResources()) > 0 {
 			return nil // kept for the next pass (or gone already)
@@ -389,4 +390,43 @@ func (c *Containerd) Release(ctx context.Context, key string, pulled bool) error
 		return fmt.Errorf("delete lease %s: %w", key, err)
 	}
 	return nil
+}
+
+// Prune deletes this instance's leases of images that are not in images (they
+// left the list: what their failed pulls kept would otherwise hold disk space
+// until the lease expires) and returns the images whose leases it deleted.
+// Leases this process follows right now are left alone.
+func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, error) {
+	if c.Instance == "" {
+		return nil, nil
+	}
+	ctx = namespaced(ctx)
+	list, err := c.leases.List(ctx, &leasesapi.ListRequest{
+		Filters: []string{fmt.Sprintf("labels.%q==%q", LeaseInstanceLabel, c.Instance)},
+	})
+	if err != nil {
+		return nil, apiError("list leases", err)
+	}
+	keep := make(map[string]bool, len(images))
+	for _, img := range images {
+		keep[img] = true
+	}
+	var pruned []string
+	var errs []error
+	for _, l := range list.GetLeases() {
+		img := l.GetLabels()[LeaseImageLabel]
+		c.mu.Lock()
+		_, following := c.leased[l.GetID()]
+		c.mu.Unlock()
+		// Only the leases this code makes: its ID for the instance and image.
+		if keep[img] || following || l.GetID() != LeaseID(c.Instance, img) {
+			continue
+		}
+		if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: l.GetID()}); err != nil && status.Code(err) != codes.NotFound {
+			errs = append(errs, fmt.Errorf("delete lease %s of %s: %w", l.GetID(), img, err))
+			continue
+		}
+		pruned = append(pruned, img)
+	}
+	return pruned, errors.Join(errs...)
 }

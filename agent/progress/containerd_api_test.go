@@ -102,9 +102,14 @@ func (f leasesServer) List(ctx context.Context, r *leasesapi.ListRequest) (*leas
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var out []*leasesapi.Lease
+	// The two filters the agent sends: by ID, and by one label's value.
 	for id, l := range f.leases {
 		for _, flt := range r.GetFilters() {
-			if flt == fmt.Sprintf("id==%q", id) {
+			match := flt == fmt.Sprintf("id==%q", id)
+			for k, v := range l.GetLabels() {
+				match = match || flt == fmt.Sprintf("labels.%q==%q", k, v)
+			}
+			if match {
 				out = append(out, l)
 			}
 		}
@@ -389,4 +394,79 @@ func dial(t *testing.T, path string) *grpc.ClientConn {
 	}
 	t.Cleanup(func() { conn.Close() })
 	return conn
+}
+
+// Prune deletes this instance's leases of images no longer in the list, and
+// only those: not a listed image's, not one being followed, not another
+// instance's, not a lease of someone else's naming.
+func TestContainerdSourcePrunesLeasesOfImagesThatLeftTheList(t *testing.T) {
+	f, path := startFake(t)
+	src := progress.NewContainerd(dial(t, path), "team-a")
+	other := progress.NewContainerd(dial(t, path), "team-b")
+	ctx := context.Background()
+	const kept, gone, following = "registry.example/kept:1", "registry.example/gone:1", "registry.example/following:1"
+	for _, img := range []string{kept, gone, following} {
+		if _, _, err := src.Open(ctx, img); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := other.Open(ctx, gone); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.leases["foreign"] = &leasesapi.Lease{ID: "foreign", Labels: map[string]string{
+		progress.LeaseInstanceLabel: "team-a", progress.LeaseImageLabel: gone}}
+	for _, img := range []string{kept, gone} {
+		id := progress.LeaseID("team-a", img)
+		f.res[id] = []*leasesapi.Resource{{ID: "sha256:partial", Type: "content"}}
+	}
+	f.mu.Unlock()
+	// kept and gone failed in an earlier pass (their leases stay for a
+	// resume); following is being pulled now.
+	for _, img := range []string{kept, gone} {
+		if err := src.Release(ctx, progress.LeaseID("team-a", img), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	pruned, err := src.Prune(ctx, []string{kept})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pruned) != 1 || pruned[0] != gone {
+		t.Errorf("pruned %v, want [%s]", pruned, gone)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for id, want := range map[string]bool{
+		progress.LeaseID("team-a", kept): true, progress.LeaseID("team-a", gone): false,
+		progress.LeaseID("team-a", following): true, progress.LeaseID("team-b", gone): true, "foreign": true,
+	} {
+		if _, ok := f.leases[id]; ok != want {
+			t.Errorf("lease %s there: %v, want %v", id, ok, want)
+		}
+	}
+}
+
+// An image that failed for good (done, not pulled) loses its lease even when
+// it holds partial blobs: they would only hold disk space.
+func TestContainerdSourceReleasesWhatAFailureForGoodKept(t *testing.T) {
+	f, path := startFake(t)
+	src := progress.NewContainerd(dial(t, path), "")
+	ctx := context.Background()
+	key, _, err := src.Open(ctx, "busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.res[key] = []*leasesapi.Resource{{ID: "sha256:partial", Type: "content"}}
+	f.mu.Unlock()
+	if err := src.Release(ctx, key, true); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.leases[key]; ok {
+		t.Errorf("lease %s kept after a failure for good", key)
+	}
 }

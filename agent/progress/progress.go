@@ -56,9 +56,9 @@ type Source interface {
 	// With an error, what it could read is still returned: a key missing
 	// from Transfers, or a nil Node, was not read.
 	Poll(ctx context.Context, keys []string) (Snapshot, error)
-	// Release ends following key; pulled says the image is present, so what
-	// key kept for a resume may go.
-	Release(ctx context.Context, key string, pulled bool) error
+	// Release ends following key; done says what key kept for a resume may
+	// go (the image is present, or failed for good: pull.Transfer.Close).
+	Release(ctx context.Context, key string, done bool) error
 }
 
 // Snapshot is what a Source read at one moment.
@@ -309,7 +309,7 @@ func (t *transfer) current() State {
 	return t.state
 }
 
-func (t *transfer) Close(pulled bool) {
+func (t *transfer) Close(done bool) {
 	w := t.w
 	w.mu.Lock()
 	if t.closed {
@@ -324,7 +324,7 @@ func (t *transfer) Close(pulled bool) {
 	// must still go.
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
-	if err := w.Source.Release(ctx, t.key, pulled); err != nil {
+	if err := w.Source.Release(ctx, t.key, done); err != nil {
 		w.log().Warn("pull progress: release", "image", t.image, "error", err.Error())
 	}
 }

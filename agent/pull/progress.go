@@ -25,9 +25,12 @@ type Transfer interface {
 	// Watch starts watching attempt number (1-based) with the no-progress
 	// window.
 	Watch(number int, window time.Duration) AttemptWatch
-	// Close ends following; pulled says whether the image is present now
-	// (what the runtime kept for a resume may then go).
-	Close(pulled bool)
+	// Close ends following; done says that what the runtime kept for a
+	// resume may go: the image is present now, or it failed for a reason
+	// another attempt cannot help (Reason.Permanent: a missing tag, a
+	// refused credential, a full disk, whose partial blobs would only hold
+	// disk space).
+	Close(done bool)
 }
 
 // AttemptWatch watches one attempt.

@@ -242,3 +242,32 @@ func TestRuntimeCancelledPullIsATimeout(t *testing.T) {
 		t.Errorf("attempts %+v, want the first a Timeout cancelled by the runtime", a)
 	}
 }
+
+// The transfer of an image that failed for good (a missing tag: permanent) is
+// released as done, so what its pulls kept goes; one that failed for a
+// transient reason keeps it for the next pass to resume from.
+func TestTransferOfAFailureForGoodIsDone(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		step critest.Step
+		done bool
+	}{
+		{"not found", critest.NotFound(busybox), true},
+		{"unavailable", critest.Fail(codes.Unavailable, "registry down"), false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := progressConfig()
+			cfg.MaxAttempts = 1
+			srv, e, _ := setup(t, cfg)
+			src := withProgress(e)
+			srv.OnPull(busybox, c.step)
+			res := run(t, e, context.Background(), busybox)
+			if res[0].Outcome != pull.OutcomeFailed {
+				t.Fatalf("outcome %s, want failed", res[0].Outcome)
+			}
+			if released, done := src.Released(busybox); !released || done != c.done {
+				t.Errorf("transfer released %v as done %v, want released as done %v", released, done, c.done)
+			}
+		})
+	}
+}

@@ -74,11 +74,11 @@ func (s *Source) Poll(_ context.Context, keys []string) (progress.Snapshot, erro
 	return snap, nil
 }
 
-// Release records whether the image was pulled.
-func (s *Source) Release(_ context.Context, key string, pulled bool) error {
+// Release records whether the transfer was done (pulled, or failed for good).
+func (s *Source) Release(_ context.Context, key string, done bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.released[key] = pulled
+	s.released[key] = done
 	return nil
 }
 
@@ -130,12 +130,12 @@ func (s *Source) Opened() []string {
 	return append([]string(nil), s.opened...)
 }
 
-// Released returns whether image was released and whether as pulled.
-func (s *Source) Released(image string) (released, pulled bool) {
+// Released returns whether image was released and whether as done (pulled, or failed for good).
+func (s *Source) Released(image string) (released, done bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	pulled, released = s.released[image]
-	return released, pulled
+	done, released = s.released[image]
+	return released, done
 }
 
 // Polls counts the Poll calls.
