@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	contentapi "github.com/containerd/containerd/api/services/content/v1"
 	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -201,4 +202,72 @@ func TestAgentProgressFailedImageLeavesNoEmptyLease(t *testing.T) {
 	if l := agentLeases(ctx, t, env, ref); len(l) != 0 {
 		t.Errorf("agent leases left for a missing tag: %v", l)
 	}
+}
+
+// leaseHeldBytes sums what containerd holds under the agent's lease of image: the blobs committed under it
+// and the partial downloads (ingests) it holds.
+func leaseHeldBytes(ctx context.Context, t *testing.T, env *clusterenv.Env, instance, image string) int64 {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+env.CRISocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx = metadata.AppendToOutgoingContext(ctx, pin.NamespaceHeader, pin.Namespace)
+	res, err := leasesapi.NewLeasesClient(conn).ListResources(ctx, &leasesapi.ListResourcesRequest{ID: progress.LeaseID(instance, image)})
+	if err != nil {
+		return 0
+	}
+	content := contentapi.NewContentClient(conn)
+	var n int64
+	for _, r := range res.GetResources() {
+		switch r.GetType() {
+		case "content":
+			if info, err := content.Info(ctx, &contentapi.InfoRequest{Digest: r.GetID()}); err == nil {
+				n += info.GetInfo().GetSize()
+			}
+		case "ingests":
+			if st, err := content.Status(ctx, &contentapi.StatusRequest{Ref: r.GetID()}); err == nil {
+				n += st.GetStatus().GetOffset()
+			}
+		}
+	}
+	return n
+}
+
+// A 20 MiB image that stalls after 5 MiB and fails (one attempt): its lease keeps what was fetched, for a
+// resume. The next pass, with the image gone from the list, deletes that lease.
+func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
+	env := clusterenv.Require(t, clusterenv.Runtime)
+	ctx := ctxFor(t, 3*time.Minute)
+	_, images := env.CRI(t)
+	proxy := progressProxy(t, env, 0)
+	ref := viaProgressProxy(ctx, t, env, images, proxy, "e2e/random:20mib")
+	proxy.HoldAfter(5 * mib)
+	instance := "e2e-lease-" + suffix(t)
+	flags := []string{"--label=false", "--instance=" + instance, "--pull-progress-timeout=3s", "--max-attempts=1"}
+
+	run := fetch(t, env, []string{ref}, flags...)
+	if run.code == 0 {
+		t.Fatalf("fetch of a stalled image exited 0\n%s", run.output)
+	}
+	held := leaseHeldBytes(ctx, t, env, instance, ref)
+	t.Logf("bytes held by the lease of the failed image: %d (%.1f MiB)", held, float64(held)/mib)
+	if len(agentLeases(ctx, t, env, ref)) != 1 || held < 4*mib {
+		t.Fatalf("after the failed pull: leases %v holding %d bytes, want one holding the ~5 MiB fetched\n%s",
+			agentLeases(ctx, t, env, ref), held, run.output)
+	}
+
+	other := refs(t, env, "e2e/small:00")
+	run = fetch(t, env, other, flags...)
+	if run.code != 0 {
+		t.Fatalf("fetch of the new list exited %d\n%s", run.code, run.output)
+	}
+	if l := agentLeases(ctx, t, env, ref); len(l) != 0 {
+		t.Errorf("the lease of %s, gone from the list, is still there: %v\n%s", ref, l, run.output)
+	}
+	if !strings.Contains(run.output, `msg="lease of an image that left the list deleted`) {
+		t.Errorf("no log line for the deleted lease\n%s", run.output)
+	}
+	t.Logf("bytes held by the lease after the pass without the image: %d", leaseHeldBytes(ctx, t, env, instance, ref))
 }
