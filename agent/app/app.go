@@ -116,17 +116,19 @@ func Main(args []string, stdout, stderr io.Writer) int {
 }
 
 func command(ctx context.Context, name string, args []string, stdout, stderr io.Writer) int {
-	server := name == "run"
 	opts := defaultOptions()
+	if name == "run" {
+		opts.Run = defaultRunOptions()
+	}
 	fs := newFlagSet(name, commandUsage[name], stdout)
-	opts.addFlags(fs, server)
+	opts.addFlags(fs)
 	if code, done := parseFlags(fs, name, args, stderr); done {
 		return code
 	}
 	if fs.NArg() > 0 {
 		return usageError(stderr, name, fmt.Errorf("unexpected arguments %q (images go in --image-list-file)", fs.Args()))
 	}
-	p, err := newPrefetcher(opts, server, stderr, nil)
+	p, err := newPrefetcher(opts, stderr, nil)
 	if err != nil {
 		var ce *clientError
 		if errors.As(err, &ce) {
@@ -145,7 +147,7 @@ func command(ctx context.Context, name string, args []string, stdout, stderr io.
 	// Deferred after close: it runs first, so that a fetch's attempts reach
 	// the collector before the process exits.
 	defer stopSender()
-	if server {
+	if opts.Run != nil {
 		return p.serve(ctx)
 	}
 	rep, err := p.pass(ctx)
@@ -201,8 +203,8 @@ func (p *prefetcher) fetchExit(rep passReport, err error) int {
 
 // newPrefetcher checks the options and builds the pass machinery. client is
 // the Kubernetes client to label with; nil builds one from the options.
-func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernetes.Interface) (*prefetcher, error) {
-	if err := opts.validate(server); err != nil {
+func newPrefetcher(opts *Options, stderr io.Writer, client kubernetes.Interface) (*prefetcher, error) {
+	if err := opts.validate(); err != nil {
 		return nil, err
 	}
 	log, err := opts.Log.newLogger(stderr)
@@ -215,7 +217,6 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 		metrics:    metrics.New(),
 		readiness:  &health.Readiness{},
 		retryAfter: defaultRetryAfter,
-		server:     server,
 	}
 	if opts.Label {
 		if client == nil {
@@ -250,7 +251,7 @@ func newPrefetcher(opts *Options, server bool, stderr io.Writer, client kubernet
 	if err := routeClientGoLogs(log); err != nil {
 		return nil, err
 	}
-	if err := p.setupGate(client, log); err != nil {
+	if err := p.setupPullSlots(client, log); err != nil {
 		return nil, err
 	}
 	p.log = log
@@ -322,9 +323,9 @@ func newClient(kubeconfig, userAgent string, adjust func(*rest.Config)) (kuberne
 // server that was briefly down do not cost a whole interval.
 func (p *prefetcher) serve(ctx context.Context) int {
 	g, ctx := errgroup.WithContext(ctx)
-	if p.opts.ListenAddress != "" {
+	if p.opts.Run.ListenAddress != "" {
 		srv := &health.Server{Gatherer: p.metrics.Registry(), Ready: p.readiness.Check}
-		g.Go(func() error { return srv.Run(ctx, p.opts.ListenAddress) })
+		g.Go(func() error { return srv.Run(ctx, p.opts.Run.ListenAddress) })
 	}
 	g.Go(func() error {
 		retry := p.retryAfter
@@ -335,7 +336,7 @@ func (p *prefetcher) serve(ctx context.Context) int {
 			}
 			var wait time.Duration
 			wait, retry = p.nextWait(rep, err, retry)
-			if wait < p.opts.RecheckInterval {
+			if wait < p.opts.Run.RecheckInterval {
 				p.log.Info("next pass soon", "in", wait.Round(time.Millisecond), "labelWritten", rep.LabelErr == nil,
 					"state", string(rep.State))
 			}
@@ -367,7 +368,7 @@ func (p *prefetcher) serve(ctx context.Context) int {
 // apart: the outcome is known, only the write is missing, and it is what
 // workloads schedule on. A pass with everything recorded waits the interval.
 func (p *prefetcher) nextWait(rep passReport, err error, retry time.Duration) (wait, next time.Duration) {
-	interval := p.opts.RecheckInterval
+	interval := p.opts.Run.RecheckInterval
 	grow := min(2*retry, interval)
 	switch {
 	case rep.LabelErr != nil || rep.NodeErr != nil:

@@ -50,7 +50,6 @@ func testOptions(socket, list string) *Options {
 	o.Pull.InitialAttemptTimeout, o.Pull.MaxAttemptTimeout = 200*time.Millisecond, time.Second
 	o.Pull.InitialDelay, o.Pull.MaxDelay = 10*time.Millisecond, 50*time.Millisecond
 	o.Pull.OverallTimeout = 20 * time.Second
-	o.ListenAddress = ""
 	return o
 }
 
@@ -61,7 +60,7 @@ func newTestPrefetcher(t *testing.T, o *Options) (*prefetcher, *fake.Clientset, 
 		Labels: map[string]string{"kubernetes.io/hostname": testNode, nodelabel.Key("other"): "succeeded"},
 	}})
 	var logs bytes.Buffer
-	p, err := newPrefetcher(o, false, &logs, client)
+	p, err := newPrefetcher(o, &logs, client)
 	if err != nil {
 		t.Fatalf("newPrefetcher: %v", err)
 	}

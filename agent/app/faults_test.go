@@ -81,7 +81,10 @@ func newFaultPrefetcher(t *testing.T, o *Options, server bool, client *fake.Clie
 	if client != nil {
 		kc = client
 	}
-	p, err := newPrefetcher(o, server, logs, kc)
+	if server && o.Run == nil {
+		o.Run = &RunOptions{RecheckInterval: defaultRunOptions().RecheckInterval}
+	}
+	p, err := newPrefetcher(o, logs, kc)
 	if err != nil {
 		t.Fatalf("newPrefetcher: %v", err)
 	}
@@ -179,7 +182,7 @@ func TestRunRetriesAFailedLabelWriteSoonAndIsNotReadyMeanwhile(t *testing.T) {
 	client := newNodeClient()
 	down := outage(client)
 	o := testOptions(cri.Path(), writeList(t, pullable))
-	o.RecheckInterval = time.Hour
+	o.Run = &RunOptions{RecheckInterval: time.Hour}
 	o.LabelWriteTimeout = 150 * time.Millisecond
 	p, logs := newFaultPrefetcher(t, o, true, client)
 	labeler(p).Backoff = &fewSteps
@@ -516,7 +519,7 @@ func TestInstanceValidatedWithoutLabel(t *testing.T) {
 }
 
 func TestNextWait(t *testing.T) {
-	p := &prefetcher{opts: &Options{RecheckInterval: 5 * time.Minute}, retryAfter: defaultRetryAfter}
+	p := &prefetcher{opts: &Options{Run: &RunOptions{RecheckInterval: 5 * time.Minute}}, retryAfter: defaultRetryAfter}
 	ok := passReport{State: nodelabel.Succeeded}
 	bad := passReport{State: nodelabel.Failed}
 	unrecorded := passReport{State: nodelabel.Succeeded, LabelErr: errors.New("refused")}

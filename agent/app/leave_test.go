@@ -10,6 +10,7 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -106,7 +107,8 @@ func leaveFixture(t *testing.T, objs ...runtime.Object) (*prefetcher, *fake.Clie
 	o := gateOptions(c.Path(), writeList(t, present, pullable, missing))
 	o.PinImages, o.Namespace = true, testNamespace
 	var logs bytes.Buffer
-	p, err := newPrefetcher(o, true, &logs, client)
+	o.Run = &RunOptions{RecheckInterval: time.Hour}
+	p, err := newPrefetcher(o, &logs, client)
 	if err != nil {
 		t.Fatal(err)
 	}

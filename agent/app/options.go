@@ -39,9 +39,9 @@ type Options struct {
 	// (constrained impersonation, associated-node).
 	ActAsNode         bool
 	LabelWriteTimeout time.Duration
-	RecheckInterval   time.Duration
-	ListenAddress     string
 	Log               LogOptions
+	// Run holds the flags of `run` alone; nil for `fetch`.
+	Run *RunOptions
 
 	PullSlotOptions
 	NodeGateOptions
@@ -65,8 +65,6 @@ func defaultOptions() *Options {
 		Label:                   true,
 		Kubeconfig:              os.Getenv("KUBECONFIG"),
 		LabelWriteTimeout:       30 * time.Second,
-		RecheckInterval:         5 * time.Minute,
-		ListenAddress:           ":9477",
 		Log:                     defaultLogOptions(),
 		PullSlotOptions:         defaultPullSlotOptions(),
 		NodeGateOptions:         defaultNodeGateOptions(),
@@ -74,7 +72,30 @@ func defaultOptions() *Options {
 	}
 }
 
-func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
+// RunOptions are the flags of the `run` command alone: its re-check loop and
+// its HTTP server.
+type RunOptions struct {
+	RecheckInterval time.Duration
+	ListenAddress   string
+}
+
+func defaultRunOptions() *RunOptions {
+	return &RunOptions{RecheckInterval: 5 * time.Minute, ListenAddress: ":9477"}
+}
+
+func (o *RunOptions) addFlags(fs *pflag.FlagSet) {
+	fs.DurationVar(&o.RecheckInterval, "recheck-interval", o.RecheckInterval, "How often presence is re-checked and missing images re-pulled (e.g. after kubelet image GC).")
+	fs.StringVar(&o.ListenAddress, "listen-address", o.ListenAddress, "Address of the /healthz, /readyz and /metrics server; empty disables it.")
+}
+
+func (o *RunOptions) validate() error {
+	if o.RecheckInterval <= 0 {
+		return fmt.Errorf("--recheck-interval=%s: must be positive", o.RecheckInterval)
+	}
+	return nil
+}
+
+func (o *Options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Instance, "instance", o.Instance, "Instance name; the node label key is image-prefetcher.stackrox.io/<instance> (default: $INSTANCE).")
 	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of the Node this agent runs on (default: $NODE_NAME).")
 	fs.StringVar(&o.ImageList, "image-list-file", o.ImageList, "File with one image reference per line; # starts a comment.")
@@ -95,13 +116,12 @@ func (o *Options) addFlags(fs *pflag.FlagSet, withServer bool) {
 	o.PullSlotOptions.addFlags(fs)
 	o.NodeGateOptions.addFlags(fs)
 	o.Collector.addFlags(fs)
-	if withServer {
-		fs.DurationVar(&o.RecheckInterval, "recheck-interval", o.RecheckInterval, "How often presence is re-checked and missing images re-pulled (e.g. after kubelet image GC).")
-		fs.StringVar(&o.ListenAddress, "listen-address", o.ListenAddress, "Address of the /healthz, /readyz and /metrics server; empty disables it.")
+	if o.Run != nil {
+		o.Run.addFlags(fs)
 	}
 }
 
-func (o *Options) validate(withServer bool) error {
+func (o *Options) validate() error {
 	var errs []error
 	// The instance also names the pull slot Leases and the collector's
 	// results, so a bad name is a usage error with --label=false too; only an
@@ -137,8 +157,10 @@ func (o *Options) validate(withServer bool) error {
 	if o.LabelWriteTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--label-write-timeout=%s: must be positive", o.LabelWriteTimeout))
 	}
-	if withServer && o.RecheckInterval <= 0 {
-		errs = append(errs, fmt.Errorf("--recheck-interval=%s: must be positive", o.RecheckInterval))
+	if o.Run != nil {
+		if err := o.Run.validate(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if err := o.NodeGateOptions.validate(o.Label, o.Instance); err != nil {
 		errs = append(errs, err)

@@ -56,9 +56,9 @@ type prefetcher struct {
 	// extra observers see every attempt and result too (e.g. the results
 	// collector's sender).
 	extra []pull.Observer
-	// gate, when set, bounds how many nodes pull at once cluster-wide. It is
+	// slots, when set, bounds how many nodes pull at once cluster-wide. It is
 	// asked for a slot only when some image is missing.
-	gate pullGate
+	slots pullSlots
 	// nodeGate: the startup taint and the Node condition (nodegate.go), nil
 	// unless asked for.
 	nodeGate *nodeGate
@@ -81,13 +81,11 @@ type prefetcher struct {
 	// retryAfter is the first delay after a pass that failed or could not
 	// write its outcome; it doubles up to the recheck interval.
 	retryAfter time.Duration
-	// server: the `run` command, whose readiness follows what the node holds.
-	server bool
 }
 
-// pullGate is a cluster-wide bound on pulling nodes: Acquire blocks until
+// pullSlots is a cluster-wide bound on pulling nodes: Acquire blocks until
 // this node may pull and returns the function that gives the slot back.
-type pullGate interface {
+type pullSlots interface {
 	Acquire(ctx context.Context) (release func(), err error)
 }
 
@@ -284,7 +282,7 @@ type presence struct {
 }
 
 // presence connects to the runtime (once) and, when the answer matters
-// (labels, readiness or the cluster-wide gate), asks it which images of the
+// (labels, readiness or the cluster-wide pull slots), asks it which images of the
 // list are missing before anything is pulled.
 func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presence {
 	if p.client == nil {
@@ -299,7 +297,7 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 		p.startProgress(c)
 		p.client = c
 	}
-	if p.labels == nil && p.gate == nil && !p.server {
+	if p.labels == nil && p.slots == nil && p.opts.Run == nil {
 		return presence{}
 	}
 	absent, present, unanswered, err := p.missing(ctx, list.Entries)
@@ -588,7 +586,7 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 		Settled:  p.pinPresent,
 		Config:   p.cfg,
 	}
-	if p.gate != nil && p.cfg.Policy != pull.PolicyAlways {
+	if p.slots != nil && p.cfg.Policy != pull.PolicyAlways {
 		if pres.err != nil {
 			return failAll(entries, pull.ReasonUnavailable, pres.err), problems, pres.err
 		}
@@ -597,16 +595,16 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 			return engine.Run(ctx, entries), problems, nil
 		}
 	}
-	if p.gate != nil {
+	if p.slots != nil {
 		// The wait for a slot counts against the pass's deadline: held slots
 		// that never free (a stuck or malicious holder) end the pass as
-		// failed instead of stalling it, and the node's gate, forever.
+		// failed instead of stalling it (and a node kept tainted by it) forever.
 		if p.cfg.OverallTimeout > 0 {
 			var cancel context.CancelFunc
 			ctx, cancel = context.WithTimeout(ctx, p.cfg.OverallTimeout)
 			defer cancel()
 		}
-		release, err := p.gate.Acquire(ctx)
+		release, err := p.slots.Acquire(ctx)
 		if err != nil {
 			err = fmt.Errorf("wait for a cluster-wide pull slot: %w", err)
 			return failAll(entries, pull.ReasonUnavailable, err), problems, err

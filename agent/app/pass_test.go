@@ -422,7 +422,7 @@ func TestSlotWaitIsBoundedByThePassDeadline(t *testing.T) {
 	o := gateOptions(cri.Path(), writeList(t, pullable))
 	o.Pull.OverallTimeout = 200 * time.Millisecond
 	p, logs := newFaultPrefetcher(t, o, false, client)
-	p.gate = stuckGate{}
+	p.slots = stuckGate{}
 
 	done := make(chan struct{})
 	var rep passReport

@@ -60,7 +60,7 @@ func benchmarkPresenceCheck(b *testing.B, n int, cold bool) {
 	}
 	o := testOptions(cri.Path(), path)
 	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: testNode}})
-	p, err := newPrefetcher(o, false, io.Discard, client)
+	p, err := newPrefetcher(o, io.Discard, client)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -252,10 +252,9 @@ func TestScaleManyAgentsOneBound(t *testing.T) {
 		o.Instance, o.NodeName, o.Namespace = scaleInstance, name, ns
 		o.MaxConcurrentNodes = scaleK
 		o.CRISocket, o.ImageList = sock, list
-		o.ListenAddress = ""
 		o.Log.Level = "warn"
 		logs[i] = &lockedBuffer{}
-		p, err := newPrefetcher(o, false, logs[i], client)
+		p, err := newPrefetcher(o, logs[i], client)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -30,8 +30,8 @@ func TestGateHeldOnlyWhilePulling(t *testing.T) {
 	o := testOptions(cri.Path(), writeList(t, present, pullable))
 	o.MaxConcurrentNodes, o.Namespace = 2, "prefetch"
 	p, client, logs := newTestPrefetcher(t, o)
-	if p.gate == nil {
-		t.Fatal("no gate with --max-concurrent-nodes=2")
+	if p.slots == nil {
+		t.Fatal("no pull slots with --max-concurrent-nodes=2")
 	}
 	rep, err := p.pass(context.Background())
 	if err != nil || rep.State != nodelabel.Succeeded {
@@ -59,15 +59,15 @@ func TestGateHeldOnlyWhilePulling(t *testing.T) {
 func TestGateOptionsValidated(t *testing.T) {
 	o := testOptions("/nonexistent.sock", "/nonexistent.txt")
 	o.MaxConcurrentNodes, o.Namespace = 3, ""
-	if _, err := newPrefetcher(o, false, &strings.Builder{}, fake.NewClientset()); err == nil || !strings.Contains(err.Error(), "--namespace") {
+	if _, err := newPrefetcher(o, &strings.Builder{}, fake.NewClientset()); err == nil || !strings.Contains(err.Error(), "--namespace") {
 		t.Errorf("no namespace: %v", err)
 	}
 	o.MaxConcurrentNodes = -1
-	if _, err := newPrefetcher(o, false, &strings.Builder{}, fake.NewClientset()); err == nil {
+	if _, err := newPrefetcher(o, &strings.Builder{}, fake.NewClientset()); err == nil {
 		t.Error("negative --max-concurrent-nodes accepted")
 	}
 	o = testOptions("/nonexistent.sock", "/nonexistent.txt")
-	if p, err := newPrefetcher(o, false, &strings.Builder{}, fake.NewClientset()); err != nil || p.gate != nil {
-		t.Errorf("default: gate %v, err %v", p.gate, err)
+	if p, err := newPrefetcher(o, &strings.Builder{}, fake.NewClientset()); err != nil || p.slots != nil {
+		t.Errorf("default: pull slots %v, err %v", p.slots, err)
 	}
 }

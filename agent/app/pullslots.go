@@ -55,9 +55,9 @@ func (o *PullSlotOptions) validate() error {
 	return errors.Join(errs...)
 }
 
-// setupGate installs the cluster-wide bound when --max-concurrent-nodes is
+// setupPullSlots installs the cluster-wide bound when --max-concurrent-nodes is
 // set. client is the one the labels use; nil (with --label=false) builds one.
-func (p *prefetcher) setupGate(client kubernetes.Interface, log *slog.Logger) error {
+func (p *prefetcher) setupPullSlots(client kubernetes.Interface, log *slog.Logger) error {
 	o := p.opts
 	if o.MaxConcurrentNodes == 0 {
 		return nil
@@ -87,6 +87,6 @@ func (p *prefetcher) setupGate(client kubernetes.Interface, log *slog.Logger) er
 	if err != nil {
 		return fmt.Errorf("--max-concurrent-nodes: %w", err)
 	}
-	p.gate = sem
+	p.slots = sem
 	return nil
 }
