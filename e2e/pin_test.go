@@ -125,8 +125,9 @@ func TestAgentPinImages(t *testing.T) {
 	// pinned by an operator: a pin the agent did not set, which containerd does not re-apply.
 	operatorPinned := env.Image(t, "e2e/small:10").Ref
 	const a, b = "e2e-pin-a", "e2e-pin-b"
+	// --release-pins: each fetch here stands for the instance's run, which releases what leaves its list.
 	pinFlags := func(instance string, on bool) []string {
-		return []string{"--label=false", "--instance", instance, fmt.Sprintf("--pin-images=%t", on)}
+		return []string{"--label=false", "--instance", instance, fmt.Sprintf("--pin-images=%t", on), "--release-pins"}
 	}
 
 	if !env.IsContainerd() {
@@ -258,6 +259,13 @@ func TestAgentPinImages(t *testing.T) {
 	}
 	if n := strings.Count(run.output, "action=released"); n != wantReleased {
 		t.Errorf("%d releases that leave the pin in place, want %d:\n%s", n, wantReleased, run.output)
+	}
+
+	// 6a. A fetch of a beside its run (no --release-pins), with pinning off: it releases nothing.
+	if run := fetch(t, env, []string{list[0]}, "--label=false", "--instance", a, "--pin-images=false"); run.code != 0 {
+		t.Fatalf("fetch without --release-pins exited %d:\n%s", run.code, run.output)
+	} else if l := rec.labels(list[0]); !pinnedBy(l, a) || strings.Contains(run.output, "action=") {
+		t.Errorf("a fetch without --release-pins changed a's pins: %s %v\n%s", list[0], l, run.output)
 	}
 
 	// 6. Off: everything a pinned is let go of; what only a wanted is unpinned; b's pins stay.

@@ -48,6 +48,11 @@ type Options struct {
 
 	// PinImages pins the listed images on containerd (see agent/pin).
 	PinImages bool
+	// ReleasePins lets `fetch` release this instance's pins of images not in
+	// its list (all of them with --pin-images=false). `run`, the instance's
+	// owner on the node, always does; a fetch beside it must not undo its
+	// pins, so it only adds pins unless told.
+	ReleasePins bool
 
 	// Collector: the results collector the attempts are sent to.
 	Collector CollectorOptions
@@ -118,6 +123,8 @@ func (o *Options) addFlags(fs *pflag.FlagSet) {
 	o.Collector.addFlags(fs)
 	if o.Run != nil {
 		o.Run.addFlags(fs)
+	} else {
+		fs.BoolVar(&o.ReleasePins, "release-pins", o.ReleasePins, "Also release this instance's pins of images not in the list (all of them with --pin-images=false), as run does: for removing pins where no DaemonSet runs. Without it fetch only adds pins, so it never undoes those of a run beside it.")
 	}
 }
 

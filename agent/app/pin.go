@@ -117,9 +117,13 @@ func (p *prefetcher) pinPresent(ctx context.Context, r pull.Result) {
 	}
 }
 
-// reconcilePins pins the images of the list that are present and lets go of
-// those this instance pinned that left the list (all of them with
-// --pin-images=false). Failures are logged and counted; they never change
+// releasesPins: run owns the instance's pins on its node and releases them;
+// fetch does only with --release-pins.
+func (p *prefetcher) releasesPins() bool { return p.opts.Run != nil || p.opts.ReleasePins }
+
+// reconcilePins pins the images of the list that are present and, when this
+// process releases pins (releasesPins), lets go of those this instance pinned
+// that left the list (all of them with --pin-images=false). Failures are logged and counted; they never change
 // the pass's outcome, which says whether the images are present.
 func (p *prefetcher) reconcilePins(ctx context.Context, list *imagelist.List, results []pull.Result) {
 	pinner := p.pins.pinner
@@ -148,7 +152,18 @@ func (p *prefetcher) reconcilePins(ctx context.Context, list *imagelist.List, re
 		}
 	}
 	p.pins.pinned = nil
-	rep, err := pinner.Reconcile(ctx, toPin, keep)
+	var err error
+	if !p.releasesPins() {
+		// Every record this instance owns is kept: a fetch beside run (an
+		// init container, a Job) must not release what run pinned.
+		var owned []string
+		owned, err = pinner.Owned(ctx)
+		keep = append(keep, owned...)
+	}
+	var rep pin.Report
+	if err == nil {
+		rep, err = pinner.Reconcile(ctx, toPin, keep)
+	}
 	if err != nil {
 		if !p.opts.PinImages && errors.Is(err, pin.ErrUnsupported) {
 			// Off, and a containerd without the images API: nothing can

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 
@@ -34,7 +35,7 @@ func pinRuntime(t *testing.T, refs ...string) (*critest.Server, *pintest.Server)
 func newPinPrefetcher(t *testing.T, c *critest.Server, list string, pinImages bool) (*prefetcher, *bytes.Buffer) {
 	t.Helper()
 	o := testOptions(c.Path(), list)
-	o.PinImages = pinImages
+	o.PinImages, o.ReleasePins = pinImages, true
 	p, _, logs := newTestPrefetcher(t, o)
 	return p, logs
 }
@@ -311,5 +312,42 @@ func TestOneRuntimeConnection(t *testing.T) {
 	}
 	if got := c.Accepted(); got != 2 {
 		t.Errorf("connections to the runtime's socket: %d, want 2 (cri.Dial's probe and the one gRPC connection)", got)
+	}
+}
+
+// A fetch of the instance beside its run (an init container, a Job) only adds
+// pins: a shorter list or --pin-images=false releases nothing of what run
+// pinned. With --release-pins it lets go as run does.
+func TestFetchReleasesPinsOnlyWhenTold(t *testing.T) {
+	c, imgs := pinRuntime(t, present, pullable)
+	c.AddImage(present, critest.Image{Size: 10})
+	c.AddImage(pullable, critest.Image{Size: 10})
+	o := testOptions(c.Path(), writeList(t, present, pullable))
+	o.PinImages, o.Run = true, &RunOptions{RecheckInterval: time.Hour}
+	run, _, _ := newTestPrefetcher(t, o)
+	if _, err := run.pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	fetch := func(pinImages, release bool, list ...string) {
+		t.Helper()
+		o := testOptions(c.Path(), writeList(t, list...))
+		o.PinImages, o.ReleasePins = pinImages, release
+		p, _, _ := newTestPrefetcher(t, o)
+		if _, err := p.pass(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fetch(true, false, present)
+	fetch(false, false, present)
+	for _, ref := range []string{present, pullable} {
+		if !isPinnedBy(imgs, ref, testInstance) {
+			t.Errorf("%s released by a fetch without --release-pins\n%s", ref, imgs)
+		}
+	}
+	fetch(false, true, "# nothing")
+	for _, ref := range []string{present, pullable} {
+		if isPinnedBy(imgs, ref, testInstance) {
+			t.Errorf("%s still pinned after fetch --release-pins --pin-images=false\n%s", ref, imgs)
+		}
 	}
 }
