@@ -8,6 +8,8 @@ package e2e_test
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -19,6 +21,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"k8s.io/apimachinery/pkg/util/wait"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
@@ -236,7 +239,8 @@ func leaseHeldBytes(ctx context.Context, t *testing.T, env *clusterenv.Env, inst
 }
 
 // A 20 MiB image that stalls after 5 MiB and fails (one attempt): its lease keeps what was fetched, for a
-// resume. The next pass, with the image gone from the list, deletes that lease.
+// resume. The agent's next pass, with the image gone from the list, deletes that lease. One `run` process
+// makes both passes: a lease another process made is left alone for an hour (it may be pulling under it).
 func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Runtime)
 	ctx := ctxFor(t, 3*time.Minute)
@@ -245,29 +249,37 @@ func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 	ref := viaProgressProxy(ctx, t, env, images, proxy, "e2e/random:20mib")
 	proxy.HoldAfter(5 * mib)
 	instance := "e2e-lease-" + suffix(t)
-	flags := []string{"--label=false", "--instance=" + instance, "--pull-progress-timeout=3s", "--max-attempts=1"}
-
-	run := fetch(t, env, []string{ref}, flags...)
-	if run.code == 0 {
-		t.Fatalf("fetch of a stalled image exited 0\n%s", run.output)
+	list := filepath.Join(t.TempDir(), "images.txt")
+	writeFile := func(refs ...string) {
+		t.Helper()
+		if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
+	writeFile(ref)
+	agent := startAgent(t, "run", "--label=false", "--instance="+instance, "--cri-socket", env.CRISocket,
+		"--image-list-file", list, "--listen-address=", "--recheck-interval=2s", "--pull-progress-timeout=3s", "--max-attempts=1")
+	waitOutput := func(what string) {
+		t.Helper()
+		err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 90*time.Second, true, func(context.Context) (bool, error) {
+			return strings.Contains(agent.out.String(), what), nil
+		})
+		if err != nil {
+			t.Fatalf("the agent never logged %q\n%s", what, agent.out)
+		}
+	}
+	waitOutput(`msg="pass finished" state=failed`)
 	held := leaseHeldBytes(ctx, t, env, instance, ref)
 	t.Logf("bytes held by the lease of the failed image: %d (%.1f MiB)", held, float64(held)/mib)
 	if len(agentLeases(ctx, t, env, ref)) != 1 || held < 4*mib {
-		t.Fatalf("after the failed pull: leases %v holding %d bytes, want one holding the ~5 MiB fetched\n%s",
-			agentLeases(ctx, t, env, ref), held, run.output)
+		t.Fatalf("after the failed pass: leases %v holding %d bytes, want one holding the ~5 MiB fetched\n%s",
+			agentLeases(ctx, t, env, ref), held, agent.out)
 	}
 
-	other := refs(t, env, "e2e/small:00")
-	run = fetch(t, env, other, flags...)
-	if run.code != 0 {
-		t.Fatalf("fetch of the new list exited %d\n%s", run.code, run.output)
-	}
+	writeFile(refs(t, env, "e2e/small:00")...)
+	waitOutput(`msg="lease of an image that left the list deleted`)
 	if l := agentLeases(ctx, t, env, ref); len(l) != 0 {
-		t.Errorf("the lease of %s, gone from the list, is still there: %v\n%s", ref, l, run.output)
-	}
-	if !strings.Contains(run.output, `msg="lease of an image that left the list deleted`) {
-		t.Errorf("no log line for the deleted lease\n%s", run.output)
+		t.Errorf("the lease of %s, gone from the list, is still there: %v\n%s", ref, l, agent.out)
 	}
 	t.Logf("bytes held by the lease after the pass without the image: %d", leaseHeldBytes(ctx, t, env, instance, ref))
 }

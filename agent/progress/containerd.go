@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
 const (
@@ -35,6 +37,16 @@ const (
 	// instance it is for (`ctr -n k8s.io leases ls`).
 	LeaseImageLabel    = nodelabel.Domain + "/image"
 	LeaseInstanceLabel = nodelabel.Domain + "/instance"
+	// LeaseOwnerLabel names the process that made the lease (Owner): two
+	// processes of one instance on a node (run and a fetch beside it) share
+	// the lease of an image they both pull, and only its maker deletes it
+	// while the image is not present.
+	LeaseOwnerLabel = nodelabel.Domain + "/owner"
+	// StaleAfter: a lease another process made this long ago is no longer
+	// followed by it (no pass holds an image that long by default: the
+	// pass deadline is 20 minutes), so any process of the instance may
+	// delete it.
+	StaleAfter = time.Hour
 	// expireLabel is the label containerd's garbage collection deletes an
 	// expired lease by.
 	expireLabel = "containerd.io/gc.expire"
@@ -60,6 +72,8 @@ type Containerd struct {
 	// Instance is part of each lease's name, so two instances pulling the
 	// same image keep leases of their own.
 	Instance string
+	// Owner names this process on its leases (LeaseOwnerLabel).
+	Owner string
 
 	mu     sync.Mutex
 	leased map[string]*leaseState // by lease ID
@@ -70,7 +84,10 @@ var _ Source = (*Containerd)(nil)
 // leaseState caches what does not change of a lease's blobs.
 type leaseState struct {
 	opened time.Time
-	blobs  map[string]blob // by digest
+	// deletable: this process made the lease, or its maker made it more
+	// than StaleAfter ago.
+	deletable bool
+	blobs     map[string]blob // by digest
 	// ingested are the digests seen being fetched under the lease.
 	ingested map[string]bool
 	// total is the size of the manifests found among the blobs and of what
@@ -89,7 +106,7 @@ type blob struct {
 // (cri.Client.Conn), which its owner closes.
 func NewContainerd(conn grpc.ClientConnInterface, instance string) *Containerd {
 	return &Containerd{leases: leasesapi.NewLeasesClient(conn), content: contentapi.NewContentClient(conn),
-		Instance: instance, leased: map[string]*leaseState{}}
+		Instance: instance, Owner: processOwner(), leased: map[string]*leaseState{}}
 }
 
 // LeaseID is the lease of instance's pulls of image: stable, so that the
@@ -117,6 +134,9 @@ func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh 
 		if c.Instance != "" {
 			labels[LeaseInstanceLabel] = c.Instance
 		}
+		if c.Owner != "" {
+			labels[LeaseOwnerLabel] = c.Owner
+		}
 		_, err := c.leases.Create(ctx, &leasesapi.CreateRequest{ID: id, Labels: labels})
 		return err
 	}
@@ -130,7 +150,7 @@ func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh 
 		}
 		for _, l := range list.GetLeases() {
 			if l.GetID() == id && time.Since(l.GetCreatedAt().AsTime()) < renewAfter {
-				c.remember(id, opened)
+				c.remember(id, opened, c.deletable(l))
 				return id, false, nil
 			}
 		}
@@ -142,14 +162,29 @@ func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh 
 	if err != nil {
 		return "", false, apiError("create lease "+id, err)
 	}
-	c.remember(id, opened)
+	c.remember(id, opened, true)
 	return id, true, nil
 }
 
-func (c *Containerd) remember(id string, opened time.Time) {
+func (c *Containerd) remember(id string, opened time.Time, deletable bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.leased[id] = &leaseState{opened: opened, blobs: map[string]blob{}, ingested: map[string]bool{}, described: map[string]bool{}}
+	c.leased[id] = &leaseState{opened: opened, deletable: deletable, blobs: map[string]blob{}, ingested: map[string]bool{},
+		described: map[string]bool{}}
+}
+
+// deletable reports whether this process may delete l while its image is not
+// present: it made it, or its maker stopped following it long ago (a process
+// that ended: a restarted agent's predecessor, a finished fetch).
+func (c *Containerd) deletable(l *leasesapi.Lease) bool {
+	return l.GetLabels()[LeaseOwnerLabel] == c.Owner || time.Since(l.GetCreatedAt().AsTime()) > StaleAfter
+}
+
+// processOwner names this process: its host name (a pod's name, in a pod)
+// and process ID.
+func processOwner() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s/%d", host, os.Getpid())
 }
 
 // apiError marks the errors of a runtime that does not serve the API.
@@ -369,18 +404,27 @@ func (c *Containerd) read(ctx context.Context, digest string, offset, size int64
 	}
 }
 
-// Release deletes the lease of a pulled image (the image's own record holds
-// its content from then on) and of an image that failed for good (its partial
-// blobs would only hold disk space the kubelet cannot reclaim). An image that
-// failed otherwise keeps its lease, and with it the partial blobs the next
-// pass resumes from, until the image leaves the list (Prune) or the lease
-// expires; unless the lease holds nothing, which would only linger.
-func (c *Containerd) Release(ctx context.Context, key string, done bool) error {
+// Release deletes the lease of a pulled image: the image's own record holds
+// its content from then on. It deletes the lease of an image that failed for
+// good too (its partial blobs would only hold disk space the kubelet cannot
+// reclaim). An image that failed otherwise keeps its lease, and with it the
+// partial blobs the next pass resumes from, until the image leaves the list
+// (Prune) or the lease expires; unless the lease holds nothing, which would
+// only linger. While the image is not present, only a lease this process may
+// delete (deletable) goes: another process of the instance may be pulling
+// under it.
+func (c *Containerd) Release(ctx context.Context, key string, end pull.TransferEnd) error {
 	c.mu.Lock()
+	st := c.leased[key]
 	delete(c.leased, key)
 	c.mu.Unlock()
 	ctx = namespaced(ctx)
-	if !done {
+	if end != pull.TransferPulled {
+		if st == nil || !st.deletable {
+			return nil
+		}
+	}
+	if end == pull.TransferFailed {
 		res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: key})
 		if err != nil || len(res.GetResources()) > 0 {
 			return nil // kept for the next pass (or gone already)
@@ -395,7 +439,9 @@ func (c *Containerd) Release(ctx context.Context, key string, done bool) error {
 // Prune deletes this instance's leases of images that are not in images (they
 // left the list: what their failed pulls kept would otherwise hold disk space
 // until the lease expires) and returns the images whose leases it deleted.
-// Leases this process follows right now are left alone.
+// Leases this process follows right now are left alone, and so are those
+// another process made less than StaleAfter ago (a fetch beside run may be
+// pulling a list of its own).
 func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, error) {
 	if c.Instance == "" {
 		return nil, nil
@@ -419,7 +465,7 @@ func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, erro
 		_, following := c.leased[l.GetID()]
 		c.mu.Unlock()
 		// Only the leases this code makes: its ID for the instance and image.
-		if keep[img] || following || l.GetID() != LeaseID(c.Instance, img) {
+		if keep[img] || following || l.GetID() != LeaseID(c.Instance, img) || !c.deletable(l) {
 			continue
 		}
 		if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: l.GetID()}); err != nil && status.Code(err) != codes.NotFound {

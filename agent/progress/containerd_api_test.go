@@ -23,6 +23,7 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
 // fakeContainerd serves the part of containerd's leases and content API the
@@ -297,7 +298,7 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 	}
 
 	// Not pulled: the lease stays for the next pass, which reuses it.
-	if err := src.Release(ctx, key, false); err != nil {
+	if err := src.Release(ctx, key, pull.TransferFailed); err != nil {
 		t.Fatal(err)
 	}
 	if again, fresh, err := src.Open(ctx, image); err != nil || again != key || fresh {
@@ -310,7 +311,7 @@ func TestContainerdSourceFollowsALease(t *testing.T) {
 		t.Errorf("a young lease was replaced on reopen")
 	}
 	// Pulled: the lease goes.
-	if err := src.Release(ctx, key, true); err != nil {
+	if err := src.Release(ctx, key, pull.TransferPulled); err != nil {
 		t.Fatal(err)
 	}
 	f.mu.Lock()
@@ -370,7 +371,7 @@ func TestContainerdSourceReleasesAnEmptyLeaseOfAFailedImage(t *testing.T) {
 	}
 	f.ingest(partial, "layer-sha256:a", "sha256:a", 5<<20, 60<<20)
 	for _, key := range []string{empty, partial} {
-		if err := src.Release(ctx, key, false); err != nil {
+		if err := src.Release(ctx, key, pull.TransferFailed); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -424,7 +425,7 @@ func TestContainerdSourcePrunesLeasesOfImagesThatLeftTheList(t *testing.T) {
 	// kept and gone failed in an earlier pass (their leases stay for a
 	// resume); following is being pulled now.
 	for _, img := range []string{kept, gone} {
-		if err := src.Release(ctx, progress.LeaseID("team-a", img), false); err != nil {
+		if err := src.Release(ctx, progress.LeaseID("team-a", img), pull.TransferFailed); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -461,12 +462,59 @@ func TestContainerdSourceReleasesWhatAFailureForGoodKept(t *testing.T) {
 	f.mu.Lock()
 	f.res[key] = []*leasesapi.Resource{{ID: "sha256:partial", Type: "content"}}
 	f.mu.Unlock()
-	if err := src.Release(ctx, key, true); err != nil {
+	if err := src.Release(ctx, key, pull.TransferFailedForGood); err != nil {
 		t.Fatal(err)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if _, ok := f.leases[key]; ok {
 		t.Errorf("lease %s kept after a failure for good", key)
+	}
+}
+
+// Two processes of one instance on a node (run, and a fetch beside it) share
+// the lease of an image both pull. The one that did not make it never deletes
+// it while the image is not present, whether its own pull failed for good,
+// failed leaving nothing, or the image is not in its list; once the image is
+// present, either deletes it.
+func TestContainerdSourceLeavesAnotherProcesssLease(t *testing.T) {
+	f, path := startFake(t)
+	run := progress.NewContainerd(dial(t, path), "team-a")
+	fetch := progress.NewContainerd(dial(t, path), "team-a")
+	run.Owner, fetch.Owner = "agent-pod/1", "init-container/1"
+	ctx := context.Background()
+	const img = "registry.example/app:1"
+	key, fresh, err := run.Open(ctx, img)
+	if err != nil || !fresh {
+		t.Fatalf("run's Open: fresh %v, %v", fresh, err)
+	}
+	for _, end := range []pull.TransferEnd{pull.TransferFailedForGood, pull.TransferFailed} {
+		if k, fresh, err := fetch.Open(ctx, img); err != nil || fresh || k != key {
+			t.Fatalf("fetch's Open: %s fresh %v, %v; want run's lease reused", k, fresh, err)
+		}
+		if err := fetch.Release(ctx, key, end); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if pruned, err := fetch.Prune(ctx, []string{"registry.example/other:1"}); err != nil || len(pruned) != 0 {
+		t.Errorf("fetch's Prune deleted %v (%v): run made that lease a moment ago", pruned, err)
+	}
+	f.mu.Lock()
+	_, kept := f.leases[key]
+	owner := f.leases[key].GetLabels()[progress.LeaseOwnerLabel]
+	f.mu.Unlock()
+	if !kept || owner != run.Owner {
+		t.Fatalf("run's lease there %v with owner %q: deleted by the fetch beside it", kept, owner)
+	}
+	if _, _, err := fetch.Open(ctx, img); err != nil {
+		t.Fatal(err)
+	}
+	if err := fetch.Release(ctx, key, pull.TransferPulled); err != nil {
+		t.Fatal(err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.leases[key]; ok {
+		t.Errorf("the lease of a pulled image was kept")
 	}
 }

@@ -56,9 +56,8 @@ type Source interface {
 	// With an error, what it could read is still returned: a key missing
 	// from Transfers, or a nil Node, was not read.
 	Poll(ctx context.Context, keys []string) (Snapshot, error)
-	// Release ends following key; done says what key kept for a resume may
-	// go (the image is present, or failed for good: pull.Transfer.Close).
-	Release(ctx context.Context, key string, done bool) error
+	// Release ends following key, whose image's pulls ended as end.
+	Release(ctx context.Context, key string, end pull.TransferEnd) error
 }
 
 // Snapshot is what a Source read at one moment.
@@ -309,7 +308,7 @@ func (t *transfer) current() State {
 	return t.state
 }
 
-func (t *transfer) Close(done bool) {
+func (t *transfer) Close(end pull.TransferEnd) {
 	w := t.w
 	w.mu.Lock()
 	if t.closed {
@@ -324,7 +323,7 @@ func (t *transfer) Close(done bool) {
 	// must still go.
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
-	if err := w.Source.Release(ctx, t.key, done); err != nil {
+	if err := w.Source.Release(ctx, t.key, end); err != nil {
 		w.log().Warn("pull progress: release", "image", t.image, "error", err.Error())
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress/progresstest"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
 const (
@@ -33,7 +34,7 @@ func TestWatcherEndsAnAttemptWhoseBytesStopped(t *testing.T) {
 	if tr == nil {
 		t.Fatal("Follow returned nil")
 	}
-	defer tr.Close(false)
+	defer tr.Close(pull.TransferFailed)
 	a := tr.Watch(1, 100*time.Millisecond)
 	src.Grow(img, "layer-sha256:a", 5*mib)
 	select {
@@ -50,7 +51,7 @@ func TestWatcherKeepsAFlowingAttempt(t *testing.T) {
 	src := progresstest.New()
 	w := watcher(src)
 	tr := w.Follow(context.Background(), img)
-	defer tr.Close(true)
+	defer tr.Close(pull.TransferPulled)
 	// A window far longer than any scheduling hiccup: the bytes below flow
 	// for twice as long.
 	a := tr.Watch(1, 500*time.Millisecond)
@@ -78,13 +79,13 @@ func TestWatcherBytesOfAResumedAttempt(t *testing.T) {
 	src.Grow(img, "layer-sha256:a", 10*mib)
 	src.Commit(img, "layer-sha256:a")
 	b := a.Stop()
-	tr.Close(true)
+	tr.Close(pull.TransferPulled)
 	want := int64(30*mib + 8<<10)
 	if b.Resumed != want || b.Fetched != 10*mib || b.Total != 100*mib {
 		t.Errorf("bytes %+v, want resumed %d, fetched %d, total %d", b, want, 10*mib, 100*mib)
 	}
-	if released, pulled := src.Released(img); !released || !pulled {
-		t.Errorf("released %v pulled %v, want the transfer released as pulled", released, pulled)
+	if released, end := src.Released(img); !released || end != pull.TransferPulled {
+		t.Errorf("released %v as %v, want the transfer released as pulled", released, end)
 	}
 }
 
@@ -92,9 +93,9 @@ func TestWatcherKeepsWhatAFailedImageFetched(t *testing.T) {
 	src := progresstest.New()
 	w := watcher(src)
 	tr := w.Follow(context.Background(), img)
-	tr.Close(false)
-	if released, pulled := src.Released(img); !released || pulled {
-		t.Errorf("released %v pulled %v, want released as not pulled (kept for a resume)", released, pulled)
+	tr.Close(pull.TransferFailed)
+	if released, end := src.Released(img); !released || end != pull.TransferFailed {
+		t.Errorf("released %v as %v, want released as failed (kept for a resume)", released, end)
 	}
 }
 
@@ -128,7 +129,7 @@ func TestWatcherPollsOnlyWhileFollowing(t *testing.T) {
 	w := watcher(src)
 	tr := w.Follow(context.Background(), img)
 	waitFor(t, "polls", func() bool { return src.Polls() > 3 })
-	tr.Close(true)
+	tr.Close(pull.TransferPulled)
 	time.Sleep(50 * time.Millisecond) // the poller notices at its next tick
 	n := src.Polls()
 	time.Sleep(100 * time.Millisecond)
@@ -164,12 +165,12 @@ func TestWatcherRecordsBytesInFlight(t *testing.T) {
 	src.Grow("b:1", "layer-sha256:b", 2*mib)
 	waitFor(t, "5 MiB in flight", func() bool { n, _ := rec.get(); return n == 5*mib })
 	wa.Stop()
-	a.Close(true)
+	a.Close(pull.TransferPulled)
 	if n, added := rec.get(); n != 2*mib || added != 5*mib {
 		t.Errorf("in flight %d, counted %d after a finished; want %d and %d", n, added, 2*mib, 5*mib)
 	}
 	wb.Stop()
-	b.Close(false)
+	b.Close(pull.TransferFailed)
 	if n, _ := rec.get(); n != 0 {
 		t.Errorf("in flight %d with nothing pulling", n)
 	}
@@ -196,7 +197,7 @@ func TestWatcherLogsProgressForPeople(t *testing.T) {
 	w.Log = slog.New(slog.NewTextHandler(&buf, nil))
 	w.LogInterval = 20 * time.Millisecond
 	tr := w.Follow(context.Background(), img)
-	defer tr.Close(true)
+	defer tr.Close(pull.TransferPulled)
 	a := tr.Watch(3, time.Hour)
 	defer a.Stop()
 	src.Grow(img, "layer-sha256:a", 50*mib)

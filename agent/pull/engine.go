@@ -154,7 +154,7 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 		tr = e.Progress.Follow(ctx, en.Ref)
 	}
 	if tr != nil {
-		defer func() { tr.Close(r.Outcome == OutcomePulled || r.Reason.Permanent()) }()
+		defer func() { tr.Close(transferEnd(r)) }()
 	}
 	var last error
 	var lastReason Reason

@@ -25,12 +25,36 @@ type Transfer interface {
 	// Watch starts watching attempt number (1-based) with the no-progress
 	// window.
 	Watch(number int, window time.Duration) AttemptWatch
-	// Close ends following; done says that what the runtime kept for a
-	// resume may go: the image is present now, or it failed for a reason
-	// another attempt cannot help (Reason.Permanent: a missing tag, a
-	// refused credential, a full disk, whose partial blobs would only hold
-	// disk space).
-	Close(done bool)
+	// Close ends following, saying how the image's pull ended.
+	Close(end TransferEnd)
+}
+
+// TransferEnd is how the pulls of a followed image ended: whether what the
+// runtime kept for a resume is still worth keeping.
+type TransferEnd int
+
+const (
+	// TransferFailed: the image failed for a reason another attempt may get
+	// past (a timeout, a stall): what was fetched is kept for a resume.
+	TransferFailed TransferEnd = iota
+	// TransferFailedForGood: it failed for a reason another attempt cannot
+	// help (Reason.Permanent: a missing tag, a refused credential, a full
+	// disk); what was fetched would only hold disk space.
+	TransferFailedForGood
+	// TransferPulled: the image is present; its record holds its content.
+	TransferPulled
+)
+
+// transferEnd is how r's transfer ended.
+func transferEnd(r Result) TransferEnd {
+	switch {
+	case r.Outcome == OutcomePulled:
+		return TransferPulled
+	case r.Reason.Permanent():
+		return TransferFailedForGood
+	default:
+		return TransferFailed
+	}
 }
 
 // AttemptWatch watches one attempt.

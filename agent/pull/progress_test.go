@@ -72,8 +72,8 @@ func TestStalledTransferEndsTheAttempt(t *testing.T) {
 	if got := src.Opened(); len(got) != 1 {
 		t.Errorf("transfers opened %v, want one for both attempts", got)
 	}
-	if released, pulled := src.Released(busybox); !released || !pulled {
-		t.Errorf("transfer released %v as pulled %v, want released as pulled", released, pulled)
+	if released, end := src.Released(busybox); !released || end != pull.TransferPulled {
+		t.Errorf("transfer released %v as %v, want released as pulled", released, end)
 	}
 }
 
@@ -133,8 +133,8 @@ func TestCapStillEndsAFlowingAttempt(t *testing.T) {
 			t.Errorf("PullImage call with %s left, want at most the cap", c.Timeout)
 		}
 	}
-	if released, pulled := src.Released(busybox); !released || pulled {
-		t.Errorf("transfer released %v as pulled %v, want kept for a resume (released, not pulled)", released, pulled)
+	if released, end := src.Released(busybox); !released || end != pull.TransferFailed {
+		t.Errorf("transfer released %v as %v, want kept for a resume (released as failed)", released, end)
 	}
 }
 
@@ -250,10 +250,10 @@ func TestTransferOfAFailureForGoodIsDone(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		step critest.Step
-		done bool
+		end  pull.TransferEnd
 	}{
-		{"not found", critest.NotFound(busybox), true},
-		{"unavailable", critest.Fail(codes.Unavailable, "registry down"), false},
+		{"not found", critest.NotFound(busybox), pull.TransferFailedForGood},
+		{"unavailable", critest.Fail(codes.Unavailable, "registry down"), pull.TransferFailed},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			cfg := progressConfig()
@@ -265,8 +265,8 @@ func TestTransferOfAFailureForGoodIsDone(t *testing.T) {
 			if res[0].Outcome != pull.OutcomeFailed {
 				t.Fatalf("outcome %s, want failed", res[0].Outcome)
 			}
-			if released, done := src.Released(busybox); !released || done != c.done {
-				t.Errorf("transfer released %v as done %v, want released as done %v", released, done, c.done)
+			if released, end := src.Released(busybox); !released || end != c.end {
+				t.Errorf("transfer released %v as %v, want released as %v", released, end, c.end)
 			}
 		})
 	}

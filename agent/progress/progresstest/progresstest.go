@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
+	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
 // Source is the fake. Keys are the image references.
@@ -21,7 +22,7 @@ type Source struct {
 	states   map[string]progress.State
 	node     map[string]int64
 	opened   []string
-	released map[string]bool
+	released map[string]pull.TransferEnd
 	polls    int
 	// OpenErr, when set, is returned by Open.
 	OpenErr error
@@ -31,7 +32,7 @@ var _ progress.Source = (*Source)(nil)
 
 // New returns a Source where every image starts with nothing fetched.
 func New() *Source {
-	return &Source{states: map[string]progress.State{}, node: map[string]int64{}, released: map[string]bool{}}
+	return &Source{states: map[string]progress.State{}, node: map[string]int64{}, released: map[string]pull.TransferEnd{}}
 }
 
 type boundKey struct{}
@@ -74,11 +75,11 @@ func (s *Source) Poll(_ context.Context, keys []string) (progress.Snapshot, erro
 	return snap, nil
 }
 
-// Release records whether the transfer was done (pulled, or failed for good).
-func (s *Source) Release(_ context.Context, key string, done bool) error {
+// Release records how the transfer ended.
+func (s *Source) Release(_ context.Context, key string, end pull.TransferEnd) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.released[key] = done
+	s.released[key] = end
 	return nil
 }
 
@@ -130,12 +131,12 @@ func (s *Source) Opened() []string {
 	return append([]string(nil), s.opened...)
 }
 
-// Released returns whether image was released and whether as done (pulled, or failed for good).
-func (s *Source) Released(image string) (released, done bool) {
+// Released returns whether image was released and how its transfer ended.
+func (s *Source) Released(image string) (released bool, end pull.TransferEnd) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	done, released = s.released[image]
-	return released, done
+	end, released = s.released[image]
+	return released, end
 }
 
 // Polls counts the Poll calls.
