@@ -71,16 +71,23 @@ func progressProxy(t *testing.T, env *clusterenv.Env, mbit int64) *shaper.Proxy 
 	return p
 }
 
-// agentLeases lists the leases the agent made on the node's containerd for image (other tests' failed
-// images keep theirs, by design).
-func agentLeases(ctx context.Context, t *testing.T, env *clusterenv.Env, image string) []string {
+// containerdAPI is a connection to the node's containerd (closed when the test ends) and ctx in the
+// namespace CRI uses.
+func containerdAPI(ctx context.Context, t *testing.T, env *clusterenv.Env) (*grpc.ClientConn, context.Context) {
 	t.Helper()
 	conn, err := grpc.NewClient("unix://"+env.CRISocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	ctx = metadata.AppendToOutgoingContext(ctx, pin.NamespaceHeader, pin.Namespace)
+	t.Cleanup(func() { conn.Close() })
+	return conn, metadata.AppendToOutgoingContext(ctx, pin.NamespaceHeader, pin.Namespace)
+}
+
+// agentLeases lists the leases the agent made on the node's containerd for image (other tests' failed
+// images keep theirs, by design).
+func agentLeases(ctx context.Context, t *testing.T, env *clusterenv.Env, image string) []string {
+	t.Helper()
+	conn, ctx := containerdAPI(ctx, t, env)
 	resp, err := leasesapi.NewLeasesClient(conn).List(ctx, &leasesapi.ListRequest{})
 	if err != nil {
 		t.Fatalf("list containerd leases: %v", err)
@@ -211,12 +218,7 @@ func TestAgentProgressFailedImageLeavesNoEmptyLease(t *testing.T) {
 // and the partial downloads (ingests) it holds.
 func leaseHeldBytes(ctx context.Context, t *testing.T, env *clusterenv.Env, instance, image string) int64 {
 	t.Helper()
-	conn, err := grpc.NewClient("unix://"+env.CRISocket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx = metadata.AppendToOutgoingContext(ctx, pin.NamespaceHeader, pin.Namespace)
+	conn, ctx := containerdAPI(ctx, t, env)
 	res, err := leasesapi.NewLeasesClient(conn).ListResources(ctx, &leasesapi.ListResourcesRequest{ID: progress.LeaseID(instance, image)})
 	if err != nil {
 		return 0

@@ -104,11 +104,7 @@ func (c *Condition) Set(ctx context.Context, status corev1.ConditionStatus, reas
 	if c.known != nil && c.clock().Sub(c.knownAt) < maxAge && same(c.known) {
 		return false, nil
 	}
-	timeout := c.WriteTimeout
-	if timeout <= 0 {
-		timeout = DefaultWriteTimeout
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	ctx, cancel := c.writeContext(ctx)
 	defer cancel()
 	typ := ConditionType(c.Instance)
 	err = retryTransient(ctx, c.Backoff, c.RequestTimeout, func(ctx context.Context) error {
@@ -159,6 +155,16 @@ func (c *Condition) Set(ctx context.Context, status corev1.ConditionStatus, reas
 	return wrote, nil
 }
 
+// writeContext is the budget of one write (WriteTimeout), detached from the
+// caller's cancellation like the label's.
+func (c *Condition) writeContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	timeout := c.WriteTimeout
+	if timeout <= 0 {
+		timeout = DefaultWriteTimeout
+	}
+	return context.WithTimeout(context.WithoutCancel(ctx), timeout)
+}
+
 func (c *Condition) remember(cond *corev1.NodeCondition) {
 	cp := *cond
 	c.known, c.knownAt = &cp, c.clock()
@@ -193,11 +199,7 @@ func (c *Condition) Remove(ctx context.Context) (wrote bool, err error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	timeout := c.WriteTimeout
-	if timeout <= 0 {
-		timeout = DefaultWriteTimeout
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+	ctx, cancel := c.writeContext(ctx)
 	defer cancel()
 	typ := ConditionType(c.Instance)
 	err = retryTransient(ctx, c.Backoff, c.RequestTimeout, func(ctx context.Context) error {
