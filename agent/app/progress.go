@@ -47,6 +47,7 @@ func (p *prefetcher) startProgress(c *cri.Client) {
 		return
 	}
 	src := progress.NewContainerd(c.Conn(), p.opts.Instance)
+	src.Owner = processID
 	p.progress.source = src
 	p.progress.watcher = &progress.Watcher{Source: src, LogInterval: p.opts.PullProgressLogInterval, Log: p.log, Recorder: p.metrics}
 	p.log.Info("following pull progress through containerd's content API", "noProgressWindow", p.cfg.ProgressTimeout,

@@ -78,6 +78,7 @@ func (p *prefetcher) setupPullSlots(client kubernetes.Interface, log *slog.Logge
 		Namespace:     o.Namespace,
 		Instance:      o.Instance,
 		Holder:        o.NodeName,
+		Process:       processID,
 		Slots:         o.MaxConcurrentNodes,
 		LeaseDuration: o.PullSlotLeaseDuration,
 		StartJitter:   pullslots.DefaultStartJitter,
@@ -90,3 +91,11 @@ func (p *prefetcher) setupPullSlots(client kubernetes.Interface, log *slog.Logge
 	p.slots = sem
 	return nil
 }
+
+// processID names this process among the instance's processes on a node
+// (run, a fetch beside it), on the pull slot it holds and on its containerd
+// leases: its host name (the pod's name, in a pod) and process ID.
+var processID = func() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s/%d", host, os.Getpid())
+}()

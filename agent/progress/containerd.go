@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sync"
 	"time"
 
@@ -72,7 +71,8 @@ type Containerd struct {
 	// Instance is part of each lease's name, so two instances pulling the
 	// same image keep leases of their own.
 	Instance string
-	// Owner names this process on its leases (LeaseOwnerLabel).
+	// Owner names this process on its leases (LeaseOwnerLabel); set it
+	// before the first Open.
 	Owner string
 
 	mu     sync.Mutex
@@ -106,7 +106,7 @@ type blob struct {
 // (cri.Client.Conn), which its owner closes.
 func NewContainerd(conn grpc.ClientConnInterface, instance string) *Containerd {
 	return &Containerd{leases: leasesapi.NewLeasesClient(conn), content: contentapi.NewContentClient(conn),
-		Instance: instance, Owner: processOwner(), leased: map[string]*leaseState{}}
+		Instance: instance, leased: map[string]*leaseState{}}
 }
 
 // LeaseID is the lease of instance's pulls of image: stable, so that the
@@ -178,13 +178,6 @@ func (c *Containerd) remember(id string, opened time.Time, deletable bool) {
 // that ended: a restarted agent's predecessor, a finished fetch).
 func (c *Containerd) deletable(l *leasesapi.Lease) bool {
 	return l.GetLabels()[LeaseOwnerLabel] == c.Owner || time.Since(l.GetCreatedAt().AsTime()) > StaleAfter
-}
-
-// processOwner names this process: its host name (a pod's name, in a pod)
-// and process ID.
-func processOwner() string {
-	host, _ := os.Hostname()
-	return fmt.Sprintf("%s/%d", host, os.Getpid())
 }
 
 // apiError marks the errors of a runtime that does not serve the API.

@@ -86,6 +86,7 @@ func (s *Semaphore) release(ctx context.Context, le *coordinationv1.Lease) error
 	for attempt := 0; ; attempt++ {
 		cp := le.DeepCopy()
 		cp.Spec.HolderIdentity = nil
+		delete(cp.Annotations, ProcessAnnotation)
 		cp.Spec.AcquireTime = nil
 		cp.Spec.RenewTime = nil
 		_, err := leases.Update(ctx, cp, metav1.UpdateOptions{})
@@ -103,7 +104,7 @@ func (s *Semaphore) release(ctx context.Context, le *coordinationv1.Lease) error
 		if gerr != nil {
 			return fmt.Errorf("read lease %s: %w", le.Name, gerr)
 		}
-		if ptr.Deref(fresh.Spec.HolderIdentity, "") != s.Holder {
+		if ptr.Deref(fresh.Spec.HolderIdentity, "") != s.Holder || !s.ownProcess(fresh) {
 			return nil
 		}
 		le = fresh
@@ -122,7 +123,7 @@ func (s *Semaphore) releaseByName(ctx context.Context, name string) {
 		}
 		return
 	}
-	if ptr.Deref(le.Spec.HolderIdentity, "") != s.Holder {
+	if ptr.Deref(le.Spec.HolderIdentity, "") != s.Holder || !s.ownProcess(le) {
 		return
 	}
 	if err := s.release(rctx, le); err != nil {

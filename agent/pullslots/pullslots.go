@@ -59,6 +59,10 @@ const (
 	MaxLeaseDuration = 5 * time.Minute
 )
 
+// ProcessAnnotation on a held slot names the process of the holder node that
+// holds it (Semaphore.Process).
+const ProcessAnnotation = "image-prefetcher.stackrox.io/holder-process"
+
 // ErrLost is logged when a held slot was taken over by another node (this
 // node's renewals did not reach the API server for a whole lease duration).
 var ErrLost = errors.New("pull slot lost to another node")
@@ -71,6 +75,12 @@ type Semaphore struct {
 	Instance  string
 	// Holder is this node's name, written as the Lease's holderIdentity.
 	Holder string
+	// Process names this process among those of the instance on the node
+	// (run, a fetch beside it), written as the ProcessAnnotation of a slot
+	// it holds: another process of the node waits for that slot like any
+	// other node's instead of taking it over, and only its holder frees it.
+	// Empty: the node's processes are not told apart.
+	Process string
 	// Slots is K, how many nodes may pull at once.
 	Slots int
 

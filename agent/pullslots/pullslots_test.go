@@ -497,3 +497,44 @@ func TestFailingWatchBacksOff(t *testing.T) {
 		t.Fatalf("Acquire: %v", r.err)
 	}
 }
+
+// Two processes of the instance on one node (run, and a fetch beside it) do
+// not share a slot: the second waits for the first's like another node's, and
+// gets it once the first frees it; it never frees the first one's slot.
+func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
+	c := newClient(t)
+	run, fetch := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-a", 1, nil)
+	run.Process, fetch.Process = "agent-pod/1", "init-container/1"
+	ctx := context.Background()
+	release, err := run.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := getLease(t, c, "my-images-pull-slot-0").Annotations[ProcessAnnotation]; p != run.Process {
+		t.Fatalf("held slot names process %q, want %q", p, run.Process)
+	}
+	waitCtx, cancel := context.WithCancel(ctx)
+	ch := acquireAsync(waitCtx, fetch)
+	select {
+	case r := <-ch:
+		t.Fatalf("the second process took the slot its node's first process holds (err %v)", r.err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	cancel()
+	if r := <-ch; r.err == nil {
+		t.Fatal("a cancelled wait acquired")
+	}
+	if h := getLease(t, c, "my-images-pull-slot-0"); holderOf(h) != "node-a" || h.Annotations[ProcessAnnotation] != run.Process {
+		t.Fatalf("after the second process gave up: holder %q process %q, want the first's", holderOf(h), h.Annotations[ProcessAnnotation])
+	}
+	ch = acquireAsync(ctx, fetch)
+	release()
+	r := <-ch
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if p := getLease(t, c, "my-images-pull-slot-0").Annotations[ProcessAnnotation]; p != fetch.Process {
+		t.Errorf("slot names process %q after the hand-over, want %q", p, fetch.Process)
+	}
+	r.release()
+}

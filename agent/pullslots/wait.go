@@ -217,10 +217,13 @@ func (w *waiter) free(i int, le *coordinationv1.Lease, now time.Time) (bool, tim
 		return false, time.Time{}
 	}
 	holder := ptr.Deref(le.Spec.HolderIdentity, "")
-	if holder == "" || holder == w.s.Holder {
-		// Free, or ours from before a restart of this agent.
+	if holder == "" || (holder == w.s.Holder && w.s.ownProcess(le)) {
+		// Free, or ours from before a restart of this agent (a process
+		// that did not name itself, or this one).
 		return true, time.Time{}
 	}
+	// Another node's, or another live process's of this node (a fetch
+	// beside run): it frees the slot or stops renewing it.
 	// The holder's own duration, but never longer than ours: all agents of
 	// an instance run with the same flag, and a larger value in a Lease is a
 	// misbehaving or malicious holder that would otherwise keep the slot
@@ -299,9 +302,10 @@ func (w *waiter) claimOne(ctx context.Context, current *coordinationv1.Lease, i 
 	if current == nil {
 		le := &coordinationv1.Lease{
 			ObjectMeta: metav1.ObjectMeta{
-				Name:      slotName(s.Instance, i),
-				Namespace: s.Namespace,
-				Labels:    map[string]string{LabelName: nameValue, LabelInstance: s.Instance, LabelComponent: componentValue},
+				Name:        slotName(s.Instance, i),
+				Namespace:   s.Namespace,
+				Labels:      map[string]string{LabelName: nameValue, LabelInstance: s.Instance, LabelComponent: componentValue},
+				Annotations: map[string]string{ProcessAnnotation: s.Process},
 			},
 			Spec: coordinationv1.LeaseSpec{
 				HolderIdentity:       ptr.To(s.Holder),
@@ -325,6 +329,10 @@ func (w *waiter) claimOne(ctx context.Context, current *coordinationv1.Lease, i 
 		le.Spec.LeaseTransitions = ptr.To(ptr.Deref(le.Spec.LeaseTransitions, 0) + 1)
 	}
 	le.Spec.HolderIdentity = ptr.To(s.Holder)
+	if le.Annotations == nil {
+		le.Annotations = map[string]string{}
+	}
+	le.Annotations[ProcessAnnotation] = s.Process
 	le.Spec.LeaseDurationSeconds = &secs
 	le.Spec.AcquireTime = &now
 	le.Spec.RenewTime = &now
@@ -338,4 +346,11 @@ func (w *waiter) claimOne(ctx context.Context, current *coordinationv1.Lease, i 
 		return nil, fmt.Errorf("update lease %s: %w", le.Name, err)
 	}
 	return got, nil
+}
+
+// ownProcess reports whether le, held by this node, is held by this process
+// or by one that did not name itself.
+func (s *Semaphore) ownProcess(le *coordinationv1.Lease) bool {
+	p := le.Annotations[ProcessAnnotation]
+	return p == "" || p == s.Process
 }
