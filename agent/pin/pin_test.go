@@ -289,3 +289,16 @@ func dial(t *testing.T, path string) *grpc.ClientConn {
 	t.Cleanup(func() { conn.Close() })
 	return conn
 }
+
+// An operator who removes the pin-set mark from a pin this instance set makes
+// the pin theirs: letting go of the image leaves it pinned.
+func TestPinMadeTheOperatorsStays(t *testing.T) {
+	srv := pintest.Start(t)
+	srv.Add(imgA, criLabels)
+	p := newPinner(t, srv, "team-a")
+	reconcile(t, p, []string{imgA}, nil)
+	srv.SetLabel(imgA, pin.SetLabel, "")
+	rep := reconcile(t, p, nil, nil)
+	wantChanges(t, rep, pin.Change{Image: imgA, Action: pin.Released})
+	wantLabels(t, srv, imgA, with(criLabels, pin.PinLabel, pin.PinValue))
+}
