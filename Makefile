@@ -58,7 +58,7 @@ fuzz:
 # missing), then Flux's controllers and libraries on the same cluster (make/flux.mk), and tears
 # the cluster down.
 e2e: fn-tools flux-controllers
-	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
+	@set -e; trap '$(E2E) down' EXIT; $(PREBUILD_PREVIOUS_K8S); IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m \
 	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS))' $(PKGS); \
 	  $(MAKE) --no-print-directory e2e-flux
@@ -70,6 +70,10 @@ E2E_RUNTIME_TESTS := TestAgent|TestCRI|TestRuntime|TestNode|TestPod
 # The other runtimes run on the previous Kubernetes minor (CRI-O's own minor), so the suite proves both:
 # e2e/cluster.sh's default (the newest) with containerd 2.x, this one with CRI-O and containerd 1.6.
 E2E_PREVIOUS_K8S := v1.35.4
+# On a machine without it, that version is built in the background at the lowest priority while the
+# containerd 2.x phase runs (mostly waiting on the cluster), instead of after it; e2e-cri-o's bring-up
+# waits for that build (build-kubernetes.sh holds a lock per version) and says why if it failed.
+PREBUILD_PREVIOUS_K8S = (K8S_VERSION=$(E2E_PREVIOUS_K8S) nice -n 19 e2e/build-kubernetes.sh >/dev/null 2>&1 &)
 E2E_CRIO_SCENARIOS := TestScenario(QuickStart|MissingTag|PrivateImage|RecheckRepullsRemovedImage)
 
 # The progress tests are left out on CRI-O: it shows no pull progress (the agent's escalating timeouts apply).

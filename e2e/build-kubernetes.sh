@@ -19,11 +19,17 @@ log() { echo "[$(date +%T)] build-kubernetes: $*" >&2; }
 minor=$(echo "$K8S_VERSION" | cut -d. -f2)
 staging=v0.${K8S_VERSION#v1.}
 
-missing=0
-for c in "${CMDS[@]}"; do [ -x "$BIN/$c" ] || missing=1; done
-if [ $missing = 0 ]; then echo "$BIN"; exit 0; fi
+built() {
+  for c in "${CMDS[@]}"; do [ -x "$BIN/$c" ] || return 1; done
+}
+if built; then echo "$BIN"; exit 0; fi
 
 mkdir -p "$MOD" "$BIN"
+# One build of a version at a time: make e2e starts the other phases' version in the background
+# (at low priority, while its own tests run) and their cluster.sh up waits here for it.
+exec 8>"$DIR/.lock"
+flock 8
+if built; then echo "$BIN"; exit 0; fi
 if [ ! -f "$MOD/go.sum" ]; then
   log "preparing build module for k8s.io/kubernetes $K8S_VERSION (staging modules $staging)"
   kmod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | sed -n 's/.*"GoMod": "\(.*\)",/\1/p')
