@@ -23,7 +23,7 @@ import (
 // no node or event RBAC of its own. The running pod's token then tries the writes of
 // TestScenarioAdmissionPolicy, directly and as its node: the Node authorizer and NodeRestriction
 // decide what the node may do, as for its kubelet.
-func TestNodeIdentity(t *testing.T) {
+func TestScenarioNodeIdentity(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Full)
 	if v, err := utilversion.ParseGeneric(env.KubeVersion); err != nil || v.LessThan(utilversion.MajorMinor(1, 36)) {
 		t.Fatalf("node identity needs Kubernetes 1.36+ (constrained impersonation); the cluster is %q (%v): run e2e/cluster.sh up with the default K8S_VERSION", env.KubeVersion, err)
