@@ -8,6 +8,9 @@ package e2e_test
 
 import (
 	"context"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -259,8 +262,25 @@ func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 		}
 	}
 	writeFile(ref)
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	agent := startAgent(t, "run", "--label=false", "--instance="+instance, "--cri-socket", env.CRISocket,
-		"--image-list-file", list, "--listen-address=", "--recheck-interval=2s", "--pull-progress-timeout=3s", "--max-attempts=1")
+		"--image-list-file", list, "--listen-address="+addr, "--recheck-interval=2s", "--pull-progress-timeout=3s", "--max-attempts=1")
+	// metric reads one gauge of the agent's /metrics (-1 when absent).
+	metric := func(name string) float64 {
+		t.Helper()
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			t.Fatalf("GET /metrics: %v", err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		m := regexp.MustCompile(`(?m)^` + name + ` (\S+)$`).FindSubmatch(body)
+		if m == nil {
+			return -1
+		}
+		v, _ := strconv.ParseFloat(string(m[1]), 64)
+		return v
+	}
 	waitOutput := func(what string) {
 		t.Helper()
 		err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 90*time.Second, true, func(context.Context) (bool, error) {
@@ -277,6 +297,12 @@ func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 		t.Fatalf("after the failed pass: leases %v holding %d bytes, want one holding the ~5 MiB fetched\n%s",
 			agentLeases(ctx, t, env, ref), held, agent.out)
 	}
+	if got := metric("image_prefetcher_lease_held_bytes"); got < 4*mib {
+		t.Errorf("image_prefetcher_lease_held_bytes = %v after the failed pass, want the ~5 MiB its lease holds", got)
+	}
+	if got := metric("image_prefetcher_image_fs_used_bytes"); got <= 0 {
+		t.Errorf("image_prefetcher_image_fs_used_bytes = %v, want what containerd reports", got)
+	}
 
 	writeFile(refs(t, env, "e2e/small:00")...)
 	waitOutput(`msg="lease of an image that left the list deleted`)
@@ -284,4 +310,10 @@ func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 		t.Errorf("the lease of %s, gone from the list, is still there: %v\n%s", ref, l, agent.out)
 	}
 	t.Logf("bytes held by the lease after the pass without the image: %d", leaseHeldBytes(ctx, t, env, instance, ref))
+	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 30*time.Second, true, func(context.Context) (bool, error) {
+		return metric("image_prefetcher_lease_held_bytes") == 0, nil
+	})
+	if err != nil {
+		t.Errorf("image_prefetcher_lease_held_bytes = %v after the lease went, want 0", metric("image_prefetcher_lease_held_bytes"))
+	}
 }

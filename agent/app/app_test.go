@@ -428,3 +428,17 @@ current-context: x
 	}
 	return kubeconfig
 }
+
+// The image filesystems' use (CRI ImageFsInfo) is read into the metrics at the
+// end of each pass.
+func TestPassRecordsImageFsUse(t *testing.T) {
+	cri := critest.Start(t)
+	cri.AddImage(present, critest.Image{Size: 1000})
+	p, _, _ := newTestPrefetcher(t, testOptions(cri.Path(), writeList(t, present)))
+	if _, err := p.pass(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := metricValue(t, p, "image_prefetcher_image_fs_used_bytes"); got != 1000 {
+		t.Errorf("image_fs_used_bytes = %v, want the 1000 the runtime reports", got)
+	}
+}

@@ -208,6 +208,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	p.record(ctx, &rep, problems)
 	p.reconcilePins(ctx, list, results)
 	p.pruneLeases(ctx, list)
+	p.recordImageFs(ctx)
 	p.readiness.SetRecorded(rep.Results, rep.LabelErr, rep.NodeErr)
 	if err != nil {
 		p.readiness.SetNotReady(err.Error())
@@ -705,6 +706,26 @@ func (p *prefetcher) criTimeout() time.Duration {
 		return p.opts.DialTimeout
 	}
 	return cri.DefaultTimeout
+}
+
+// recordImageFs reads the image filesystems' use (CRI ImageFsInfo) into the
+// metrics at the end of a pass.
+func (p *prefetcher) recordImageFs(ctx context.Context) {
+	if p.client == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, p.criTimeout())
+	defer cancel()
+	resp, err := p.client.Images.ImageFsInfo(ctx, &runtimeapi.ImageFsInfoRequest{})
+	if err != nil {
+		p.log.Debug("image filesystem use not read", "error", err.Error())
+		return
+	}
+	var used uint64
+	for _, fs := range resp.GetImageFilesystems() {
+		used += fs.GetUsedBytes().GetValue()
+	}
+	p.metrics.SetImageFsUsedBytes(used)
 }
 
 func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {

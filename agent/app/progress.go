@@ -74,4 +74,10 @@ func (p *prefetcher) pruneLeases(ctx context.Context, list *imagelist.List) {
 	if err != nil {
 		p.log.Warn("pull progress: leases of images that left the list not all deleted", "error", err.Error())
 	}
+	held, err := src.Held(ctx)
+	if err != nil {
+		p.log.Warn("pull progress: bytes held by leases not read", "error", err.Error())
+		return
+	}
+	p.metrics.SetLeaseHeldBytes(held)
 }

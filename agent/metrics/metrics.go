@@ -60,6 +60,8 @@ type Metrics struct {
 	bytesInFlight prometheus.Gauge
 	bytesFetched  prometheus.Counter
 	stalls        prometheus.Counter
+	leaseHeld     prometheus.Gauge
+	imageFsUsed   prometheus.Gauge
 
 	mu    sync.Mutex
 	state string
@@ -141,6 +143,14 @@ func New() *Metrics {
 		stalls: f.NewCounter(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "pull_stalls_total",
 			Help: "Pull attempts ended because no byte arrived for --pull-progress-timeout (also counted as attempts failed with reason Timeout).",
+		}),
+		leaseHeld: f.NewGauge(prometheus.GaugeOpts{
+			Namespace: Namespace, Name: "lease_held_bytes",
+			Help: "Bytes containerd holds under this instance's leases after the last pass: what failed pulls fetched, kept for a resume, which the kubelet's image GC cannot reclaim; 0 on runtimes without leases.",
+		}),
+		imageFsUsed: f.NewGauge(prometheus.GaugeOpts{
+			Namespace: Namespace, Name: "image_fs_used_bytes",
+			Help: "Bytes the runtime's image filesystems use, as CRI ImageFsInfo reports them after the last pass.",
 		}),
 	}
 	reg.MustRegister(
@@ -258,6 +268,12 @@ func reasonLabel(r pull.Reason) string {
 	}
 	return string(pull.ReasonUnknown)
 }
+
+// SetLeaseHeldBytes records the bytes held under this instance's leases.
+func (m *Metrics) SetLeaseHeldBytes(n int64) { m.leaseHeld.Set(float64(n)) }
+
+// SetImageFsUsedBytes records the image filesystems' use.
+func (m *Metrics) SetImageFsUsedBytes(n uint64) { m.imageFsUsed.Set(float64(n)) }
 
 // SetPinnedImages records how many images of the list this instance holds
 // pinned.

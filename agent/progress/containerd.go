@@ -440,9 +440,7 @@ func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, erro
 		return nil, nil
 	}
 	ctx = namespaced(ctx)
-	list, err := c.leases.List(ctx, &leasesapi.ListRequest{
-		Filters: []string{fmt.Sprintf("labels.%q==%q", LeaseInstanceLabel, c.Instance)},
-	})
+	list, err := c.leases.List(ctx, &leasesapi.ListRequest{Filters: []string{c.instanceFilter()}})
 	if err != nil {
 		return nil, apiError("list leases", err)
 	}
@@ -468,4 +466,63 @@ func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, erro
 		pruned = append(pruned, img)
 	}
 	return pruned, errors.Join(errs...)
+}
+
+// instanceFilter selects this instance's leases in a List.
+func (c *Containerd) instanceFilter() string {
+	return fmt.Sprintf("labels.%q==%q", LeaseInstanceLabel, c.Instance)
+}
+
+// Held sums what containerd holds under this instance's leases: the blobs
+// committed under them and the bytes of their partial downloads. After a pass
+// those are the leases of images that failed and are kept for a resume: disk
+// the kubelet's image GC cannot reclaim.
+func (c *Containerd) Held(ctx context.Context) (int64, error) {
+	if c.Instance == "" {
+		return 0, nil
+	}
+	ctx = namespaced(ctx)
+	list, err := c.leases.List(ctx, &leasesapi.ListRequest{Filters: []string{c.instanceFilter()}})
+	if err != nil {
+		return 0, apiError("list leases", err)
+	}
+	if len(list.GetLeases()) == 0 {
+		return 0, nil
+	}
+	st, err := c.content.ListStatuses(ctx, &contentapi.ListStatusesRequest{})
+	if err != nil {
+		return 0, apiError("list ingests", err)
+	}
+	offsets := make(map[string]int64, len(st.GetStatuses()))
+	for _, s := range st.GetStatuses() {
+		offsets[s.GetRef()] = s.GetOffset()
+	}
+	var n int64
+	counted := map[string]bool{} // two leases may hold one blob
+	for _, l := range list.GetLeases() {
+		res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: l.GetID()})
+		if err != nil {
+			if status.Code(err) == codes.NotFound {
+				continue // deleted since it was listed
+			}
+			return n, fmt.Errorf("lease %s: %w", l.GetID(), err)
+		}
+		for _, r := range res.GetResources() {
+			k := r.GetType() + "\x00" + r.GetID()
+			if counted[k] {
+				continue
+			}
+			counted[k] = true
+			switch r.GetType() {
+			case "ingests":
+				n += offsets[r.GetID()]
+			case "content":
+				info, err := c.content.Info(ctx, &contentapi.InfoRequest{Digest: r.GetID()})
+				if err == nil {
+					n += info.GetInfo().GetSize()
+				}
+			}
+		}
+	}
+	return n, nil
 }

@@ -518,3 +518,39 @@ func TestContainerdSourceLeavesAnotherProcesssLease(t *testing.T) {
 		t.Errorf("the lease of a pulled image was kept")
 	}
 }
+
+// Held sums this instance's leases: committed blobs by their size, partial
+// downloads by their offset, a blob two leases hold once, another instance's
+// leases not at all.
+func TestContainerdSourceHeldBytes(t *testing.T) {
+	f, path := startFake(t)
+	src := progress.NewContainerd(dial(t, path), "team-a")
+	other := progress.NewContainerd(dial(t, path), "team-b")
+	ctx := context.Background()
+	if n, err := src.Held(ctx); err != nil || n != 0 {
+		t.Fatalf("Held with no lease = %d, %v; want 0", n, err)
+	}
+	a, _, err := src.Open(ctx, "registry.example/a:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _, err := src.Open(ctx, "registry.example/b:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, _, err := other.Open(ctx, "registry.example/a:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.commit(a, "ref-1", "sha256:one", nil, 1000, time.Now())
+	f.commit(b, "ref-1", "sha256:one", nil, 1000, time.Now())
+	f.ingest(b, "ref-2", "sha256:two", 300, 5000)
+	f.commit(o, "ref-3", "sha256:three", nil, 7000, time.Now())
+	n, err := src.Held(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 1300 {
+		t.Errorf("Held = %d, want 1300 (one shared 1000-byte blob, 300 bytes of a partial one)", n)
+	}
+}
