@@ -94,8 +94,10 @@ func (p *prefetcher) setupPullSlots(client kubernetes.Interface, log *slog.Logge
 
 // processID names this process among the instance's processes on a node
 // (run, a fetch beside it), on the pull slot it holds and on its containerd
-// leases: its host name (the pod's name, in a pod) and process ID.
+// leases: its host name (the pod's name, unless the pod uses the host's
+// network), process ID (1 in most containers) and start time, so that two
+// containers of host-network pods are told apart too.
 var processID = func() string {
 	host, _ := os.Hostname()
-	return fmt.Sprintf("%s/%d", host, os.Getpid())
+	return fmt.Sprintf("%s/%d/%d", host, os.Getpid(), time.Now().UnixNano())
 }()
