@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,10 +22,12 @@ import (
 // clockTicks is USER_HZ, the unit of /proc/<pid>/stat times (100 on Linux).
 const clockTicks = 100
 
-// resources runs the agent binary as a subprocess: a cold fetch of the
-// 100-image set (peak RSS from VmHWM and rusage, CPU from rusage), with the
-// default flags and with progress following off, then `run` with a short
-// present list, sampled while it idles between re-checks.
+// resources runs the agent binary as a subprocess: cold fetches of the
+// 100-image set (peak RSS from VmHWM, CPU from rusage), with the default flags
+// and with progress following off, interleaved for -rounds rounds (the order
+// alternates), then `run` with a short present list, sampled while it idles
+// between re-checks. Following progress is judged by its ratio to progress
+// off in the same round: the machine's load moves both.
 func (b *bench) resources(ctx context.Context) error {
 	bin, err := filepath.Abs(b.o.agentBin)
 	if err != nil {
@@ -36,51 +39,100 @@ func (b *bench) resources(ctx context.Context) error {
 	if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
-	fmt.Fprintf(b.out, "## Agent resources\n\n")
-	fmt.Fprintf(b.out, "| measurement | value |\n|---|---|\n")
-	for _, extra := range [][]string{nil, {"--pull-progress-timeout=0"}} {
-		if err := b.rt.removeAll(ctx, b.allRefs(s)); err != nil {
-			return err
-		}
-		if err := b.fetchResources(ctx, bin, list, len(refs), s.Name, extra); err != nil {
-			return err
+	variants := []struct {
+		name  string
+		extra []string
+	}{
+		{"default flags (progress followed)", nil},
+		{"`--pull-progress-timeout=0` (progress off)", []string{"--pull-progress-timeout=0"}},
+	}
+	got := make([][]fetchUsage, len(variants)) // [variant][round]
+	for r := range b.o.rounds {
+		for k := range variants {
+			vi := (k + r) % len(variants)
+			if err := b.rt.removeAll(ctx, b.allRefs(s)); err != nil {
+				return err
+			}
+			u, err := b.fetchResources(ctx, bin, list, len(refs), variants[vi].extra)
+			if err != nil {
+				return fmt.Errorf("round %d, %s: %w", r+1, variants[vi].name, err)
+			}
+			got[vi] = append(got[vi], u)
+			log.Printf("resources: round %d %-45s wall %.2fs cpu %.2fs peak %.1f MiB", r+1, variants[vi].name,
+				u.wall.Seconds(), u.cpu.Seconds(), float64(u.peakKiB)/1024)
 		}
 	}
+	w := b.out
+	fmt.Fprintf(w, "## Agent resources\n\n")
+	fmt.Fprintf(w, "`fetch` of set %s (%s, cold, loopback) as a subprocess, %d rounds: median (min-max). CPU is user+system from rusage; "+
+		"peak RSS is VmHWM polled every 20 ms until exit. Ratio = default flags / progress off of the same round (median, then every round).\n\n",
+		s.Name, s.About, b.o.rounds)
+	fmt.Fprintln(w, "| flags | wall s | CPU s | peak RSS MiB |")
+	fmt.Fprintln(w, "|---|---|---|---|")
+	for vi, v := range variants {
+		us := got[vi]
+		fmt.Fprintf(w, "| %s | %s | %s | %s |\n", v.name, spread(us, fetchUsage.wallS), spread(us, fetchUsage.cpuS), spread(us, fetchUsage.peakMiB))
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "| progress followed / off | ratio median | ratios per round |")
+	fmt.Fprintln(w, "|---|---|---|")
+	for _, m := range []struct {
+		name string
+		f    func(fetchUsage) float64
+	}{{"wall", fetchUsage.wallS}, {"CPU", fetchUsage.cpuS}, {"peak RSS", fetchUsage.peakMiB}} {
+		ratios := make([]float64, b.o.rounds)
+		for r := range ratios {
+			ratios[r] = m.f(got[0][r]) / m.f(got[1][r])
+		}
+		fmt.Fprintf(w, "| %s | %.2f | %s |\n", m.name, medianF(ratios), joinF(ratios))
+	}
+	fmt.Fprintln(w)
 	return b.idleResources(ctx, bin, refs, s)
 }
 
-// fetchResources measures one cold `fetch` of the list as a subprocess.
-func (b *bench) fetchResources(ctx context.Context, bin, list string, n int, set string, extra []string) error {
-	args := append([]string{"fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn"}, extra...)
-	flags := "default flags"
-	if len(extra) > 0 {
-		flags = strings.Join(extra, " ")
+// fetchUsage is what one `fetch` used.
+type fetchUsage struct {
+	wall, cpu time.Duration
+	peakKiB   int64
+}
+
+func (u fetchUsage) wallS() float64   { return u.wall.Seconds() }
+func (u fetchUsage) cpuS() float64    { return u.cpu.Seconds() }
+func (u fetchUsage) peakMiB() float64 { return float64(u.peakKiB) / 1024 }
+
+// spread formats the median and range of f over us.
+func spread(us []fetchUsage, f func(fetchUsage) float64) string {
+	vs := make([]float64, len(us))
+	for i, u := range us {
+		vs[i] = f(u)
 	}
+	if len(vs) == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f (%.2f-%.2f)", medianF(vs), slices.Min(vs), slices.Max(vs))
+}
+
+// fetchResources measures one cold `fetch` of the list as a subprocess.
+func (b *bench) fetchResources(ctx context.Context, bin, list string, n int, extra []string) (fetchUsage, error) {
+	args := append([]string{"fetch", "--label=false", "--cri-socket", b.env.CRIEndpoint, "--image-list-file", list, "--log-level", "warn"}, extra...)
 	cmd := exec.CommandContext(ctx, bin, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	begin := time.Now()
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start %s: %w", bin, err)
+		return fetchUsage{}, fmt.Errorf("start %s: %w", bin, err)
 	}
 	hwm := watchHWM(cmd.Process.Pid)
 	err := cmd.Wait()
 	took := time.Since(begin)
-	peakPolled := hwm()
+	peak := hwm()
 	if err != nil {
-		return fmt.Errorf("agent fetch of %d images: %w: %s", n, err, lastLines(stderr.String(), 5))
+		return fetchUsage{}, fmt.Errorf("agent fetch of %d images: %w: %s", n, err, lastLines(stderr.String(), 5))
 	}
+	// rusage's maxrss is not used: for a child started by Go it counts the
+	// parent's pages shared between clone(CLONE_VM|CLONE_VFORK) and exec.
 	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
-	cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	fmt.Fprintf(b.out, "| `fetch` of %s (cold, loopback, %s): wall | %.2f s |\n", set, flags, took.Seconds())
-	fmt.Fprintf(b.out, "| peak RSS (VmHWM, polled every 20 ms until exit) | %.1f MiB |\n", float64(peakPolled)/1024)
-	// ru_maxrss of a child started by Go counts the parent's pages shared
-	// between clone(CLONE_VM|CLONE_VFORK) and exec, so it shows this
-	// benchmark's own size; it is printed for completeness only.
-	fmt.Fprintf(b.out, "| rusage maxrss (includes the benchmark process before exec) | %.1f MiB |\n", float64(ru.Maxrss)/1024)
-	fmt.Fprintf(b.out, "| CPU user+system | %.2f s (%.0f ms user, %.0f ms system) |\n", cpu.Seconds(), float64(ru.Utime.Nano())/1e6, float64(ru.Stime.Nano())/1e6)
-	log.Printf("resources: fetch %d images (%s) %.2fs, peak %d KiB, cpu %s", n, flags, took.Seconds(), peakPolled, cpu)
-	return nil
+	return fetchUsage{wall: took, cpu: time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), peakKiB: peak}, nil
 }
 
 // idleResources samples `run` between re-checks.
