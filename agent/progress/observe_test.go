@@ -2,6 +2,7 @@ package progress
 
 import (
 	"maps"
+	"slices"
 	"testing"
 	"time"
 )
@@ -213,5 +214,23 @@ func TestMoved(t *testing.T) {
 		if got := moved(tt.prev, tt.cur); got != tt.want {
 			t.Errorf("%s: moved = %v, want %v", tt.name, got, tt.want)
 		}
+	}
+}
+
+// Only attempts that have run for an interval are read at a poll; a
+// transfer between attempts is not read at all.
+func TestOnlyAttemptsOlderThanTheIntervalAreDue(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	w := &Watcher{transfers: map[string]*transfer{}}
+	for key, age := range map[string]time.Duration{"old": 3 * time.Second, "just": time.Second, "young": 999 * time.Millisecond} {
+		tr := &transfer{w: w, key: key}
+		tr.att = &watch{t: tr, start: now.Add(-age)}
+		w.transfers[key] = tr
+	}
+	w.transfers["between"] = &transfer{w: w, key: "between"}
+	got := w.dueLocked(now, time.Second, nil)
+	slices.Sort(got)
+	if want := []string{"just", "old"}; !slices.Equal(got, want) {
+		t.Errorf("due %v, want %v", got, want)
 	}
 }

@@ -27,6 +27,17 @@
 // An ingest that wrote bytes in this attempt and then stops is a stall
 // whatever the rest of the node does: it holds its connection and its
 // download slot.
+//
+// Following is lazy, because most pulls are short: an attempt is followed
+// (read at the polls, its bytes counted and logged) only from the first poll
+// at least one Interval after it started. One poller reads every followed
+// attempt of the node at once: one listing of the node's ingests, then each
+// followed transfer's resources. An attempt that ends before it is followed
+// costs no read at all: it cannot have stalled for a window that is longer
+// than the Interval, and its clock runs from its start, so one that is still
+// running when it is first read is judged over its whole life. Its bytes are
+// not measured (pull.Bytes gives only what it resumed from); the next attempt
+// of the image, if any, reads where it starts from.
 package progress
 
 import (
@@ -111,10 +122,12 @@ const (
 )
 
 // Watcher follows pulls through a Source. It implements pull.Progress. Set
-// the fields, then use it; it polls only while some image is followed.
+// the fields, then use it; it polls only while some attempt has run for an
+// Interval (see the package comment).
 type Watcher struct {
 	Source Source
-	// Interval between polls; 0 means DefaultInterval.
+	// Interval between polls, and how long an attempt runs before it is
+	// followed; 0 means DefaultInterval.
 	Interval time.Duration
 	// LogInterval is how often each image in progress gets a log line; 0
 	// means none.
@@ -192,24 +205,38 @@ func (w *Watcher) interval() time.Duration {
 	return DefaultInterval
 }
 
-// poll runs while some image is followed.
+// poll runs while some image is open. At each tick it reads only the
+// transfers whose attempt has run for an Interval: a pull that ends sooner is
+// never read.
 func (w *Watcher) poll() {
-	t := time.NewTicker(w.interval())
+	iv := w.interval()
+	t := time.NewTicker(iv)
 	defer t.Stop()
-	for range t.C {
+	var keys []string
+	for now := range t.C {
 		w.mu.Lock()
 		if len(w.transfers) == 0 {
 			w.polling = false
 			w.mu.Unlock()
 			return
 		}
-		keys := make([]string, 0, len(w.transfers))
-		for k := range w.transfers {
+		keys = w.dueLocked(now, iv, keys[:0])
+		w.mu.Unlock()
+		if len(keys) > 0 {
+			w.pollOnce(keys)
+		}
+	}
+}
+
+// dueLocked appends to keys the transfers to read at now: those whose attempt
+// has run for iv. w.mu is held.
+func (w *Watcher) dueLocked(now time.Time, iv time.Duration, keys []string) []string {
+	for k, t := range w.transfers {
+		if a := t.att; a != nil && now.Sub(a.start) >= iv {
 			keys = append(keys, k)
 		}
-		w.mu.Unlock()
-		w.pollOnce(keys)
 	}
+	return keys
 }
 
 // pollOnce reads keys and lets every watched attempt judge the change.
@@ -286,6 +313,9 @@ type transfer struct {
 	lastLogBytes int64
 	counted      int64 // bytes already added to the Recorder's counter
 	closed       bool
+	// stale: state was not read since an attempt that was not followed
+	// ended; the next attempt reads it to know where it starts from.
+	stale bool
 }
 
 var _ pull.Transfer = (*transfer)(nil)
@@ -293,6 +323,22 @@ var _ pull.Transfer = (*transfer)(nil)
 func (t *transfer) Bind(ctx context.Context) context.Context { return t.w.Source.Bind(ctx, t.key) }
 
 func (t *transfer) Watch(number int, window time.Duration) pull.AttemptWatch {
+	t.w.mu.Lock()
+	stale := t.stale
+	t.w.mu.Unlock()
+	if stale {
+		// An attempt that was not followed may have left bytes this one
+		// resumes from (a retry: rare, so one read is cheap).
+		ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+		snap, _ := t.w.Source.Poll(ctx, []string{t.key})
+		cancel()
+		t.w.mu.Lock()
+		if cur, ok := snap.Transfers[t.key]; ok && !t.closed {
+			t.state, t.stale = cur, false
+			t.w.recordLocked()
+		}
+		t.w.mu.Unlock()
+	}
 	now := time.Now()
 	a := &watch{t: t, number: number, window: window, start: now, clock: now,
 		startBytes: t.current().written(), touched: map[string]bool{}, fresh: true, stalled: make(chan struct{})}
@@ -336,6 +382,7 @@ func (t *transfer) update(now time.Time, cur State, nodeMoved bool) {
 	if a == nil {
 		return
 	}
+	a.followed = true
 	a.observe(now, prev, cur, nodeMoved)
 	if iv := t.w.LogInterval; iv > 0 && now.Sub(t.lastLog) >= iv {
 		t.logProgress(now, a)
@@ -376,6 +423,8 @@ type watch struct {
 	stalled chan struct{}
 	done    bool // stalled is closed
 	stopped bool
+	// followed: a poll read the transfer during this attempt.
+	followed bool
 }
 
 var _ pull.AttemptWatch = (*watch)(nil)
@@ -401,9 +450,25 @@ func (a *watch) callStarted(now time.Time) {
 	}
 }
 
+// Stop ends the watch. A followed attempt, or one that resumed bytes (its
+// bytes tell whether the resume worked), gets a last read so the blobs
+// committed since the last poll count; an attempt that started from nothing
+// and ended before it was followed gets none (see the package comment) and
+// reports no fetched bytes.
 func (a *watch) Stop() pull.Bytes {
 	t := a.t
-	// A last look, so the blobs committed since the last poll count.
+	t.w.mu.Lock()
+	read := a.followed || a.startBytes > 0
+	a.stopped = true
+	if t.att == a {
+		t.att = nil
+	}
+	if !read {
+		t.stale = true
+		defer t.w.mu.Unlock()
+		return pull.Bytes{Total: t.state.Total}
+	}
+	t.w.mu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	snap, _ := t.w.Source.Poll(ctx, []string{t.key})
 	cancel()
@@ -412,10 +477,6 @@ func (a *watch) Stop() pull.Bytes {
 	if cur, ok := snap.Transfers[t.key]; ok && !t.closed {
 		t.state = cur
 		t.w.recordLocked()
-	}
-	a.stopped = true
-	if t.att == a {
-		t.att = nil
 	}
 	return pull.Bytes{Fetched: max(t.state.written()-a.startBytes, 0), Resumed: a.startBytes, Total: t.state.Total}
 }

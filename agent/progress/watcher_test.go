@@ -128,7 +128,9 @@ func TestWatcherPollsOnlyWhileFollowing(t *testing.T) {
 	src := progresstest.New()
 	w := watcher(src)
 	tr := w.Follow(context.Background(), img)
+	a := tr.Watch(1, time.Hour)
 	waitFor(t, "polls", func() bool { return src.Polls() > 3 })
+	a.Stop()
 	tr.Close(pull.TransferPulled)
 	time.Sleep(50 * time.Millisecond) // the poller notices at its next tick
 	n := src.Polls()
@@ -222,5 +224,72 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		if time.Now().After(end) {
 			t.Fatalf("no %s within %s", what, soon)
 		}
+	}
+}
+
+// A pull that ends before the first poll is never read: no poll while it
+// runs, none when it stops, and it reports no fetched bytes.
+func TestWatcherNeverReadsAPullThatEndsBeforeTheFirstPoll(t *testing.T) {
+	src := progresstest.New()
+	w := &progress.Watcher{Source: src, Interval: time.Hour}
+	tr := w.Follow(context.Background(), img)
+	a := tr.Watch(1, 100*time.Millisecond)
+	src.Grow(img, "layer-sha256:a", mib)
+	src.Commit(img, "layer-sha256:a")
+	if b := a.Stop(); b != (pull.Bytes{}) {
+		t.Errorf("bytes %+v of an attempt never followed, want none", b)
+	}
+	tr.Close(pull.TransferPulled)
+	if n := src.Polls(); n != 0 {
+		t.Errorf("%d polls of a pull that ended before the first one", n)
+	}
+	if released, end := src.Released(img); !released || end != pull.TransferPulled {
+		t.Errorf("released %v as %v, want released as pulled", released, end)
+	}
+}
+
+// An attempt still running at the first poll is followed, and a stall is
+// caught within the window counted from the attempt's start.
+func TestWatcherFollowsAPullStillRunningAtTheFirstPoll(t *testing.T) {
+	src := progresstest.New()
+	w := &progress.Watcher{Source: src, Interval: 50 * time.Millisecond}
+	tr := w.Follow(context.Background(), img)
+	defer tr.Close(pull.TransferFailed)
+	start := time.Now()
+	a := tr.Watch(1, 300*time.Millisecond)
+	src.Grow(img, "layer-sha256:a", 5*mib) // then nothing
+	select {
+	case <-a.Stalled():
+	case <-time.After(soon):
+		t.Fatal("no stall reported")
+	}
+	if took := time.Since(start); took < 300*time.Millisecond {
+		t.Errorf("stall reported after %s, before the 300ms window", took)
+	}
+	if src.Polls() == 0 {
+		t.Error("a stall was reported without a poll")
+	}
+	if b := a.Stop(); b.Fetched != 5*mib {
+		t.Errorf("bytes %+v of a followed attempt, want 5 MiB fetched", b)
+	}
+}
+
+// After an attempt that was not followed, the next one reads where it starts
+// from: what the first left counts as resumed, not as fetched again.
+func TestWatcherRetryAfterAnUnfollowedAttemptResumes(t *testing.T) {
+	src := progresstest.New()
+	w := &progress.Watcher{Source: src, Interval: time.Hour}
+	tr := w.Follow(context.Background(), img)
+	defer tr.Close(pull.TransferPulled)
+	a := tr.Watch(1, time.Hour)
+	src.Grow(img, "layer-sha256:a", 3*mib) // a quick failure left 3 MiB
+	a.Stop()
+	if n := src.Polls(); n != 0 {
+		t.Fatalf("%d polls during an attempt that was not followed", n)
+	}
+	b := tr.Watch(2, time.Hour)
+	src.Grow(img, "layer-sha256:a", mib)
+	if got := b.Stop(); got.Resumed != 3*mib || got.Fetched != mib {
+		t.Errorf("bytes %+v of the retry, want resumed from 3 MiB and 1 MiB fetched", got)
 	}
 }
