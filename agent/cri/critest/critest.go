@@ -115,6 +115,17 @@ func DiskFull(ref string) Step {
 		ref, strings.Repeat("ab", 32)))
 }
 
+// Refused is containerd's answer when nothing listens at the registry's
+// address: code Unknown, the dial error's text at the end.
+func Refused(ref string) Step {
+	host := "registry.invalid"
+	if named, err := reference.ParseNormalizedNamed(ref); err == nil {
+		host = reference.Domain(named)
+	}
+	return Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: failed to resolve reference %q: "+
+		"failed to do request: Head \"http://%s/v2/\": dial tcp %s: connect: connection refused", ref, ref, host, host))
+}
+
 // Unavailable is the runtime (or its connection) being unavailable.
 func Unavailable() Step { return Fail(codes.Unavailable, "connection error: runtime is restarting") }
 
@@ -641,19 +652,37 @@ func (s *Server) authorizedLocked(ref, user, pass string) bool {
 	return true
 }
 
-// findLocked finds a present image by the reference it was stored as, its ID,
-// or one of its tags or digests.
+// findLocked finds a present image by the reference it was stored as, its
+// ID, or a tag or digest reference, compared normalized as containerd's CRI
+// compares them: "busybox" is docker.io/library/busybox:latest, and
+// name:tag@digest is name@digest (the digest decides, the tag is dropped).
 func (s *Server) findLocked(ref string) (string, bool) {
 	if _, ok := s.images[ref]; ok {
 		return ref, true
 	}
+	want := normalized(ref)
 	for _, k := range sortedKeys(s.images) {
 		im := s.images[k]
-		if im.ID == ref || slices.Contains(im.RepoTags, ref) || slices.Contains(im.RepoDigests, ref) {
+		if im.ID == ref {
 			return k, true
+		}
+		for _, n := range slices.Concat(im.RepoTags, im.RepoDigests) {
+			if n == ref || (want != "" && normalized(n) == want) {
+				return k, true
+			}
 		}
 	}
 	return "", false
+}
+
+// normalized is ref as containerd's CRI names its image record ("" when ref
+// does not parse).
+func normalized(ref string) string {
+	named, err := reference.ParseDockerRef(ref)
+	if err != nil {
+		return ""
+	}
+	return named.String()
 }
 
 func userPass(a *runtimeapi.AuthConfig) (string, string) {
@@ -671,7 +700,12 @@ func userPass(a *runtimeapi.AuthConfig) (string, string) {
 	return u, p
 }
 
-// complete fills what a runtime would report for an image pulled as ref.
+// complete fills what a runtime would report for an image pulled as ref, as
+// containerd does: a tag reference is kept normalized (docker.io/library/
+// busybox:latest for busybox), name:tag@digest keeps only name@digest (the
+// tag is dropped), and the digest reference is the repository with the
+// manifest digest (made up from ref when ref has none). Tags and digests set
+// by the caller are kept as they are.
 func complete(ref string, im Image) Image {
 	sum := sha256.Sum256([]byte(ref))
 	hexSum := hex.EncodeToString(sum[:])
@@ -681,16 +715,19 @@ func complete(ref string, im Image) Image {
 	if im.Size == 0 {
 		im.Size = DefaultPullSize
 	}
-	if im.RepoTags == nil && im.RepoDigests == nil {
-		named, err := reference.ParseNormalizedNamed(ref)
-		switch {
-		case err != nil:
+	named, err := reference.ParseDockerRef(ref)
+	switch {
+	case err != nil:
+		if im.RepoTags == nil && im.RepoDigests == nil {
 			im.RepoTags = []string{ref}
-		default:
-			if _, ok := named.(reference.Tagged); ok {
-				im.RepoTags = []string{ref}
-			}
-			if c, ok := named.(reference.Canonical); ok {
+		}
+	default:
+		c, canonical := named.(reference.Canonical)
+		if t, ok := named.(reference.Tagged); ok && !canonical && im.RepoTags == nil {
+			im.RepoTags = []string{reference.TrimNamed(named).Name() + ":" + t.Tag()}
+		}
+		if im.RepoDigests == nil {
+			if canonical {
 				im.RepoDigests = []string{named.Name() + "@" + c.Digest().String()}
 			} else {
 				im.RepoDigests = []string{named.Name() + "@sha256:" + hexSum}
