@@ -91,10 +91,12 @@ func NotFound(ref string) Step {
 	return Fail(codes.NotFound, fmt.Sprintf("failed to pull and unpack image %q: failed to resolve reference %q: %s: not found", ref, ref, ref))
 }
 
-// Unauthorized is containerd's answer for missing or bad credentials (code
-// Unknown, the reason only in the text).
+// Unauthorized is containerd 1.6's answer for missing or bad credentials
+// (code Unknown, the reason only in the text), word for word.
 func Unauthorized(ref string) Step {
-	return Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: failed to resolve reference %q: pulling from host registry failed with status code [manifests]: 401 Unauthorized", ref, ref))
+	host, _, object := manifestOf(ref)
+	return Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: failed to resolve reference %q: "+
+		"pulling from host %s failed with status code [manifests %s]: 401 Unauthorized", ref, ref, host, object))
 }
 
 // Forbidden is a registry's 403 as containerd reports it.
@@ -115,15 +117,30 @@ func DiskFull(ref string) Step {
 		ref, strings.Repeat("ab", 32)))
 }
 
-// Refused is containerd's answer when nothing listens at the registry's
-// address: code Unknown, the dial error's text at the end.
+// Refused is containerd 1.6's answer when nothing listens at the
+// registry's address: code Unknown, the dial error's text at the end.
 func Refused(ref string) Step {
-	host := "registry.invalid"
-	if named, err := reference.ParseNormalizedNamed(ref); err == nil {
-		host = reference.Domain(named)
-	}
+	host, path, object := manifestOf(ref)
+	url := "http://" + host + "/v2/" + path + "/manifests/" + object
 	return Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: failed to resolve reference %q: "+
-		"failed to do request: Head \"http://%s/v2/\": dial tcp %s: connect: connection refused", ref, ref, host, host))
+		"failed to do request: Head %q: dial tcp %s: connect: connection refused", ref, ref, url, host))
+}
+
+// manifestOf returns the registry host, repository path and tag or digest
+// that a pull of ref asks for, as containerd quotes them in its errors.
+func manifestOf(ref string) (host, path, object string) {
+	named, err := reference.ParseDockerRef(ref)
+	if err != nil {
+		return "registry.invalid", ref, "latest"
+	}
+	object = "latest"
+	switch r := named.(type) {
+	case reference.Canonical:
+		object = r.Digest().String()
+	case reference.Tagged:
+		object = r.Tag()
+	}
+	return reference.Domain(named), reference.Path(named), object
 }
 
 // Unavailable is the runtime (or its connection) being unavailable.
@@ -522,7 +539,8 @@ func (s *Server) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest
 		st = s.defaultPull
 	}
 	if _, err := reference.ParseNormalizedNamed(ref); err != nil && st.Code == codes.OK && !st.Stall {
-		st = Fail(codes.Unknown, fmt.Sprintf("failed to pull and unpack image %q: %v", ref, err))
+		// containerd's words (1.6 and 2.x) for a reference it cannot parse.
+		st = Fail(codes.Unknown, fmt.Sprintf("failed to parse image reference %q: %v", ref, err))
 	}
 	s.mu.Unlock()
 	defer func() {
