@@ -131,25 +131,34 @@ var ErrorCases = []ErrorCase{
 	{
 		Name: "invalid reference", Ref: func(Target) string { return InvalidReference }, Reason: pull.ReasonInvalidReference,
 		Answers: []Answer{
-			{Runtimes: []string{Containerd, Containerd16, Fake}, Code: codes.Unknown, Phrase: "invalid reference format"},
-			{Runtimes: []string{CRIO}, Code: codes.Unknown, Phrase: "invalid reference format"},
+			{Runtimes: []string{Containerd, Containerd16, Fake}, Code: codes.Unknown, Phrase: "failed to parse image reference"},
+			{Runtimes: []string{CRIO}, Code: codes.Unknown, Phrase: "cannot parse input"},
 		},
 	},
 }
 
-// ImageRefForm is how PullImage's imageRef names the pulled image.
-type ImageRefForm string
+// IDForm is how ImageStatus's id (and PullImage's imageRef, the same
+// string) names an image.
+type IDForm string
 
 const (
-	// RefIsID: imageRef is ImageStatus's id ("sha256:<config digest>").
-	RefIsID ImageRefForm = "the image id"
-	// RefIsIDHex: imageRef is the id without its "sha256:" prefix.
-	RefIsIDHex ImageRefForm = "the image id without sha256:"
+	// IDWithAlgorithm: "sha256:<config digest>".
+	IDWithAlgorithm IDForm = "sha256:<hex>"
+	// IDHex: the config digest's hex alone.
+	IDHex IDForm = "<hex>"
 )
 
-// ImageRefForms says, per runtime, what PullImage answers.
-var ImageRefForms = map[string]ImageRefForm{
-	Containerd: RefIsID, Containerd16: RefIsID, Fake: RefIsID, CRIO: RefIsIDHex,
+// IDForms says, per runtime, how ids look.
+var IDForms = map[string]IDForm{
+	Containerd: IDWithAlgorithm, Containerd16: IDWithAlgorithm, Fake: IDWithAlgorithm, CRIO: IDHex,
+}
+
+// RemoveTagKeepsDigest says, per runtime, whether an image pulled both by
+// tag and by digest stays, under its digest, when RemoveImage names the tag.
+// containerd removes the image with every record of it; CRI-O removes only
+// that name (the digest one came with the pull by digest).
+var RemoveTagKeepsDigest = map[string]bool{
+	Containerd: false, Containerd16: false, Fake: false, CRIO: true,
 }
 
 // RuntimeNames is what Version reports per runtime: the agent uses pins and
@@ -180,8 +189,13 @@ func CheckTables() error {
 			}
 		}
 	}
-	if ImageRefForms[Fake] != RefIsID && ImageRefForms[Fake] != RefIsIDHex {
-		return fmt.Errorf("the fake's imageRef form %q is no real runtime's", ImageRefForms[Fake])
+	for name, fake := range map[string]func(rt string) bool{
+		"id form":              func(rt string) bool { return IDForms[rt] == IDForms[Fake] },
+		"RemoveImage of a tag": func(rt string) bool { return RemoveTagKeepsDigest[rt] == RemoveTagKeepsDigest[Fake] },
+	} {
+		if !slices.ContainsFunc(Real, fake) {
+			return fmt.Errorf("the fake's %s is no real runtime's", name)
+		}
 	}
 	return nil
 }
@@ -333,18 +347,18 @@ func testTagsAndDigests(t *testing.T, target Target) {
 	id := byTag.GetId()
 	t.Logf("%s: imageRef %q; id %q, repoTags %v, repoDigests %v, size %d", target.Runtime, pulled.GetImageRef(), id,
 		byTag.GetRepoTags(), byTag.GetRepoDigests(), byTag.GetSize())
-	if !strings.HasPrefix(id, "sha256:") {
-		t.Errorf("id %q does not start with sha256:", id)
+	switch form := IDForms[target.Runtime]; form {
+	case IDWithAlgorithm:
+		if !strings.HasPrefix(id, "sha256:") {
+			t.Errorf("id %q, want the form %s", id, form)
+		}
+	case IDHex:
+		if strings.Contains(id, ":") {
+			t.Errorf("id %q, want the form %s", id, form)
+		}
 	}
-	switch form := ImageRefForms[target.Runtime]; form {
-	case RefIsID:
-		if pulled.GetImageRef() != id {
-			t.Errorf("imageRef %q, want %s %q", pulled.GetImageRef(), form, id)
-		}
-	case RefIsIDHex:
-		if "sha256:"+pulled.GetImageRef() != id {
-			t.Errorf("imageRef %q, want %s %q", pulled.GetImageRef(), form, id)
-		}
+	if pulled.GetImageRef() != id {
+		t.Errorf("imageRef %q, want the image id %q", pulled.GetImageRef(), id)
 	}
 	if byTag.GetSize() == 0 {
 		t.Error("size 0")
@@ -399,8 +413,17 @@ func testTagsAndDigests(t *testing.T, target Target) {
 		}
 	}
 	remove(ctx, t, target, img.Ref)
+	got, err := status1(ctx, target, img.DigestRef)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s: after RemoveImage of the tag: by digest %v", target.Runtime, got)
+	if keeps := RemoveTagKeepsDigest[target.Runtime]; (got != nil) != keeps {
+		t.Errorf("image status %s after removing %s: %v; want present: %v", img.DigestRef, img.Ref, got, keeps)
+	}
+	remove(ctx, t, target, img.DigestRef)
 	if got, err := status1(ctx, target, img.DigestRef); err != nil || got != nil {
-		t.Errorf("image status %s after removing %s: %v, %v; want absent", img.DigestRef, img.Ref, got, err)
+		t.Errorf("image status %s after removing it: %v, %v; want absent", img.DigestRef, got, err)
 	}
 }
 
