@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	leasesapi "github.com/containerd/containerd/api/services/leases/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
 
@@ -48,9 +49,13 @@ func TestFakeContainerdConformance(t *testing.T) {
 			now := time.Now()
 			f.commit(lease[0], "manifest-"+digest, digest, []byte(manifest), 0, now)
 			f.commit(lease[0], "config-"+config, config, nil, 600, now)
-			for _, l := range layers {
+			for i, l := range layers {
 				f.ingest(lease[0], "layer-"+l.digest, l.digest, l.size/2, l.size)
 				f.commit(lease[0], "layer-"+l.digest, l.digest, nil, l.size, now)
+				// The layer unpacked under the lease, as CRI does.
+				f.mu.Lock()
+				f.res[lease[0]] = append(f.res[lease[0]], &leasesapi.Resource{ID: sum(fmt.Sprint("chain", i)), Type: "snapshots/overlayfs"})
+				f.mu.Unlock()
 			}
 			return nil
 		},
