@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/nodeprefetch/image-prefetcher/agent/diskbudget"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -32,6 +33,8 @@ type Options struct {
 	// own flags.
 	Pull                    pull.Config
 	PullProgressLogInterval time.Duration
+	// DiskBudget bounds how full a prefetch may make the image filesystem.
+	DiskBudget diskbudget.Config
 
 	Label      bool
 	Kubeconfig string
@@ -66,6 +69,7 @@ func defaultOptions() *Options {
 		HostRoot:                "/host",
 		DialTimeout:             5 * time.Second,
 		Pull:                    pull.DefaultConfig(),
+		DiskBudget:              diskbudget.DefaultConfig(),
 		PullProgressLogInterval: 10 * time.Second,
 		Label:                   true,
 		Kubeconfig:              os.Getenv("KUBECONFIG"),
@@ -105,12 +109,13 @@ func (o *Options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.NodeName, "node-name", o.NodeName, "Name of the Node this agent runs on (default: $NODE_NAME).")
 	fs.StringVar(&o.ImageList, "image-list-file", o.ImageList, "File with one image reference per line; # starts a comment.")
 	fs.StringVar(&o.CRISocket, "cri-socket", o.CRISocket, "CRI socket path or unix:// URL. Empty: detect containerd, CRI-O, k3s/rke2 or cri-dockerd under --host-root.")
-	fs.StringVar(&o.HostRoot, "host-root", o.HostRoot, "Where the host's socket directories are mounted, for CRI socket detection.")
+	fs.StringVar(&o.HostRoot, "host-root", o.HostRoot, "Where the host's socket directories (for CRI socket detection) and the runtime's image filesystem (for --disk-budget-percent) are mounted.")
 	fs.DurationVar(&o.DialTimeout, "cri-dial-timeout", o.DialTimeout, "How long to wait for the CRI runtime to answer before the pass fails.")
 	fs.StringArrayVar(&o.DockerConfigs, "docker-config", o.DockerConfigs, "Docker config file (.dockerconfigjson or .dockercfg) with pull credentials; repeatable.")
 	fs.StringVar(&o.CredProviderConfig, "image-credential-provider-config", o.CredProviderConfig, "Kubelet CredentialProviderConfig file for credential provider plugins.")
 	fs.StringVar(&o.CredProviderBinDir, "image-credential-provider-bin-dir", o.CredProviderBinDir, "Directory holding the credential provider plugin binaries.")
 	o.Pull.AddFlags(fs)
+	o.DiskBudget.AddFlags(fs)
 	fs.DurationVar(&o.PullProgressLogInterval, "pull-progress-log-interval", o.PullProgressLogInterval, "How often each image being pulled gets a progress log line (bytes, total when known, rate), when progress is followed; 0 disables the lines.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
@@ -156,6 +161,9 @@ func (o *Options) validate() error {
 		errs = append(errs, errors.New("--image-list-file is empty"))
 	}
 	if err := o.Pull.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := o.DiskBudget.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if o.PullProgressLogInterval < 0 {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/agent/credentials"
 	"github.com/nodeprefetch/image-prefetcher/agent/cri"
+	"github.com/nodeprefetch/image-prefetcher/agent/diskbudget"
 	"github.com/nodeprefetch/image-prefetcher/agent/health"
 	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
@@ -75,6 +76,14 @@ type prefetcher struct {
 	pins pinning
 	// progress follows the bytes of pulls on containerd (progress.go).
 	progress progressFollowing
+	// budget admits pulls while the image filesystem is under
+	// --disk-budget-percent; budgetErr is why it could not be read, logged
+	// when it changes.
+	budget    *diskbudget.Checker
+	budgetErr string
+	// statfs reads the image filesystem's space for the budget; nil: the
+	// real one (tests set a fake).
+	statfs func(path string) (diskbudget.Space, error)
 	// lastDigest is the list the previous pass was for: readiness goes to
 	// not ready as soon as another list starts.
 	lastDigest string
@@ -297,6 +306,8 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 		}
 		p.startProgress(c)
 		p.client = c
+		p.budget = &diskbudget.Checker{Percent: p.opts.DiskBudget.Percent, HostRoot: p.opts.HostRoot,
+			Images: c.Images, Timeout: p.criTimeout(), Statfs: p.statfs}
 	}
 	if p.labels == nil && p.slots == nil && p.opts.Run == nil {
 		return presence{}
@@ -585,6 +596,7 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 		Present:  pres.present,
 		Progress: p.progress.engine(),
 		Settled:  p.pinPresent,
+		Admit:    p.admitter(ctx),
 		Config:   p.cfg,
 	}
 	if p.slots != nil && p.cfg.Policy != pull.PolicyAlways {
@@ -615,6 +627,36 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 	return engine.Run(ctx, entries), problems, nil
 }
 
+// admitter learns the image filesystems for the disk budget and returns the
+// engine's Admit, or nil when the budget is off or cannot be read: an
+// unreadable budget is said (once per cause) and lets the pulls go, since
+// stopping every pull of the node would be worse than the risk it guards.
+func (p *prefetcher) admitter(ctx context.Context) func() error {
+	if p.budget == nil || p.budget.Percent == 0 {
+		return nil
+	}
+	err := p.budget.Refresh(ctx)
+	if err == nil {
+		if p.budgetErr != "" {
+			p.log.Info("disk budget in force again", "imageFilesystems", p.budget.Paths(),
+				"percent", p.budget.Percent)
+		}
+		p.budgetErr = ""
+		return p.budget.Admit
+	}
+	if err.Error() != p.budgetErr {
+		p.budgetErr = err.Error()
+		hint := ""
+		if errors.Is(err, diskbudget.ErrNotVisible) {
+			hint = "mount the runtime's state directory (e.g. /var/lib/containerd) read-only below --host-root, as the base DaemonSet does, or set --" +
+				diskbudget.FlagName + "=0"
+		}
+		p.log.Warn("disk budget not in force: the image filesystem's space cannot be read, pulls go on unbounded",
+			"error", err.Error(), "fix", hint)
+	}
+	return nil
+}
+
 // observers see every attempt and result: the log, the metrics and the
 // extra ones.
 func (p *prefetcher) observers() observers {
@@ -622,17 +664,29 @@ func (p *prefetcher) observers() observers {
 }
 
 // logDiskFull says once per pass that images failed for want of disk on the
-// node, which is not the images' fault and which the next pass tries again.
+// node (full, or at the disk budget), which is not the images' fault and
+// which the next pass tries again.
 func (p *prefetcher) logDiskFull(results []pull.Result) {
-	var full []string
-	for _, r := range results {
-		if r.Outcome == pull.OutcomeFailed && r.Reason == pull.ReasonDiskFull {
-			full = append(full, r.Image)
+	for _, reason := range []pull.Reason{pull.ReasonDiskFull, pull.ReasonDiskBudget} {
+		var first *pull.Result
+		n := 0
+		for i, r := range results {
+			if r.Outcome == pull.OutcomeFailed && r.Reason == reason {
+				if first == nil {
+					first = &results[i]
+				}
+				n++
+			}
 		}
-	}
-	if len(full) > 0 {
-		p.log.Error("the node's image file system is full: images not pulled (not their fault); the next pass tries again",
-			"reason", string(pull.ReasonDiskFull), "images", len(full), "first", full[0])
+		if first == nil {
+			continue
+		}
+		msg := "the node's image file system is full: images not pulled (not their fault); the next pass tries again"
+		if reason == pull.ReasonDiskBudget {
+			msg = "the node's image file system is at the disk budget: images not pulled, so that the kubelet's image GC " +
+				"does not delete images for them; the next pass tries again"
+		}
+		p.log.Error(msg, "reason", string(reason), "images", n, "first", first.Image, "error", fmt.Sprint(first.Err))
 	}
 }
 

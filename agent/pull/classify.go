@@ -17,6 +17,12 @@ import (
 // collect images of the list).
 const ReasonDiskFull Reason = "DiskFull"
 
+// ReasonDiskBudget is not an error of a call either: the node's image
+// filesystem was at or over the agent's disk budget (Engine.Admit) when the
+// image's pull was to start, so it did not start. Like DiskFull it is not the
+// image's fault and not retried within the pass.
+const ReasonDiskBudget Reason = "DiskBudget"
+
 // ReasonRemoved is not an error of a call, so Classify never gives it: the
 // image was on the node after its pull and gone again at the pass's presence
 // check of the whole list, after one more pull within the pass. Something on
@@ -29,7 +35,7 @@ const ReasonRemoved Reason = "Removed"
 // node has no room for the image (DiskFull; the next pass tries again).
 func (r Reason) Permanent() bool {
 	switch r {
-	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonDiskFull:
+	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonDiskFull, ReasonDiskBudget:
 		return true
 	}
 	return false

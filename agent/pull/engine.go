@@ -64,6 +64,11 @@ type Engine struct {
 	// Observer it may take a few round trips: the agent pins the image there,
 	// so that the pulls that follow cannot get it collected.
 	Settled func(ctx context.Context, r Result)
+	// Admit, when set, is asked before every PullImage attempt; an error
+	// fails the image with ReasonDiskBudget at once (the node's disk budget,
+	// agent/diskbudget: another attempt within the pass would only push the
+	// image filesystem further past it).
+	Admit func() error
 	Config
 }
 
@@ -174,6 +179,11 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 		}
 		for cur < len(tries) {
 			cred := tries[cur]
+			if e.Admit != nil {
+				if err := e.Admit(); err != nil {
+					return fail(ReasonDiskBudget, err)
+				}
+			}
 			r.Attempts++
 			timeout := step.Timeout
 			if tr != nil {
