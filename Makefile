@@ -14,7 +14,7 @@ E2E := e2e/cluster.sh
 CACHE := $(or $(IMAGE_PREFETCHER_CACHE),$(HOME)/.cache/image-prefetcher)
 TOOLS := $(or $(IMAGE_PREFETCHER_TOOLS),$(CACHE)/tools)
 
-.PHONY: all build test check unit fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6 cluster-up cluster-down demo bench golden clean
+.PHONY: all build test check unit fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6 cluster-up cluster-down demo bench golden clean
 
 all: build
 
@@ -24,7 +24,7 @@ build:
 
 # Everything, from cheap to real. CI runs exactly this. Needs root on Linux for the real cluster;
 # `make unit` is the quick loop without it.
-test: check fuzz e2e e2e-node-lifecycle e2e-cri-o e2e-containerd-1.6
+test: check fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6
 
 # Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
 # real-cluster ones under e2e/ with the race detector. Tests that need the cluster skip here.
@@ -60,7 +60,7 @@ fuzz:
 e2e: fn-tools flux-controllers
 	@set -e; trap '$(E2E) down' EXIT; $(PREBUILD_PREVIOUS_K8S); IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m \
-	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS))' $(PKGS); \
+	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS)|$(E2E_DISK_BUDGET_TESTS))' $(PKGS); \
 	  $(MAKE) --no-print-directory e2e-flux
 
 # The same cluster on the other runtimes users run, with the real tests that concern the runtime:
@@ -91,6 +91,16 @@ e2e-node-lifecycle:
 	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd \
 	  IMAGE_PREFETCHER_E2E_NODE_TAINTS='$(E2E_GATE_TAINT)' IMAGE_PREFETCHER_E2E_IMAGE_GC=1 $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_NODE_LIFECYCLE_TESTS))' ./e2e/
+
+# containerd 2.x whose image store is a filesystem of its own, too small for the list: the disk budget.
+# The runtime alone (no Kubernetes): the agent runs as `fetch` on the host.
+E2E_DISK_BUDGET_TESTS := TestDiskBudget
+E2E_IMAGE_FS_SIZE := 128M
+
+e2e-disk-budget:
+	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd \
+	  IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE=$(E2E_IMAGE_FS_SIZE) $(E2E) up runtime; \
+	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 10m -v -run '^($(E2E_DISK_BUDGET_TESTS))' ./e2e/
 
 e2e-containerd-1.6:
 	@set -e; trap '$(E2E) down' EXIT; K8S_VERSION=$(E2E_PREVIOUS_K8S) IMAGE_PREFETCHER_E2E_RUNTIME=containerd-1.6 $(E2E) up; \

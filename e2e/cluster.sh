@@ -18,7 +18,9 @@
 # IMAGE_PREFETCHER_E2E_REUSE=1 (keep a healthy environment instead of starting a fresh one),
 # IMAGE_PREFETCHER_E2E_NODE_TAINTS (kubelet --register-with-taints: the node registers tainted, as a new node
 # of a gated pool does), IMAGE_PREFETCHER_E2E_IMAGE_GC=1 (the kubelet's image GC collects every unused image
-# that is not pinned, at the kubelet's start and every 5 minutes; unset: image GC off).
+# that is not pinned, at the kubelet's start and every 5 minutes; unset: image GC off),
+# IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE (e.g. 160M: the runtime's image store is an ext4 filesystem of its own of
+# that size on a loop device, as on a node with a small image filesystem; unset: the state dir's filesystem).
 # Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
 set -euo pipefail
 
@@ -28,6 +30,7 @@ K8S_VERSION=${K8S_VERSION:-v1.37.2}
 NODE_NAME=${IMAGE_PREFETCHER_E2E_NODE_NAME:-e2e-node}
 NODE_TAINTS=${IMAGE_PREFETCHER_E2E_NODE_TAINTS:-}
 IMAGE_GC=${IMAGE_PREFETCHER_E2E_IMAGE_GC:-}
+IMAGE_FS_SIZE=${IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE:-}
 AGENT_IMAGE_MODE=${IMAGE_PREFETCHER_E2E_AGENT_IMAGE:-auto}
 REGISTRY=127.0.0.1:5000
 AUTH_REGISTRY=127.0.0.1:5001
@@ -45,11 +48,12 @@ PIDS=$STATE/pids LOGS=$STATE/logs BIN=$STATE/bin PKI=$STATE/pki
 CONTAINERD_VERSION=${CONTAINERD_VERSION:-v2.2.1}
 CRIO_VERSION=${CRIO_VERSION:-v1.35.2}
 HOSTROOT=$STATE/host
-use_runtime() { # use_runtime <name>: RUNTIME, its process name and its socket
+use_runtime() { # use_runtime <name>: RUNTIME, its process name, its socket, its store and image filesystem
   RUNTIME=$1
   case $RUNTIME in
-    containerd | containerd-1.6) SOCK=$HOSTROOT/run/containerd/containerd.sock RUNTIME_PROC=containerd ;;
-    cri-o) SOCK=$HOSTROOT/run/crio/crio.sock RUNTIME_PROC=crio ;;
+    containerd | containerd-1.6) SOCK=$HOSTROOT/run/containerd/containerd.sock RUNTIME_PROC=containerd RUNTIME_ROOT=$STATE/containerd/root
+      IMAGE_FS=$RUNTIME_ROOT/io.containerd.snapshotter.v1.overlayfs ;;
+    cri-o) SOCK=$HOSTROOT/run/crio/crio.sock RUNTIME_PROC=crio RUNTIME_ROOT=$STATE/crio/storage IMAGE_FS=$RUNTIME_ROOT/overlay-images ;;
     *) echo "IMAGE_PREFETCHER_E2E_RUNTIME=$RUNTIME: must be containerd (2.x), containerd-1.6 or cri-o" >&2; exit 2 ;;
   esac
 }
@@ -370,6 +374,19 @@ EOF
   fi
 }
 
+# small_image_fs: with IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE, the runtime's image store gets a filesystem of its
+# own of that size (down unmounts it with the other mounts under the state dir and removes its file)
+small_image_fs() {
+  [ -n "$IMAGE_FS_SIZE" ] || return 0
+  local img=$STATE/image-fs.img
+  rm -f "$img"
+  truncate -s "$IMAGE_FS_SIZE" "$img"
+  mkfs.ext4 -q -F "$img" || die "mkfs.ext4 of the $IMAGE_FS_SIZE image filesystem failed"
+  mkdir -p "$RUNTIME_ROOT"
+  mount -o loop "$img" "$RUNTIME_ROOT" || die "mounting the $IMAGE_FS_SIZE image filesystem on $RUNTIME_ROOT failed"
+  log "image store $RUNTIME_ROOT: an ext4 filesystem of $IMAGE_FS_SIZE of its own"
+}
+
 start_containerd() {
   local rbin=$1 c=$STATE/containerd
   mkdir -p "$c/certs.d/$REGISTRY" "$c/certs.d/$AUTH_REGISTRY" "$(dirname "$SOCK")"
@@ -645,6 +662,8 @@ write_env() {
     echo "export IMAGE_PREFETCHER_E2E_RUNTIME_VERSION='$("$BIN/crireset" --probe --socket "$SOCK" 2>/dev/null | cut -d' ' -f2)'"
     echo "export IMAGE_PREFETCHER_E2E_HOST_ROOT='$HOSTROOT'"
     echo "export IMAGE_PREFETCHER_E2E_CRI_SOCKET='$SOCK'"
+    echo "export IMAGE_PREFETCHER_E2E_IMAGE_FS='$IMAGE_FS'"
+    echo "export IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE='$IMAGE_FS_SIZE'"
     echo "export IMAGE_PREFETCHER_E2E_CRI_ENDPOINT='unix://$SOCK'"
     echo "export IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE='k8s.io'"
     echo "export IMAGE_PREFETCHER_E2E_REGISTRY='$REGISTRY'"
@@ -706,6 +725,7 @@ up() {
   build_tools
   start_registries
   push_test_images
+  small_image_fs
   start_runtime "$rbin"
   if [ "$mode" = full ]; then
     gen_pki
@@ -770,6 +790,7 @@ down() {
     umount "$mnt" 2>/dev/null || umount -l "$mnt" || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
+  grep -q " $RUNTIME_ROOT " /proc/mounts || rm -f "$STATE/image-fs.img"
   # containerd's runtime state (shim bundles, sandboxes) is meaningless once it is down and nothing is
   # mounted below it; removing it keeps a second down from restarting containerd for nothing
   if ! grep -q " $rstate/" /proc/mounts; then rm -rf --one-file-system "$rstate"; fi
@@ -826,6 +847,7 @@ reusable() {
   have=$(cat "$STATE/mode" 2>/dev/null)
   [ "$have" = full ] || [ "$have" = "$1" ] || return 1
   [ "$RUNTIME" = "$WANT_RUNTIME" ] || return 1
+  grep -qx "export IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE='$IMAGE_FS_SIZE'" "$ENV_FILE" || return 1
   if [ "$have" = full ]; then # the node's settings must be the ones asked for
     grep -qx "export IMAGE_PREFETCHER_E2E_NODE_TAINTS='$NODE_TAINTS'" "$ENV_FILE" || return 1
     grep -qx "export IMAGE_PREFETCHER_E2E_IMAGE_GC='$IMAGE_GC'" "$ENV_FILE" || return 1

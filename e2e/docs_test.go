@@ -105,7 +105,7 @@ func TestDocQuickStartAndUninstall(t *testing.T) {
 	}
 	if err := deploy.Wrap(filepath.Join(dir, "e2e-layer"), "../overlays/vanilla", deploy.Options{
 		Namespace: docNamespace, Instance: docInstance, AgentImage: pinned,
-		CRISocketDir: filepath.Dir(env.CRISocket), ListenPort: freePort(t),
+		CRISocketDir: filepath.Dir(env.CRISocket), ImageFs: env.ImageFs, ListenPort: freePort(t),
 	}); err != nil {
 		t.Fatal(err)
 	}

@@ -203,6 +203,39 @@ func TestPodRunsAsNonRootAndLabelsTheNode(t *testing.T) {
 	case !rro && !strings.HasPrefix(below, "rw"):
 		t.Errorf("the tmpfs below %s is %q without recursive read-only support: this test's assumption is wrong", mountPoint, below)
 	}
+
+	// The image filesystem, mounted for the disk budget's statfs: read-only, and the budget is in
+	// force (the agent, not root, reached the filesystem the runtime names), yet the agent's
+	// credentials open no image content there. The host's directories are the container's
+	// (a bind mount, same inodes), so setpriv with the agent's uid, gid and no groups or
+	// capabilities tries what the agent could.
+	storeMount := filepath.Join("/host", env.ImageFs)
+	if got := mountOptions(t, pid, storeMount); !strings.HasPrefix(got, "ro") {
+		t.Errorf("the image filesystem %s is mounted %q in the agent's container, want ro", storeMount, got)
+	}
+	if logs := in.logs(); strings.Contains(logs, "disk budget not in force") || !strings.Contains(logs, "pass finished") {
+		t.Errorf("the agent's log does not show a pass under the disk budget:\n%s", logs)
+	}
+	var content []string
+	_ = filepath.WalkDir(env.ImageFs, func(p string, de os.DirEntry, err error) error {
+		if err == nil && de.Type().IsRegular() && len(content) < 20 {
+			content = append(content, p)
+		}
+		return nil
+	})
+	if len(content) == 0 {
+		t.Fatalf("no file under the image filesystem %s to try", env.ImageFs)
+	}
+	for _, f := range content {
+		out, err := exec.Command("setpriv", "--reuid=65532", "--regid=0", "--clear-groups", "--inh-caps=-all",
+			"--bounding-set=-all", "head", "-c", "1", f).CombinedOutput()
+		if err == nil {
+			t.Errorf("the agent's uid 65532, gid 0 reads %s of the image filesystem: want no image content readable", f)
+		} else if !strings.Contains(string(out), "Permission denied") {
+			t.Errorf("reading %s as the agent: %v (%s), want permission denied", f, err, out)
+		}
+	}
+	t.Logf("image filesystem %s: mounted read-only, disk budget in force, %d of its files tried, none readable by the agent", env.ImageFs, len(content))
 }
 
 func mustStat(t *testing.T, path string) os.FileInfo {

@@ -70,6 +70,7 @@ func newNamedInstance(t *testing.T, env *clusterenv.Env, name string, images []s
 			Components:   components,
 			AgentImage:   env.AgentImage,
 			CRISocketDir: filepath.Dir(env.CRISocket),
+			ImageFs:      env.ImageFs,
 			ListenPort:   freePort(t),
 		},
 	}

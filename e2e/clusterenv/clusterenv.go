@@ -74,6 +74,12 @@ type Env struct {
 	HostRoot string
 	// CRISocket is the containerd socket path (no scheme); CRIEndpoint is unix://CRISocket.
 	CRISocket, CRIEndpoint string
+	// ImageFs is the image filesystem's directory as CRI ImageFsInfo names it (containerd's
+	// overlayfs snapshotter, CRI-O's overlay-images).
+	ImageFs string
+	// ImageFsSize is the size of the filesystem of its own the runtime's store has (e.g. 128M),
+	// empty when it shares the state dir's.
+	ImageFsSize string
 	// ContainerdNamespace holds the images pulled through CRI (k8s.io).
 	ContainerdNamespace string
 	// Registry is the plain HTTP registry, AuthRegistry the one with basic auth (host:port).
@@ -163,6 +169,8 @@ func LoadFile(path string) (*Env, error) {
 		HostRoot:            vars["IMAGE_PREFETCHER_E2E_HOST_ROOT"],
 		CRISocket:           vars["IMAGE_PREFETCHER_E2E_CRI_SOCKET"],
 		CRIEndpoint:         vars["IMAGE_PREFETCHER_E2E_CRI_ENDPOINT"],
+		ImageFs:             vars["IMAGE_PREFETCHER_E2E_IMAGE_FS"],
+		ImageFsSize:         vars["IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE"],
 		ContainerdNamespace: vars["IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE"],
 		Registry:            vars["IMAGE_PREFETCHER_E2E_REGISTRY"],
 		AuthRegistry:        vars["IMAGE_PREFETCHER_E2E_AUTH_REGISTRY"],

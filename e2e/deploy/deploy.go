@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"strings"
 
@@ -46,6 +47,9 @@ type Options struct {
 	AgentImage string
 	// CRISocketDir is the host directory that holds containerd.sock (required).
 	CRISocketDir string
+	// ImageFs is the image filesystem's directory on the host as ImageFsInfo names it
+	// (required): mounted where the agent looks for it (below /host), for the disk budget.
+	ImageFs string
 	// ListenPort is the host port of the agent's /healthz, /readyz and /metrics (required).
 	ListenPort int
 	// RecheckInterval, when set, is passed as --recheck-interval.
@@ -68,6 +72,8 @@ func (o Options) check() error {
 		return fmt.Errorf("deploy %s: no agent image (run e2e/cluster.sh push-agent-image)", o.Instance)
 	case o.CRISocketDir == "":
 		return fmt.Errorf("deploy %s: no CRI socket directory", o.Instance)
+	case o.ImageFs == "":
+		return fmt.Errorf("deploy %s: no image filesystem directory", o.Instance)
 	case o.ListenPort <= 0:
 		return fmt.Errorf("deploy %s: no listen port", o.Instance)
 	}
@@ -173,10 +179,18 @@ func Wrap(dir, resource string, o Options) error {
 			"volumes": []any{map[string]any{
 				"name":     "cri-socket",
 				"hostPath": map[string]any{"path": o.CRISocketDir, "type": "Directory"},
+			}, map[string]any{
+				// The harness's image filesystem, not the node path the overlay mounts.
+				"name":     "image-fs",
+				"hostPath": map[string]any{"path": o.ImageFs, "type": "Directory"},
 			}},
 			"containers": []any{map[string]any{
 				"name":  "agent",
 				"image": o.AgentImage,
+				// Where the agent looks for it: --host-root and the path the runtime names.
+				"volumeMounts": []any{map[string]any{
+					"name": "image-fs", "mountPath": path.Join("/host", o.ImageFs), "readOnly": true,
+				}},
 				"env": []any{
 					map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
 					map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},

@@ -23,6 +23,7 @@ func TestBuild(t *testing.T) {
 		Components:        []string{"pull-secret", "metrics-collector"},
 		AgentImage:        "127.0.0.1:5000/image-prefetcher@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
 		CRISocketDir:      "/var/tmp/e2e/containerd",
+		ImageFs:           "/var/tmp/e2e/root/io.containerd.snapshotter.v1.overlayfs",
 		ListenPort:        19477,
 		RecheckInterval:   "5s",
 		PullSecret:        []byte(`{"auths":{"127.0.0.1:5001":{"auth":"dTpw"}}}`),
@@ -61,6 +62,14 @@ func TestBuild(t *testing.T) {
 		if v.Name == "cri-socket" && (v.HostPath == nil || v.HostPath.Path != o.CRISocketDir) {
 			t.Errorf("cri-socket volume %+v, want %s", v.VolumeSource, o.CRISocketDir)
 		}
+		if v.Name == "image-fs" && (v.HostPath == nil || v.HostPath.Path != o.ImageFs) {
+			t.Errorf("image-fs volume %+v, want %s", v.VolumeSource, o.ImageFs)
+		}
+	}
+	if !slices.ContainsFunc(agent.VolumeMounts, func(m corev1.VolumeMount) bool {
+		return m.Name == "image-fs" && m.MountPath == "/host"+o.ImageFs && m.ReadOnly
+	}) {
+		t.Errorf("agent mounts %+v: want image-fs read-only at /host%s, where the agent looks", agent.VolumeMounts, o.ImageFs)
 	}
 	if got := string(secret.Data[corev1.DockerConfigJsonKey]); got != string(o.PullSecret) {
 		t.Errorf("pull secret %q, want %s", got, o.PullSecret)

@@ -78,6 +78,7 @@ func newInstance(t *testing.T, env *clusterenv.Env, base string, timeout time.Du
 			Images:       images,
 			AgentImage:   env.AgentImage,
 			CRISocketDir: filepath.Dir(env.CRISocket),
+			ImageFs:      env.ImageFs,
 			ListenPort:   freePort(t),
 		},
 		kust: &kustomizev1.Kustomization{
