@@ -74,9 +74,19 @@ type Containerd struct {
 	// Owner names this process on its leases (LeaseOwnerLabel); set it
 	// before the first Open.
 	Owner string
+	// Slots: images pulled one after another share slot leases, so that a
+	// pull costs no call of its own (see slots.go); set it before the first
+	// Open. Off, each image gets its own lease at Open.
+	Slots bool
 
 	mu     sync.Mutex
 	leased map[string]*leaseState // by lease ID
+	// idle are the slot leases free for the next image.
+	idle []string
+	// known are the images whose own lease (LeaseID) exists, as far as this
+	// process saw; nil until listed.
+	known  map[string]bool
+	loadMu sync.Mutex // one listing at a time
 }
 
 var _ Source = (*Containerd)(nil)
@@ -95,11 +105,17 @@ type leaseState struct {
 	total int64
 	// described are the blobs a manifest found names: no need to read them.
 	described map[string]bool
+	// slot: a slot lease, lent to image (slots.go).
+	slot  bool
+	image string
 }
 
 type blob struct {
 	size    int64
 	fetched bool // written under the lease, not found on the node already
+	// prior: in a slot lease from before the image took it (an earlier
+	// image's); not the image's at all.
+	prior bool
 }
 
 // NewContainerd returns a Containerd on the runtime's connection
@@ -122,22 +138,20 @@ func namespaced(ctx context.Context) context.Context {
 
 // Open makes the image's lease, or reuses the one an earlier pass left
 // (fresh is then false: it may hold what that pass fetched).
+//
+// With Slots, an image that has no lease of its own gets a slot lease instead
+// (always fresh); see slots.go.
 func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh bool, err error) {
-	id := LeaseID(c.Instance, image)
 	ctx = namespaced(ctx)
+	if c.Slots {
+		if key, ok, err := c.openSlot(ctx, image); ok || err != nil {
+			return key, true, err
+		}
+	}
+	id := LeaseID(c.Instance, image)
 	opened := time.Now()
 	create := func() error {
-		labels := map[string]string{
-			LeaseImageLabel: image,
-			expireLabel:     opened.Add(LeaseLifetime).UTC().Format(time.RFC3339),
-		}
-		if c.Instance != "" {
-			labels[LeaseInstanceLabel] = c.Instance
-		}
-		if c.Owner != "" {
-			labels[LeaseOwnerLabel] = c.Owner
-		}
-		_, err := c.leases.Create(ctx, &leasesapi.CreateRequest{ID: id, Labels: labels})
+		_, err := c.leases.Create(ctx, &leasesapi.CreateRequest{ID: id, Labels: c.labels(LeaseImageLabel, image, opened)})
 		return err
 	}
 	err = create()
@@ -150,7 +164,7 @@ func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh 
 		}
 		for _, l := range list.GetLeases() {
 			if l.GetID() == id && time.Since(l.GetCreatedAt().AsTime()) < renewAfter {
-				c.remember(id, opened, c.deletable(l))
+				c.remember(id, image, opened, c.deletable(l))
 				return id, false, nil
 			}
 		}
@@ -162,14 +176,37 @@ func (c *Containerd) Open(ctx context.Context, image string) (key string, fresh 
 	if err != nil {
 		return "", false, apiError("create lease "+id, err)
 	}
-	c.remember(id, opened, true)
+	c.remember(id, image, opened, true)
 	return id, true, nil
 }
 
-func (c *Containerd) remember(id string, opened time.Time, deletable bool) {
+// labels are those of a lease made at opened: key=value, the expiry, the
+// instance and the owner.
+func (c *Containerd) labels(key, value string, opened time.Time) map[string]string {
+	labels := map[string]string{
+		key:         value,
+		expireLabel: opened.Add(LeaseLifetime).UTC().Format(time.RFC3339),
+	}
+	if c.Instance != "" {
+		labels[LeaseInstanceLabel] = c.Instance
+	}
+	if c.Owner != "" {
+		labels[LeaseOwnerLabel] = c.Owner
+	}
+	return labels
+}
+
+func (c *Containerd) remember(id, image string, opened time.Time, deletable bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.leased[id] = &leaseState{opened: opened, deletable: deletable, blobs: map[string]blob{}, ingested: map[string]bool{},
+	c.leased[id] = newLeaseState(image, opened, deletable)
+	if c.known != nil {
+		c.known[image] = true
+	}
+}
+
+func newLeaseState(image string, opened time.Time, deletable bool) *leaseState {
+	return &leaseState{opened: opened, deletable: deletable, image: image, blobs: map[string]blob{}, ingested: map[string]bool{},
 		described: map[string]bool{}}
 }
 
@@ -264,6 +301,9 @@ func (c *Containerd) state(ctx context.Context, key string, node map[string]int6
 			}
 			return State{}, fmt.Errorf("lease %s: blob %s: %w", key, d, err)
 		}
+		if b.prior {
+			continue
+		}
 		s.Blobs++
 		if b.fetched {
 			s.Fetched += b.size
@@ -297,9 +337,16 @@ func (c *Containerd) blob(ctx context.Context, ls *leaseState, digest string) (b
 	// committed between two polls). Older ones were on the node already.
 	created := info.GetInfo().GetCreatedAt().AsTime()
 	b = blob{size: info.GetInfo().GetSize(), fetched: ingested || !created.Before(ls.opened.Add(-time.Second))}
+	if ls.slot {
+		// No slack in a slot: an earlier image committed its blobs just
+		// before this one took the slot. Older ones were not added by this
+		// image's pulls, or were found on the node (not counted either).
+		b.fetched = ingested || !created.Before(ls.opened)
+		b.prior = !b.fetched
+	}
 	var total int64
 	var names []string
-	if b.size <= maxManifestSize && !described {
+	if b.size <= maxManifestSize && !described && !b.prior {
 		total, names = c.manifestTotal(ctx, digest, b.size)
 	}
 	c.mu.Lock()
@@ -412,6 +459,9 @@ func (c *Containerd) Release(ctx context.Context, key string, end pull.TransferE
 	delete(c.leased, key)
 	c.mu.Unlock()
 	ctx = namespaced(ctx)
+	if st != nil && st.slot {
+		return c.releaseSlot(ctx, key, st, end)
+	}
 	if end != pull.TransferPulled {
 		if st == nil || !st.deletable {
 			return nil
@@ -425,6 +475,9 @@ func (c *Containerd) Release(ctx context.Context, key string, end pull.TransferE
 	}
 	if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: key}); err != nil && status.Code(err) != codes.NotFound {
 		return fmt.Errorf("delete lease %s: %w", key, err)
+	}
+	if st != nil {
+		c.forget(st.image)
 	}
 	return nil
 }
@@ -448,6 +501,7 @@ func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, erro
 	for _, img := range images {
 		keep[img] = true
 	}
+	c.setKnown(list.GetLeases())
 	var pruned []string
 	var errs []error
 	for _, l := range list.GetLeases() {
@@ -455,6 +509,10 @@ func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, erro
 		c.mu.Lock()
 		_, following := c.leased[l.GetID()]
 		c.mu.Unlock()
+		if l.GetLabels()[LeaseSlotLabel] != "" {
+			errs = append(errs, c.pruneSlot(ctx, l, following))
+			continue
+		}
 		// Only the leases this code makes: its ID for the instance and image.
 		if keep[img] || following || l.GetID() != LeaseID(c.Instance, img) || !c.deletable(l) {
 			continue
@@ -464,6 +522,7 @@ func (c *Containerd) Prune(ctx context.Context, images []string) ([]string, erro
 			continue
 		}
 		pruned = append(pruned, img)
+		c.forget(img)
 	}
 	return pruned, errors.Join(errs...)
 }

@@ -228,7 +228,10 @@ func TestOnlyAttemptsOlderThanTheIntervalAreDue(t *testing.T) {
 		w.transfers[key] = tr
 	}
 	w.transfers["between"] = &transfer{w: w, key: "between"}
-	got := w.dueLocked(now, time.Second, nil)
+	var got []string
+	for _, t := range w.dueLocked(now, time.Second, nil) {
+		got = append(got, t.key)
+	}
 	slices.Sort(got)
 	if want := []string{"just", "old"}; !slices.Equal(got, want) {
 		t.Errorf("due %v, want %v", got, want)

@@ -212,7 +212,7 @@ func (w *Watcher) poll() {
 	iv := w.interval()
 	t := time.NewTicker(iv)
 	defer t.Stop()
-	var keys []string
+	var due []*transfer
 	for now := range t.C {
 		w.mu.Lock()
 		if len(w.transfers) == 0 {
@@ -220,27 +220,32 @@ func (w *Watcher) poll() {
 			w.mu.Unlock()
 			return
 		}
-		keys = w.dueLocked(now, iv, keys[:0])
+		due = w.dueLocked(now, iv, due[:0])
 		w.mu.Unlock()
-		if len(keys) > 0 {
-			w.pollOnce(keys)
+		if len(due) > 0 {
+			w.pollOnce(due)
 		}
 	}
 }
 
-// dueLocked appends to keys the transfers to read at now: those whose attempt
+// dueLocked appends to due the transfers to read at now: those whose attempt
 // has run for iv. w.mu is held.
-func (w *Watcher) dueLocked(now time.Time, iv time.Duration, keys []string) []string {
-	for k, t := range w.transfers {
+func (w *Watcher) dueLocked(now time.Time, iv time.Duration, due []*transfer) []*transfer {
+	for _, t := range w.transfers {
 		if a := t.att; a != nil && now.Sub(a.start) >= iv {
-			keys = append(keys, k)
+			due = append(due, t)
 		}
 	}
-	return keys
+	return due
 }
 
-// pollOnce reads keys and lets every watched attempt judge the change.
-func (w *Watcher) pollOnce(keys []string) {
+// pollOnce reads the due transfers and lets every watched attempt judge the
+// change.
+func (w *Watcher) pollOnce(due []*transfer) {
+	keys := make([]string, len(due))
+	for i, t := range due {
+		keys[i] = t.key
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	snap, err := w.Source.Poll(ctx, keys)
 	cancel()
@@ -257,11 +262,12 @@ func (w *Watcher) pollOnce(keys []string) {
 		nodeMoved = moved(w.node, snap.Node)
 		w.node = snap.Node
 	}
-	for _, k := range keys {
-		t := w.transfers[k]
-		if t == nil {
-			continue // closed meanwhile
+	for _, t := range due {
+		if t.closed {
+			// Closed meanwhile: its key may be lent to another image by now.
+			continue
 		}
+		k := t.key
 		cur, ok := snap.Transfers[k]
 		if !ok {
 			cur = t.state
