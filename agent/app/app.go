@@ -230,7 +230,6 @@ func newPrefetcher(opts *Options, stderr io.Writer, client kubernetes.Interface)
 		}
 		labeler := &nodelabel.Labeler{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout,
 			Namespace: opts.Namespace}
-		p.labels = labeler
 		if opts.Namespace != "" {
 			sa := client
 			if opts.ActAsNode {
@@ -242,9 +241,8 @@ func newPrefetcher(opts *Options, stderr io.Writer, client kubernetes.Interface)
 			labeler.InstanceAlive = instanceAlive(sa, opts.Instance)
 			p.kube = sa
 		}
-		p.events = &nodelabel.Events{Client: client, Node: opts.NodeName, Instance: opts.Instance, WriteTimeout: opts.LabelWriteTimeout}
-		p.setupNodeGate(client)
 		log = log.With("instance", opts.Instance, "node", opts.NodeName)
+		p.setupNode(client, labeler, log)
 	}
 	// client-go logs through klog: its lines (throttling, watch trouble, API
 	// warnings) get the agent's format, instance and node.

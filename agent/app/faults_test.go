@@ -92,7 +92,7 @@ func newFaultPrefetcher(t *testing.T, o *Options, server bool, client *fake.Clie
 	return p, logs
 }
 
-func labeler(p *prefetcher) *nodelabel.Labeler { return p.labels.(*nodelabel.Labeler) }
+func labeler(p *prefetcher) *nodelabel.Labeler { return p.node.Labels.(*nodelabel.Labeler) }
 
 // fewSteps is a backoff whose step count runs out after a few tens of
 // milliseconds: before the fix, that count, not the budget, ended a write.

@@ -82,13 +82,9 @@ func leaveReason(ctx context.Context, client kubernetes.Interface, namespace, in
 
 // leave runs when `run` stops on a shutdown signal. When the node is no longer
 // the instance's (its DaemonSet is gone or being deleted, or its placement no
-// longer selects the node) the agent withdraws what it keeps on the node, in
-// the order that keeps every moment true: the label and list annotation first
-// (workloads stop landing on the promise), then the Node condition, then its
-// startup taint (nothing would ever remove it otherwise), and the pins last,
-// only once the label no longer says succeeded. It reports what it did; a
-// step that fails is logged and the others still run, except that pins stay
-// when the label could not be withdrawn.
+// longer selects the node) the agent withdraws what it keeps on the node
+// (nodestate.Node.Leave: label, condition, startup taint, pins last). It
+// logs what it did and what failed.
 func (p *prefetcher) leave(ctx context.Context) {
 	if p.kube == nil || p.opts.Namespace == "" {
 		return
@@ -105,41 +101,27 @@ func (p *prefetcher) leave(ctx context.Context) {
 		return
 	}
 	p.log.Info("leaving the node: withdrawing its label, list annotation, condition, startup taint and pins", "why", why)
-	var errs []error
-	labelErr := p.labels.Remove(ctx)
-	if labelErr != nil {
-		errs = append(errs, fmt.Errorf("label: %w", labelErr))
+	var release func(context.Context) error
+	if p.pins.pinner != nil {
+		release = p.releaseAllPins
 	}
-	if g := p.nodeGate; g != nil && g.cond != nil {
-		if _, err := g.cond.Remove(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("condition: %w", err))
-		}
-	}
-	if g := p.nodeGate; g != nil && g.taint != nil {
-		if _, err := g.taint.Sync(ctx, true); err != nil {
-			errs = append(errs, fmt.Errorf("startup taint: %w", err))
-		}
-	}
-	switch {
-	case p.pins.pinner == nil:
-	case labelErr != nil:
-		errs = append(errs, errors.New("pins kept: the label could not be withdrawn, and an unpinned image may go while it says succeeded"))
-	default:
-		rep, err := p.pins.pinner.Reconcile(ctx, nil, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("pins: %w", err))
-		}
-		for _, f := range rep.Failures {
-			errs = append(errs, fmt.Errorf("pins: %s %s: %w", f.Op, f.Image, f.Err))
-		}
-		if len(rep.Changes) > 0 {
-			p.log.Info("pins released", "images", len(rep.Changes))
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
+	if err := p.node.Leave(ctx, release); err != nil {
 		p.log.Error("leaving the node: not everything was withdrawn (docs/bundle.md#uninstall removes the rest)",
 			"error", err.Error())
 		return
 	}
 	p.log.Info("left the node")
+}
+
+// releaseAllPins lets go of every pin this instance set on the node.
+func (p *prefetcher) releaseAllPins(ctx context.Context) error {
+	rep, err := p.pins.pinner.Reconcile(ctx, nil, nil)
+	errs := []error{err}
+	for _, f := range rep.Failures {
+		errs = append(errs, fmt.Errorf("%s %s: %w", f.Op, f.Image, f.Err))
+	}
+	if len(rep.Changes) > 0 {
+		p.log.Info("pins released", "images", len(rep.Changes))
+	}
+	return errors.Join(errs...)
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
 	"k8s.io/client-go/kubernetes"
@@ -18,40 +17,20 @@ import (
 	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/agent/metrics"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
+	"github.com/nodeprefetch/image-prefetcher/agent/nodestate"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
-// labelWriter and eventReporter are what a pass needs of agent/nodelabel;
-// both are nil when --label=false.
-type labelWriter interface {
-	// Begin: a pass starts for the list; Withdraw: likewise, and an image of
-	// it is known to be missing, so `succeeded` must go until it is back.
-	Begin(ctx context.Context, listDigest string) error
-	Withdraw(ctx context.Context, listDigest string) error
-	// Set records the outcome; wrote says whether the node changed.
-	Set(ctx context.Context, listDigest string, state nodelabel.State) (wrote bool, err error)
-	// Claim is what the node's label says about the list.
-	Claim(ctx context.Context, listDigest string) (nodelabel.State, error)
-	// CheckOwner fails with a *nodelabel.ConflictError while another
-	// namespace's instance of this name holds the node's keys.
-	CheckOwner(ctx context.Context) error
-	// Remove deletes the label and list annotation (the agent leaves the node).
-	Remove(ctx context.Context) error
-}
-
-type eventReporter interface {
-	Report(ctx context.Context, o nodelabel.Outcome) error
-}
-
 // prefetcher runs passes: read the list, pull what is missing, then record
 // the outcome on the node (label, events), in metrics and in readiness.
 type prefetcher struct {
-	opts      *Options
-	log       *slog.Logger
-	cfg       pull.Config
-	labels    labelWriter
-	events    eventReporter
+	opts *Options
+	log  *slog.Logger
+	cfg  pull.Config
+	// node writes the instance's state on its node (label, annotation,
+	// condition, taint, events); nil with --label=false.
+	node      *nodestate.Node
 	metrics   *metrics.Metrics
 	readiness *health.Readiness
 	// extra observers see every attempt and result too (e.g. the results
@@ -60,9 +39,6 @@ type prefetcher struct {
 	// slots, when set, bounds how many nodes pull at once cluster-wide. It is
 	// asked for a slot only when some image is missing.
 	slots pullSlots
-	// nodeGate: the startup taint and the Node condition (nodegate.go), nil
-	// unless asked for.
-	nodeGate *nodeGate
 	// kube reads the instance's DaemonSet as the ServiceAccount (leave.go);
 	// nil without --label or --namespace.
 	kube kubernetes.Interface
@@ -169,13 +145,13 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	}
 	p.logLineErrors(list)
 	if list.Digest != p.lastDigest {
-		p.readiness.SetNotReady("pass of list " + shortDigest(list.Digest) + " in progress")
+		p.readiness.SetNotReady("pass of list " + nodestate.ShortDigest(list.Digest) + " in progress")
 		p.lastDigest = list.Digest
 	}
 
 	pres := p.presence(ctx, list)
 	rep.Missing = len(pres.missing)
-	var wd *withdrawal
+	var wd *nodestate.Withdrawal
 	p.stopClaiming(ctx, list, pres, &wd)
 
 	results, problems, err := p.pull(ctx, list.Entries, pres)
@@ -190,7 +166,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	rep.pulledAt = time.Now()
 	rep.Results = append(lineErrorResults(list), results...)
 	// No withdrawal may land after the outcome's write.
-	wd.end(ctx.Err() == nil)
+	wd.End(ctx.Err() == nil)
 	if ctx.Err() != nil {
 		// Only a shutdown cancels this context (the pass deadline lives
 		// inside the engine). Its outcome says nothing about the list, so
@@ -229,7 +205,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	if rep.Repulled > 0 {
 		attrs = append(attrs, "removedDuringPass", rep.Repulled)
 	}
-	if p.labels != nil {
+	if p.node != nil {
 		attrs = append(attrs, "labelWritten", rep.LabelErr == nil)
 	}
 	p.log.Info("pass finished", attrs...)
@@ -251,7 +227,7 @@ func (p *prefetcher) listUnreadable(ctx context.Context, err error) passReport {
 	}
 	p.record(ctx, &rep, []nodelabel.Problem{problem})
 	p.readiness.SetNotReady(err.Error())
-	if p.labels != nil {
+	if p.node != nil {
 		p.log.Info("pass finished", "state", string(rep.State), "listDigest", rep.Digest, "labelWritten", rep.LabelErr == nil)
 	}
 	return rep
@@ -309,7 +285,7 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 		p.budget = &diskbudget.Checker{Percent: p.opts.DiskBudget.Percent, HostRoot: p.opts.HostRoot,
 			Images: c.Images, Timeout: p.criTimeout(), Statfs: p.statfs}
 	}
-	if p.labels == nil && p.slots == nil && p.opts.Run == nil {
+	if p.node == nil && p.slots == nil && p.opts.Run == nil {
 		return presence{}
 	}
 	absent, present, unanswered, err := p.missing(ctx, list.Entries)
@@ -326,10 +302,10 @@ func (p *prefetcher) presence(ctx context.Context, list *imagelist.List) presenc
 // an instance of the same name in another namespace holds the node's label
 // key (nodelabel.ConflictError): the pod stays unready and says why.
 func (p *prefetcher) ownsNodeKeys(ctx context.Context) error {
-	if p.labels == nil {
+	if p.node == nil {
 		return nil
 	}
-	err := p.labels.CheckOwner(ctx)
+	err := p.node.Labels.CheckOwner(ctx)
 	var conflict *nodelabel.ConflictError
 	if !errors.As(err, &conflict) {
 		// The node could not be read, or the owner not asked: the pass goes
@@ -341,134 +317,36 @@ func (p *prefetcher) ownsNodeKeys(ctx context.Context) error {
 	return err
 }
 
-// startOnNode makes the node stop claiming what it does not hold before any
-// pull starts: a label of another list is removed (Begin), and when an image
-// of this list is known to be missing, `succeeded` is withdrawn too, so that
-// the re-pull (and a shutdown in its middle) never runs under `succeeded`.
-// Both write only on change: a steady state costs nothing here. It returns
-// the error of a withdrawal that failed (see stopClaiming).
-func (p *prefetcher) startOnNode(ctx context.Context, list *imagelist.List, pres presence) error {
-	if pres.known && len(pres.missing) > 0 {
-		named := p.notReadyMissing(list, pres.missing)
-		if p.labels == nil {
-			return nil
-		}
-		p.log.Info("images of the list missing: the label does not say succeeded until they are back",
-			"missing", len(pres.missing), "images", len(list.Entries), "first", named[0])
-		if err := p.labels.Withdraw(ctx, list.Digest); err != nil {
-			return fmt.Errorf("withdraw %s for list %s with %s missing: %w", nodelabel.Succeeded,
-				shortDigest(list.Digest), named[0], err)
-		}
-		p.metrics.SetLabelState("")
-		return nil
+// missingOf is what pres found of list, for the node's state.
+func missingOf(list *imagelist.List, pres presence) nodestate.Missing {
+	m := nodestate.Missing{Digest: list.Digest, Images: len(list.Entries), Known: pres.known}
+	for _, e := range pres.missing {
+		m.Refs = append(m.Refs, e.Ref)
 	}
-	if p.labels == nil {
-		return nil
-	}
-	if err := p.labels.Begin(ctx, list.Digest); err != nil {
-		// Not fatal: nothing of this list is known missing, so a label left
-		// from another list claims nothing this one lacks; the outcome's
-		// write replaces it.
-		p.log.Error("clear stale node label", "error", err.Error())
-	}
-	return nil
-}
-
-// notReadyMissing makes readiness say which images are missing and being
-// pulled; it returns the first few, named.
-func (p *prefetcher) notReadyMissing(list *imagelist.List, missing []imagelist.Entry) []string {
-	named := make([]string, 0, min(len(missing), 3))
-	for _, e := range missing[:min(len(missing), 3)] {
-		named = append(named, e.Ref)
-	}
-	p.readiness.SetNotReady(fmt.Sprintf("%d of %d images missing, pulling them: %s",
-		len(missing), len(list.Entries), strings.Join(named, ", ")))
-	return named
+	return m
 }
 
 // stopClaiming makes the node stop claiming the list for the images pres
-// finds missing: the condition goes False, then the label is withdrawn
-// (startOnNode). A withdrawal that failed, after its whole write budget, is
+// finds missing (nodestate.Node.StopClaiming), and readiness say which are
+// being pulled. A withdrawal that failed, after its whole write budget, is
 // not left to the outcome's write at the end of the pass, which may be many
-// pulls away: it goes on in the background (*wd) while the pass pulls, so
-// `succeeded` stands over a missing image only as long as the API server
-// takes no write, and the pulls, which are what the node needs, go on. While
+// pulls away: it goes on in the background (*wd) while the pass pulls. While
 // *wd runs, a hole found later in the pass leaves the node to it.
-func (p *prefetcher) stopClaiming(ctx context.Context, list *imagelist.List, pres presence, wd **withdrawal) {
-	if *wd != nil {
-		p.notReadyMissing(list, pres.missing)
+func (p *prefetcher) stopClaiming(ctx context.Context, list *imagelist.List, pres presence, wd **nodestate.Withdrawal) {
+	m := missingOf(list, pres)
+	if len(m.Refs) > 0 && m.Known {
+		p.readiness.SetNotReady(m.Text())
+	}
+	if p.node == nil || *wd != nil {
 		return
 	}
-	p.conditionStarted(ctx, list, pres)
-	err := p.startOnNode(ctx, list, pres)
+	err := p.node.StopClaiming(ctx, m)
 	if err == nil {
 		return
 	}
 	p.log.Error("node label not withdrawn although images are missing: pulls go on, and the withdrawal is "+
 		"retried until it lands or the pass writes its outcome", "error", err.Error())
-	*wd = p.keepWithdrawing(ctx, list, pres)
-}
-
-// withdrawal is a withdrawal of `succeeded` retried in the background.
-type withdrawal struct {
-	stop, done chan struct{}
-}
-
-// Bounds of the delay between two withdrawals in the background: each one
-// retries for its whole write budget already, so these only space out
-// answers that come at once (Forbidden, an unknown Node).
-const (
-	withdrawRetryMin = 200 * time.Millisecond
-	withdrawRetryMax = 4 * time.Second
-)
-
-// keepWithdrawing tries the condition and the withdrawal again and again
-// until the label is withdrawn, end is called or ctx ends.
-func (p *prefetcher) keepWithdrawing(ctx context.Context, list *imagelist.List, pres presence) *withdrawal {
-	w := &withdrawal{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(w.done)
-		delay := withdrawRetryMin
-		for {
-			t := time.NewTimer(delay)
-			select {
-			case <-w.stop:
-				t.Stop()
-				return
-			case <-ctx.Done():
-				t.Stop()
-				return
-			case <-t.C:
-			}
-			select {
-			case <-w.stop:
-				return
-			default:
-			}
-			p.conditionStarted(ctx, list, pres)
-			if err := p.labels.Withdraw(ctx, list.Digest); err == nil {
-				p.metrics.SetLabelState("")
-				p.log.Info("node label withdrawn: it no longer says succeeded with images missing",
-					"label", nodelabel.Key(p.opts.Instance))
-				return
-			}
-			delay = min(2*delay, withdrawRetryMax)
-		}
-	}()
-	return w
-}
-
-// end stops the retries; with wait it returns only once no withdrawal is in
-// flight, so that none lands after the outcome's write. A pass stopped by
-// shutdown writes no outcome and does not wait.
-func (w *withdrawal) end(wait bool) {
-	if w == nil {
-		return
-	}
-	close(w.stop)
-	if wait {
-		<-w.done
-	}
+	*wd = p.node.KeepWithdrawing(ctx, m)
 }
 
 // maxRepullRounds bounds the rounds of pulls for images found gone at the
@@ -486,7 +364,7 @@ const maxRepullRounds = 1
 // maxRepullRounds rounds), and the check repeats; an image still gone after
 // that fails with pull.ReasonRemoved. It returns the results updated and how
 // many images were pulled again.
-func (p *prefetcher) confirm(ctx context.Context, list *imagelist.List, results []pull.Result, wd **withdrawal) ([]pull.Result, int) {
+func (p *prefetcher) confirm(ctx context.Context, list *imagelist.List, results []pull.Result, wd **nodestate.Withdrawal) ([]pull.Result, int) {
 	at := make(map[string]int, len(results))
 	for i, r := range results {
 		at[r.Image] = i
@@ -805,33 +683,17 @@ func (p *prefetcher) dial(ctx context.Context) (*cri.Client, error) {
 	return c, nil
 }
 
-// record writes the pass's outcome to the node: label first (what workloads
-// schedule on), then the Node condition and the startup taint when asked for
-// (recordGate), then events. Both use their own time budgets, so an expired
-// pass deadline does not stop `failed` from being written. The label write's
-// error is kept in rep: `fetch` exits ExitNotRecorded for it, `run` retries it
-// within seconds and stays not ready meanwhile.
+// record writes the pass's outcome to the node (nodestate.Node.Record:
+// label, condition, taint, events). The label write's error is kept in rep:
+// `fetch` exits ExitNotRecorded for it, `run` retries it within seconds and
+// stays not ready meanwhile.
 func (p *prefetcher) record(ctx context.Context, rep *passReport, problems []nodelabel.Problem) {
-	if p.labels == nil {
+	if p.node == nil {
 		return
 	}
-	wrote, err := p.labels.Set(ctx, rep.Digest, rep.State)
-	if err != nil {
-		rep.LabelErr = err
-		p.log.Error("write node label", "state", string(rep.State), "error", err.Error())
-	} else {
-		p.metrics.SetLabelState(string(rep.State))
-		if wrote {
-			p.log.Info("node label written", "label", nodelabel.Key(p.opts.Instance), "value", string(rep.State))
-		}
-	}
-	problems = append(problems, p.recordGate(ctx, rep)...)
-	// The success event follows the label's change, not the pass: a node that
-	// already said succeeded for this list (steady state, warm fetch) gets none.
-	o := nodelabel.Outcome{Digest: rep.Digest, Results: rep.Results, Problems: problems, LabelChanged: wrote}
-	if err := p.events.Report(ctx, o); err != nil {
-		p.log.Error("record node events", "error", err.Error())
-	}
+	r := p.node.Record(ctx, nodestate.Outcome{Digest: rep.Digest, State: rep.State, Results: rep.Results,
+		Problems: problems, PresentAt: rep.pulledAt})
+	rep.LabelErr, rep.NodeErr = r.LabelErr, r.NodeErr
 }
 
 // lineErrorResults turns malformed list lines into failed results, so that
@@ -867,11 +729,4 @@ func (p *prefetcher) close() {
 	}
 	p.pins.close()
 	p.progress.close()
-}
-
-func shortDigest(d string) string {
-	if len(d) > 12 {
-		return d[:12]
-	}
-	return d
 }

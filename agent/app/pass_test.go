@@ -483,7 +483,7 @@ func TestPassLeavesANameTakenInAnotherNamespaceAlone(t *testing.T) {
 	if err := client.AppsV1().DaemonSets("team-a").Delete(context.Background(), testInstance, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	p.labels.(*nodelabel.Labeler).MaxCacheAge = time.Nanosecond
+	p.node.Labels.(*nodelabel.Labeler).MaxCacheAge = time.Nanosecond
 	if rep, err := p.pass(context.Background()); err != nil || rep.State != nodelabel.Succeeded {
 		t.Fatalf("pass after the other instance went: %s %v\n%s", rep.State, err, logs)
 	}
