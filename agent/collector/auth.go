@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"k8s.io/utils/clock"
+
 	authenticationv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	authenticationv1client "k8s.io/client-go/kubernetes/typed/authentication/v1"
@@ -75,8 +77,8 @@ type TokenReviewer struct {
 	// CacheTTL is how long an accepted token is trusted; default
 	// DefaultReviewCacheTTL.
 	CacheTTL time.Duration
-	// Now is the clock; default time.Now.
-	Now func() time.Time
+	// Clock is the time source; nil: the real one.
+	Clock clock.PassiveClock
 
 	mu    sync.Mutex
 	cache map[[sha256.Size]byte]cachedReview
@@ -132,8 +134,8 @@ func (t *TokenReviewer) Authenticate(ctx context.Context, token string) (Identit
 }
 
 func (t *TokenReviewer) now() time.Time {
-	if t.Now != nil {
-		return t.Now()
+	if t.Clock != nil {
+		return t.Clock.Now()
 	}
 	return time.Now()
 }

@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	testingclock "k8s.io/utils/clock/testing"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/collector"
 	"github.com/nodeprefetch/image-prefetcher/agent/collector/collectortest"
@@ -217,9 +218,8 @@ func TestNodeIsTakenFromTheToken(t *testing.T) {
 // every time, and a revoked token stops working when its entry expires.
 func TestReviewsAreCachedBriefly(t *testing.T) {
 	_, srv, api, reviewer := authCollector(t)
-	var mu sync.Mutex
-	now := time.Unix(1700000000, 0)
-	reviewer.Now = func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	clk := testingclock.NewFakePassiveClock(time.Unix(1700000000, 0))
+	reviewer.Clock = clk
 	api.issue("token-a", issued{user: agentUser, audiences: []string{collector.DefaultAudience}, node: "node-a"})
 
 	for i := range 5 {
@@ -241,9 +241,7 @@ func TestReviewsAreCachedBriefly(t *testing.T) {
 	if got := submit(t, srv.GRPC, "token-a", record("cached", "")); got != codes.OK {
 		t.Errorf("within the cache period: Submit = %s, want OK", got)
 	}
-	mu.Lock()
-	now = now.Add(collector.DefaultReviewCacheTTL + time.Second)
-	mu.Unlock()
+	clk.SetTime(clk.Now().Add(collector.DefaultReviewCacheTTL + time.Second))
 	if got := submit(t, srv.GRPC, "token-a", record("late", "")); got != codes.Unauthenticated {
 		t.Errorf("revoked token after the cache period: Submit = %s, want Unauthenticated", got)
 	}

@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
 )
 
 // ConditionType is the type of an instance's Node condition. It is the
@@ -67,15 +68,16 @@ type Condition struct {
 	// before the node is read again. Default DefaultMaxCacheAge.
 	MaxCacheAge time.Duration
 
-	mu      sync.Mutex
-	now     func() time.Time // for tests
+	mu sync.Mutex
+	// Clock is the time source; nil: the real one.
+	Clock   clock.PassiveClock
 	known   *corev1.NodeCondition
 	knownAt time.Time
 }
 
-func (c *Condition) clock() time.Time {
-	if c.now != nil {
-		return c.now()
+func (c *Condition) now() time.Time {
+	if c.Clock != nil {
+		return c.Clock.Now()
 	}
 	return time.Now()
 }
@@ -101,7 +103,7 @@ func (c *Condition) Set(ctx context.Context, status corev1.ConditionStatus, reas
 	if maxAge <= 0 {
 		maxAge = DefaultMaxCacheAge
 	}
-	if c.known != nil && c.clock().Sub(c.knownAt) < maxAge && same(c.known) {
+	if c.known != nil && c.now().Sub(c.knownAt) < maxAge && same(c.known) {
 		return false, nil
 	}
 	ctx, cancel := c.writeContext(ctx)
@@ -120,7 +122,7 @@ func (c *Condition) Set(ctx context.Context, status corev1.ConditionStatus, reas
 			wrote = false
 			return nil
 		}
-		now := metav1.NewTime(c.clock())
+		now := metav1.NewTime(c.now())
 		want := corev1.NodeCondition{Type: typ, Status: status, Reason: reason, Message: message,
 			LastHeartbeatTime: now, LastTransitionTime: now}
 		if cur != nil && cur.Status == status {
@@ -167,7 +169,7 @@ func (c *Condition) writeContext(ctx context.Context) (context.Context, context.
 
 func (c *Condition) remember(cond *corev1.NodeCondition) {
 	cp := *cond
-	c.known, c.knownAt = &cp, c.clock()
+	c.known, c.knownAt = &cp, c.now()
 }
 
 func findCondition(conds []corev1.NodeCondition, typ corev1.NodeConditionType) *corev1.NodeCondition {

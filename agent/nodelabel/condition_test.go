@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	testingclock "k8s.io/utils/clock/testing"
 )
 
 var kubeletReady = corev1.NodeCondition{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
@@ -28,10 +29,8 @@ func conditionNode() *corev1.Node {
 	return n
 }
 
-func newCondition(client *fake.Clientset, now *time.Time) *Condition {
-	c := &Condition{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
-	c.now = func() time.Time { return *now }
-	return c
+func newCondition(client *fake.Clientset, clk *testingclock.FakePassiveClock) *Condition {
+	return &Condition{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff, Clock: clk}
 }
 
 func ourCondition(t *testing.T, client *fake.Clientset) *corev1.NodeCondition {
@@ -57,8 +56,8 @@ func statusPatches(client *fake.Clientset) []k8stesting.PatchAction {
 // only when the status does; the kubelet's conditions are left alone.
 func TestConditionWrittenOnlyOnChange(t *testing.T) {
 	client := fake.NewClientset(conditionNode())
-	now := time.Unix(2000, 0)
-	c := newCondition(client, &now)
+	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
+	c := newCondition(client, clk)
 	ctx := context.Background()
 
 	steps := []struct {
@@ -75,7 +74,7 @@ func TestConditionWrittenOnlyOnChange(t *testing.T) {
 		{corev1.ConditionTrue, ConditionReasonPresent, "all 3 images present", false, 2040},
 	}
 	for i, s := range steps {
-		now = time.Unix(2000+int64(i)*10, 0)
+		clk.SetTime(time.Unix(2000+int64(i)*10, 0))
 		before := len(statusPatches(client))
 		wrote, err := c.Set(ctx, s.status, s.reason, s.msg)
 		if err != nil {
@@ -119,8 +118,8 @@ func TestConditionWrittenOnlyOnChange(t *testing.T) {
 // against the node, and a condition changed by someone else is put back.
 func TestConditionRepairsAfterCacheAge(t *testing.T) {
 	client := fake.NewClientset(conditionNode())
-	now := time.Unix(2000, 0)
-	c := newCondition(client, &now)
+	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
+	c := newCondition(client, clk)
 	ctx := context.Background()
 	if _, err := c.Set(ctx, corev1.ConditionTrue, ConditionReasonPresent, "all"); err != nil {
 		t.Fatal(err)
@@ -138,7 +137,7 @@ func TestConditionRepairsAfterCacheAge(t *testing.T) {
 	if err := client.Tracker().Update(schema.GroupVersionResource{Version: "v1", Resource: "nodes"}, n, ""); err != nil {
 		t.Fatal(err)
 	}
-	now = now.Add(2 * DefaultMaxCacheAge)
+	clk.SetTime(clk.Now().Add(2 * DefaultMaxCacheAge))
 	if wrote, err := c.Set(ctx, corev1.ConditionTrue, ConditionReasonPresent, "all"); err != nil || !wrote {
 		t.Fatalf("after an outside change: wrote %v %v, want a write", wrote, err)
 	}
@@ -159,8 +158,8 @@ func TestConditionConflictsRetriedWithinItsBudget(t *testing.T) {
 		}
 		return false, nil, nil
 	})
-	now := time.Unix(2000, 0)
-	c := newCondition(client, &now)
+	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
+	c := newCondition(client, clk)
 	if wrote, err := c.Set(context.Background(), corev1.ConditionTrue, ConditionReasonPresent, "all"); err != nil || !wrote {
 		t.Fatalf("Set after 3 conflicts: %v %v", wrote, err)
 	}
@@ -174,7 +173,7 @@ func TestConditionConflictsRetriedWithinItsBudget(t *testing.T) {
 	client2.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, conflict
 	})
-	c2 := newCondition(client2, &now)
+	c2 := newCondition(client2, clk)
 	c2.WriteTimeout = 200 * time.Millisecond
 	cancelled, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -230,8 +229,8 @@ func TestClaim(t *testing.T) {
 // already gone.
 func TestConditionRemove(t *testing.T) {
 	client := fake.NewClientset(conditionNode())
-	now := time.Unix(2000, 0)
-	c := newCondition(client, &now)
+	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
+	c := newCondition(client, clk)
 	if _, err := c.Set(context.Background(), corev1.ConditionTrue, ConditionReasonPresent, "all 3 images"); err != nil {
 		t.Fatal(err)
 	}

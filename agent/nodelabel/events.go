@@ -15,6 +15,7 @@ import (
 	utilrand "k8s.io/apimachinery/pkg/util/rand"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -81,8 +82,9 @@ type Events struct {
 	// RequestTimeout bounds one create request. Default DefaultRequestTimeout.
 	RequestTimeout time.Duration
 
-	mu  sync.Mutex
-	now func() time.Time // for tests
+	mu sync.Mutex
+	// Clock is the time source; nil: the real one.
+	Clock clock.PassiveClock
 	// reported holds when each current failure (image and reason) was last
 	// reported; problems likewise, by Problem.Key.
 	reported map[string]time.Time
@@ -116,9 +118,9 @@ type Outcome struct {
 	LabelChanged bool
 }
 
-func (e *Events) clock() time.Time {
-	if e.now != nil {
-		return e.now()
+func (e *Events) now() time.Time {
+	if e.Clock != nil {
+		return e.Clock.Now()
 	}
 	return time.Now()
 }
@@ -138,7 +140,7 @@ func (e *Events) Report(ctx context.Context, o Outcome) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
 	defer cancel()
 
-	now := e.clock()
+	now := e.now()
 	repeat := e.RepeatAfter
 	if repeat <= 0 {
 		repeat = DefaultRepeatAfter
@@ -232,7 +234,7 @@ func (e *Events) create(ctx context.Context, eventType, reason, message string) 
 	if component == "" {
 		component = "image-prefetcher/" + e.Instance
 	}
-	now := metav1.NewTime(e.clock())
+	now := metav1.NewTime(e.now())
 	prefix := e.Node
 	if len(prefix) > 200 {
 		prefix = prefix[:200]

@@ -16,6 +16,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	testingclock "k8s.io/utils/clock/testing"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -86,9 +87,8 @@ func TestEventsForFailures(t *testing.T) {
 
 func TestEventsSuccessAndRepeat(t *testing.T) {
 	client := fake.NewClientset()
-	now := time.Unix(1000, 0)
-	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
-	ev.now = func() time.Time { return now }
+	clk := testingclock.NewFakePassiveClock(time.Unix(1000, 0))
+	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff, Clock: clk}
 	ctx := context.Background()
 	ok := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}, {Image: "b", Outcome: pull.OutcomePulled}}
 	bad := []pull.Result{ok[0], failed("b", pull.ReasonUnauthorized, errors.New("401 Unauthorized"))}
@@ -120,7 +120,7 @@ func TestEventsSuccessAndRepeat(t *testing.T) {
 	step(ok, digestA, false, 0, 1)  // steady state: nothing new
 	step(bad, digestA, true, 1, 1)  // a failure
 	step(bad, digestA, false, 1, 1) // the same failure again soon: not repeated
-	now = now.Add(DefaultRepeatAfter)
+	clk.SetTime(clk.Now().Add(DefaultRepeatAfter))
 	step(bad, digestA, false, 2, 1) // still failing much later: reported again
 	step(ok, digestA, true, 2, 2)   // recovered
 	step(ok, digestB, true, 2, 3)   // a new list fully present
@@ -229,9 +229,8 @@ func TestEventsWarmFetchRecordsNothing(t *testing.T) {
 
 func TestEventsProblems(t *testing.T) {
 	client := fake.NewClientset()
-	now := time.Unix(1000, 0)
-	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
-	ev.now = func() time.Time { return now }
+	clk := testingclock.NewFakePassiveClock(time.Unix(1000, 0))
+	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff, Clock: clk}
 	bad := Problem{Reason: EventReasonCredentialFileSkipped, Key: "/etc/creds/a", Message: "docker config /etc/creds/a skipped: invalid JSON at byte offset 3"}
 	list := Problem{Reason: EventReasonFailed, Key: "list", Message: "image list /etc/list cannot be read: is a directory"}
 	ok := []pull.Result{{Image: "a", Outcome: pull.OutcomePulled}}
@@ -261,7 +260,7 @@ func TestEventsProblems(t *testing.T) {
 	if n := len(listEvents(t, client)); n != 3 {
 		t.Errorf("%d events after a repeat, want 3", n)
 	}
-	now = now.Add(DefaultRepeatAfter)
+	clk.SetTime(clk.Now().Add(DefaultRepeatAfter))
 	report(false, bad) // still there much later: reported again; list problem gone
 	report(false, bad, list)
 	if n := len(listEvents(t, client)); n != 5 {

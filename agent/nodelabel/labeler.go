@@ -19,6 +19,7 @@ import (
 	utilnet "k8s.io/apimachinery/pkg/util/net"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
 )
 
 // Defaults used when the corresponding Labeler field is zero.
@@ -83,8 +84,9 @@ type Labeler struct {
 	// its keys left behind) is taken over.
 	InstanceAlive func(ctx context.Context, namespace string) (bool, error)
 
-	mu  sync.Mutex
-	now func() time.Time // for tests
+	mu sync.Mutex
+	// Clock is the time source; nil: the real one.
+	Clock clock.PassiveClock
 	// known is the last seen state of this instance's keys on the node.
 	known   *observed
 	knownAt time.Time
@@ -105,9 +107,9 @@ type observed struct {
 	unknown bool
 }
 
-func (l *Labeler) clock() time.Time {
-	if l.now != nil {
-		return l.now()
+func (l *Labeler) now() time.Time {
+	if l.Clock != nil {
+		return l.Clock.Now()
 	}
 	return time.Now()
 }
@@ -255,7 +257,7 @@ func (l *Labeler) current(ctx context.Context) (observed, error) {
 	if maxAge <= 0 {
 		maxAge = DefaultMaxCacheAge
 	}
-	if l.known != nil && (l.noGet || l.clock().Sub(l.knownAt) < maxAge) {
+	if l.known != nil && (l.noGet || l.now().Sub(l.knownAt) < maxAge) {
 		return *l.known, nil
 	}
 	var node *corev1.Node
@@ -286,7 +288,7 @@ func (l *Labeler) remember(node *corev1.Node) {
 	digest, hasDigest := node.Annotations[AnnotationKey(l.Instance)]
 	l.known = &observed{label: label, digest: digest, hasLabel: hasLabel, hasDigest: hasDigest,
 		otherNamespace: l.otherWriter(node)}
-	l.knownAt = l.clock()
+	l.knownAt = l.now()
 }
 
 // FieldManagerPrefix starts the field manager of every agent write of the

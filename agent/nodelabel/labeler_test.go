@@ -25,6 +25,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	k8stesting "k8s.io/client-go/testing"
+	testingclock "k8s.io/utils/clock/testing"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -231,9 +232,9 @@ func TestRemove(t *testing.T) {
 
 func TestExternalChangeIsRepaired(t *testing.T) {
 	client := fake.NewClientset(newNode(nil, nil))
-	now := time.Unix(1000, 0)
+	clk := testingclock.NewFakePassiveClock(time.Unix(1000, 0))
 	l := newLabeler(client)
-	l.now = func() time.Time { return now }
+	l.Clock = clk
 	ctx := context.Background()
 	if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 		t.Fatal(err)
@@ -249,7 +250,7 @@ func TestExternalChangeIsRepaired(t *testing.T) {
 	}
 	wantKeys(t, getNode(t, client), "", digestA)
 	// ... and once it is older, it reads the node again and repairs it.
-	now = now.Add(DefaultMaxCacheAge)
+	clk.SetTime(clk.Now().Add(DefaultMaxCacheAge))
 	if _, err := l.Set(ctx, digestA, Succeeded); err != nil {
 		t.Fatal(err)
 	}
