@@ -27,7 +27,9 @@ import (
 // with spec.fromWorkloads. The built application and instance are applied; the node ends
 // `succeeded` for exactly the application's images (the agent's list digest on the node is the
 // digest of those images alone), the opted-out workload's image is not in the list, and the
-// application's pods, scheduled on the label, start without pulling.
+// application's pods, scheduled on the label, start without pulling. The storefront mounts a
+// model as an image volume (Kubernetes 1.36+, containerd 2.1+): the function lists it, the agent
+// prefetches it like an image, and the pod starts without pulling it and reads its weights.
 func TestScenarioWorkloadImages(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Full)
 	ctx := ctxFor(t, 6*time.Minute)
@@ -38,7 +40,8 @@ func TestScenarioWorkloadImages(t *testing.T) {
 	// By digest: the list keeps it whole and the agent pulls it as written.
 	report := env.Image(t, "e2e/random:12mib").DigestRef
 	optedOut := env.Image(t, "e2e/small:10").Ref
-	appImages := []string{storefront, initImage, report}
+	model := env.Image(t, "e2e/model:image").Ref
+	appImages := []string{storefront, initImage, report, model}
 	removeImages(ctx, t, images, appImages)
 
 	in := newInstance(t, env, "workloads", nil)
@@ -85,7 +88,7 @@ spec:
   fromWorkloads:
     namespaces: [%s]
 `, in.name(), in.opts.Namespace, flavor, env.AgentImage, appNS),
-		"app.yaml": appManifests(appNS, in.labelKey(), storefront, initImage, report, optedOut),
+		"app.yaml": appManifests(appNS, in.labelKey(), storefront, initImage, report, optedOut, model),
 	}
 	if err := os.MkdirAll(app, 0o755); err != nil {
 		t.Fatal(err)
@@ -141,13 +144,16 @@ spec:
 		t.Errorf("the node's list digest %q, want %q: the digest of exactly the application's images", got, wantDigest)
 	}
 	requireAllPresent(ctx, t, images, appImages)
-	requireAppStartedWithoutPull(ctx, t, in, appNS, "app.kubernetes.io/name=storefront", 2)
+	// Three images: the init container's, the web container's and the image volume's (the
+	// kubelet says of each that it is already present).
+	requireAppStartedWithoutPull(ctx, t, in, appNS, "app.kubernetes.io/name=storefront", 3)
 }
 
-// appManifests is a small shop: a storefront with an init container, scheduled only where the
-// instance's label says succeeded; a suspended CronJob (its image by digest, never run); and an
-// opted-out load test scaled to zero.
-func appManifests(ns, labelKey, storefront, initImage, report, optedOut string) string {
+// appManifests is a small shop: a storefront with an init container and a model mounted as an
+// image volume (it starts only if the weights are there), scheduled only where the instance's
+// label says succeeded; a suspended CronJob (its image by digest, never run); and an opted-out
+// load test scaled to zero.
+func appManifests(ns, labelKey, storefront, initImage, report, optedOut, model string) string {
 	return fmt.Sprintf(`apiVersion: v1
 kind: Namespace
 metadata:
@@ -183,7 +189,16 @@ spec:
       - name: web
         image: %[3]s
         imagePullPolicy: IfNotPresent
-        command: [/bin/sleep, "3600"]
+        command: [/bin/sh, -c, "test -s /models/model/weights.safetensors && exec /bin/sleep 3600"]
+        volumeMounts:
+        - name: model
+          mountPath: /models
+          readOnly: true
+      volumes:
+      - name: model
+        image:
+          reference: %[7]s
+          pullPolicy: IfNotPresent
 ---
 apiVersion: batch/v1
 kind: CronJob
@@ -222,7 +237,7 @@ spec:
       containers:
       - name: k6
         image: %[6]s
-`, ns, labelKey, storefront, initImage, report, optedOut)
+`, ns, labelKey, storefront, initImage, report, optedOut, model)
 }
 
 // kustomizeCLI finds the kustomize CLI: $KUSTOMIZE (make e2e sets it) or kustomize on PATH.
@@ -257,9 +272,9 @@ func renderedList(t *testing.T, manifests []byte, instance string) string {
 }
 
 // requireAppStartedWithoutPull waits for a running pod matching selector in ns and checks that the
-// kubelet pulled none of its containers' images (containers in all, init containers included):
+// kubelet pulled none of its images (imgs in all: containers, init containers and image volumes):
 // a Pulled "already present on machine" event each, no Pulling event.
-func requireAppStartedWithoutPull(ctx context.Context, t *testing.T, in *instance, ns, selector string, containers int) {
+func requireAppStartedWithoutPull(ctx context.Context, t *testing.T, in *instance, ns, selector string, imgs int) {
 	t.Helper()
 	cs := in.cs
 	var pod corev1.Pod
@@ -297,7 +312,7 @@ func requireAppStartedWithoutPull(ctx context.Context, t *testing.T, in *instanc
 				pulled = append(pulled, e.Message)
 			}
 		}
-		return len(pulled) >= containers, nil
+		return len(pulled) >= imgs, nil
 	})
 	if err != nil {
 		t.Fatalf("pod %s: %v (Pulled events: %q)", pod.Name, err, pulled)

@@ -118,3 +118,44 @@ func truncate(s string, n int) string {
 	}
 	return s[:n] + "..."
 }
+
+// TestRuntimeModelImageAndArtifact: what each runtime makes of the two ways a model is shipped for
+// an image volume: an OCI image whose layers hold the files (e2e/model:image), and an OCI artifact
+// with its own artifactType, an empty config and untarred layers (e2e/model:artifact). A CRI
+// PullImage is what the kubelet sends for an image volume and what the agent sends to prefetch it.
+// containerd 2.x and CRI-O keep both; containerd 1.6 unpacks every image and refuses the
+// artifact, which the agent classifies as ArtifactUnsupported (permanent, saying what is missing).
+func TestRuntimeModelImageAndArtifact(t *testing.T) {
+	env := clusterenv.Require(t, clusterenv.Runtime)
+	_, images := env.CRI(t)
+	for _, tag := range []string{"image", "artifact"} {
+		t.Run(tag, func(t *testing.T) {
+			ctx := ctxFor(t, time.Minute)
+			ref := env.Image(t, "e2e/model:"+tag).Ref
+			removeImage(ctx, t, images, ref)
+			t.Cleanup(func() { removeImage(ctxFor(t, time.Minute), t, images, ref) })
+			resp, err := images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
+			refused := tag == "artifact" && env.Runtime == clusterenv.RuntimeContainerd16
+			if err != nil {
+				st := status.Convert(err)
+				t.Logf("%s %s: pull %s: code %s, text %q, classified %s", env.Runtime, env.RuntimeVersion, ref, st.Code(),
+					truncate(st.Message(), 400), pull.Classify(err))
+				if !refused {
+					t.Fatalf("%s refused %s: %v", env.Runtime, ref, err)
+				}
+				if got := pull.Classify(err); got != pull.ReasonArtifactUnsupported {
+					t.Errorf("classified %s, want %s", got, pull.ReasonArtifactUnsupported)
+				}
+				return
+			}
+			if refused {
+				t.Fatalf("%s %s pulled the artifact %s: update the table (e2e/README.md, README.md)", env.Runtime, env.RuntimeVersion, ref)
+			}
+			st, err := images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
+			if err != nil || st.GetImage() == nil {
+				t.Fatalf("ImageStatus %s after its pull: %v, %v", ref, st.GetImage(), err)
+			}
+			t.Logf("%s %s: pull %s: image %s", env.Runtime, env.RuntimeVersion, ref, resp.ImageRef)
+		})
+	}
+}

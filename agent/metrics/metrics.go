@@ -263,7 +263,7 @@ func (m *Metrics) SetLabelState(state string) {
 func reasonLabel(r pull.Reason) string {
 	switch r {
 	case pull.ReasonNotFound, pull.ReasonUnauthorized, pull.ReasonInvalidReference, pull.ReasonTimeout,
-		pull.ReasonUnavailable, pull.ReasonServerError, pull.ReasonCanceled, pull.ReasonDiskFull, pull.ReasonDiskBudget, pull.ReasonRemoved:
+		pull.ReasonUnavailable, pull.ReasonServerError, pull.ReasonCanceled, pull.ReasonDiskFull, pull.ReasonDiskBudget, pull.ReasonArtifactUnsupported, pull.ReasonRemoved:
 		return string(r)
 	}
 	return string(pull.ReasonUnknown)

@@ -23,6 +23,18 @@ const ReasonDiskFull Reason = "DiskFull"
 // image's fault and not retried within the pass.
 const ReasonDiskBudget Reason = "DiskBudget"
 
+// ReasonArtifactUnsupported: the runtime cannot keep an OCI artifact (a
+// manifest whose layers are not a root filesystem, as models shipped for
+// image volumes are): containerd 1.x unpacks every image it pulls and fails
+// with "mismatched image rootfs and manifest layers". Permanent: the next
+// attempt meets the same runtime.
+const ReasonArtifactUnsupported Reason = "ArtifactUnsupported"
+
+// ArtifactUnsupportedHint says which runtime feature is missing; the engine
+// adds it to the runtime's own text.
+const ArtifactUnsupportedHint = "this runtime cannot pull OCI artifacts (it unpacks every image as a root filesystem): " +
+	"image volumes of artifacts need containerd 2.1 or later, or CRI-O"
+
 // ReasonRemoved is not an error of a call, so Classify never gives it: the
 // image was on the node after its pull and gone again at the pass's presence
 // check of the whole list, after one more pull within the pass. Something on
@@ -35,7 +47,7 @@ const ReasonRemoved Reason = "Removed"
 // node has no room for the image (DiskFull; the next pass tries again).
 func (r Reason) Permanent() bool {
 	switch r {
-	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonDiskFull, ReasonDiskBudget:
+	case ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonDiskFull, ReasonDiskBudget, ReasonArtifactUnsupported:
 		return true
 	}
 	return false
@@ -106,6 +118,8 @@ var textRules = []struct {
 	reason  Reason
 	phrases []string
 }{
+	// containerd 1.x on an OCI artifact: its own words, whatever the reference holds.
+	{ReasonArtifactUnsupported, []string{"mismatched image rootfs and manifest layers"}},
 	{ReasonInvalidReference, []string{"invalid reference format", "invalid reference", "repository name must be", "invalid checksum digest format"}},
 	{ReasonUnauthorized, []string{"401 unauthorized", "403 forbidden", "unauthorized", "forbidden", "authentication required",
 		"access denied", "pull access denied", "denied: ", "insufficient_scope", "no basic auth credentials", "authorization failed"}},

@@ -32,6 +32,10 @@ func TestClassify(t *testing.T) {
 		{unknown(`failed to resolve reference "docker.io/library/nope:1": pull access denied, repository does not exist or may require authorization: server message: insufficient_scope: authorization failed`), ReasonUnauthorized},
 		{unknown(`failed to resolve reference "r:5000/x:1": r:5000/x:1: not found`), ReasonNotFound},
 		{unknown(`failed to pull and unpack image "Foo": invalid reference format: repository name must be lowercase`), ReasonInvalidReference},
+		// containerd 1.6.20 on an OCI artifact (e2e TestRuntimeModelImageAndArtifact), even with a
+		// name that holds another rule's words
+		{unknown(`failed to pull and unpack image "127.0.0.1:5000/e2e/model:artifact": failed to unpack image on snapshotter overlayfs: mismatched image rootfs and manifest layers`), ReasonArtifactUnsupported},
+		{unknown(`failed to pull and unpack image "r/unauthorized-models:timeout": failed to unpack image on snapshotter overlayfs: mismatched image rootfs and manifest layers`), ReasonArtifactUnsupported},
 		{unknown(`failed to resolve reference "r/x:1": unexpected status from HEAD request to https://127.0.0.1:5000/v2/x/manifests/1: 503`), ReasonServerError},
 		{unknown(`unexpected status from GET request to https://r/v2/x/blobs/sha256:1: 502 Bad Gateway`), ReasonServerError},
 		{unknown(`unexpected status: 500 Internal Server Error`), ReasonServerError},
@@ -68,9 +72,10 @@ func TestClassify(t *testing.T) {
 func TestPermanent(t *testing.T) {
 	// DiskFull: not the image's fault, but no attempt within the pass can
 	// help, and each would only fill the disk further.
-	permanent := map[Reason]bool{ReasonNotFound: true, ReasonUnauthorized: true, ReasonInvalidReference: true, ReasonDiskFull: true}
+	permanent := map[Reason]bool{ReasonNotFound: true, ReasonUnauthorized: true, ReasonInvalidReference: true, ReasonDiskFull: true,
+		ReasonDiskBudget: true, ReasonArtifactUnsupported: true}
 	for _, r := range []Reason{ReasonNone, ReasonNotFound, ReasonUnauthorized, ReasonInvalidReference, ReasonTimeout,
-		ReasonUnavailable, ReasonServerError, ReasonCanceled, ReasonUnknown, ReasonDiskFull} {
+		ReasonUnavailable, ReasonServerError, ReasonCanceled, ReasonUnknown, ReasonDiskFull, ReasonDiskBudget, ReasonArtifactUnsupported} {
 		if r.Permanent() != permanent[r] {
 			t.Errorf("%q.Permanent() = %v", r, r.Permanent())
 		}

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/nodeprefetch/image-prefetcher/agent/cri/critest"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
@@ -85,5 +87,23 @@ func TestAdmitIsAskedBeforeEachAttempt(t *testing.T) {
 	res := run(t, e, context.Background(), busybox)
 	if r := res[0]; r.Reason != pull.ReasonDiskBudget || r.Attempts != 1 || srv.PullCalls(busybox) != 1 {
 		t.Errorf("result %+v after %d PullImage calls, want %s after the one attempt admitted", r, srv.PullCalls(busybox), pull.ReasonDiskBudget)
+	}
+}
+
+// A runtime that cannot keep OCI artifacts (containerd 1.x) fails the image
+// at once, saying which runtime feature is missing beside its own text.
+func TestArtifactUnsupportedSaysWhatIsMissing(t *testing.T) {
+	srv, e, _ := setup(t, fastConfig())
+	srv.OnPull(busybox, critest.Fail(codes.Unknown, `failed to pull and unpack image "`+busybox+
+		`": failed to unpack image on snapshotter overlayfs: mismatched image rootfs and manifest layers`))
+	res := run(t, e, context.Background(), busybox)
+	r := res[0]
+	if r.Reason != pull.ReasonArtifactUnsupported || r.Attempts != 1 || srv.PullCalls(busybox) != 1 {
+		t.Errorf("result %+v after %d PullImage calls, want %s after one", r, srv.PullCalls(busybox), pull.ReasonArtifactUnsupported)
+	}
+	for _, want := range []string{"containerd 2.1 or later", "mismatched image rootfs"} {
+		if r.Err == nil || !strings.Contains(r.Err.Error(), want) {
+			t.Errorf("error %v does not say %q", r.Err, want)
+		}
 	}
 }

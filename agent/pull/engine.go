@@ -225,6 +225,8 @@ func (e *Engine) image(parent, ctx context.Context, en imagelist.Entry) (r Resul
 				sawNotFound = sawNotFound || a.Reason == ReasonNotFound
 				cur++
 				continue // the next credential, at once
+			case a.Reason == ReasonArtifactUnsupported:
+				return fail(a.Reason, fmt.Errorf("%s: %w", ArtifactUnsupportedHint, err))
 			case a.Reason.Permanent():
 				return fail(a.Reason, withLookup(err, lookupErr))
 			}
