@@ -2,6 +2,7 @@ package progress_test
 
 import (
 	"context"
+	"fmt"
 	"path"
 	"slices"
 	"strings"
@@ -100,11 +101,12 @@ func TestContainerdPullStillRunningIsFollowedAndItsStallCaught(t *testing.T) {
 	start := time.Now()
 	a := tr.Watch(1, 300*time.Millisecond)
 	f.ingest(key, "layer-sha256:big", "sha256:big", 5*mib, 50*mib) // 5 MiB, then nothing
-	other := int64(0)
 	stalled := false
-	for end := time.Now().Add(soon); !stalled && time.Now().Before(end); {
-		other += 1000
-		f.ingest("", "layer-sha256:other", "sha256:other", other, 1<<30)
+	for i := 0; !stalled && time.Since(start) < soon; i++ {
+		// Another pull on the node opens blob after blob (new refs: the
+		// fake changes a known ingest's offset in place, which its server
+		// may be sending at that moment).
+		f.ingest("", fmt.Sprintf("layer-sha256:other%d", i), "sha256:other", 1000, 1<<30)
 		select {
 		case <-a.Stalled():
 			stalled = true
