@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/emptypb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -152,7 +153,13 @@ func (f contentServer) ListStatuses(ctx context.Context, _ *contentapi.ListStatu
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return &contentapi.ListStatusesResponse{Statuses: f.statuses}, nil
+	// Copies: ingest changes a status in place while gRPC may still be
+	// marshalling this answer (as real containerd answers with a snapshot).
+	out := make([]*contentapi.Status, len(f.statuses))
+	for i, st := range f.statuses {
+		out[i] = proto.Clone(st).(*contentapi.Status)
+	}
+	return &contentapi.ListStatusesResponse{Statuses: out}, nil
 }
 
 func (f contentServer) Info(ctx context.Context, r *contentapi.InfoRequest) (*contentapi.InfoResponse, error) {
