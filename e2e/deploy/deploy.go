@@ -206,7 +206,11 @@ func Wrap(dir, resource string, o Options) error {
 			"name": "metrics", "containerPort": o.ListenPort, "hostPort": o.ListenPort, "protocol": "TCP",
 		}},
 	}}
-	args := []string{fmt.Sprintf("--listen-address=:%d", o.ListenPort)}
+	// The harness's image filesystem is the state dir's, this machine's root filesystem, which
+	// is about 80 % used as the kubelet counts it (the default budget) before any test pulls:
+	// 99 keeps the budget in force (the hardening test checks that the agent reads it) without
+	// stopping the tests' pulls. ExtraArgs come later and win.
+	args := []string{fmt.Sprintf("--listen-address=:%d", o.ListenPort), "--disk-budget-percent=99"}
 	if o.RecheckInterval != "" {
 		args = append(args, "--recheck-interval="+o.RecheckInterval)
 	}

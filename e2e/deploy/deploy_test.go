@@ -53,7 +53,7 @@ func TestBuild(t *testing.T) {
 	if !pod.HostNetwork || agent.Image != o.AgentImage {
 		t.Errorf("hostNetwork %v, image %s", pod.HostNetwork, agent.Image)
 	}
-	for _, a := range []string{"--listen-address=:19477", "--recheck-interval=5s", "--collector-address=127.0.0.1:19478", "--log-format=json"} {
+	for _, a := range []string{"--listen-address=:19477", "--disk-budget-percent=99", "--recheck-interval=5s", "--collector-address=127.0.0.1:19478", "--log-format=json"} {
 		if !slices.Contains(agent.Args, a) {
 			t.Errorf("agent args %v lack %s", agent.Args, a)
 		}

@@ -53,6 +53,7 @@ func run(o deploy.Options) error {
 	}
 	o.AgentImage = env.AgentImage
 	o.CRISocketDir = filepath.Dir(env.CRISocket)
+	o.ImageFs = env.ImageFs
 	if o.ListenPort == 0 {
 		l, err := net.Listen("tcp", ":0")
 		if err != nil {
