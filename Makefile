@@ -74,7 +74,7 @@ E2E_PREVIOUS_K8S := v1.35.4
 # containerd 2.x phase runs (mostly waiting on the cluster), instead of after it; e2e-cri-o's bring-up
 # waits for that build (build-kubernetes.sh holds a lock per version) and says why if it failed.
 PREBUILD_PREVIOUS_K8S = (K8S_VERSION=$(E2E_PREVIOUS_K8S) nice -n 19 e2e/build-kubernetes.sh >/dev/null 2>&1 &)
-E2E_CRIO_SCENARIOS := TestScenario(QuickStart|MissingTag|PrivateImage|RecheckRepullsRemovedImage)
+E2E_CRIO_SCENARIOS := TestScenario(QuickStart|MissingTag|PrivateImage|RecheckRepullsRemovedImage|WorkloadImages)
 
 # The progress tests are left out on CRI-O: it shows no pull progress (the agent's escalating timeouts apply).
 e2e-cri-o:
