@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/api/resource"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/diskbudget"
 	"github.com/nodeprefetch/image-prefetcher/agent/nodelabel"
@@ -35,6 +36,9 @@ type Options struct {
 	PullProgressLogInterval time.Duration
 	// DiskBudget bounds how full a prefetch may make the image filesystem.
 	DiskBudget diskbudget.Config
+	// MaxResumeBytes bounds what the leases of failed images keep across
+	// passes for a resume; zero: only the disk budget bounds it.
+	MaxResumeBytes resource.QuantityValue
 
 	Label      bool
 	Kubeconfig string
@@ -116,6 +120,7 @@ func (o *Options) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.CredProviderBinDir, "image-credential-provider-bin-dir", o.CredProviderBinDir, "Directory holding the credential provider plugin binaries.")
 	o.Pull.AddFlags(fs)
 	o.DiskBudget.AddFlags(fs)
+	fs.Var(&o.MaxResumeBytes, "max-resume-bytes", "On containerd: what the leases of images that failed may keep, in all, for the next pass to resume from (a quantity: 10Gi); beyond it the oldest are let go at the end of a pass. 0: no fixed bound. All are let go whenever the image filesystem is at --disk-budget-percent.")
 	fs.DurationVar(&o.PullProgressLogInterval, "pull-progress-log-interval", o.PullProgressLogInterval, "How often each image being pulled gets a progress log line (bytes, total when known, rate), when progress is followed; 0 disables the lines.")
 	fs.BoolVar(&o.Label, "label", o.Label, "Write the node label and events; --label=false pulls only (no Kubernetes API needed).")
 	fs.BoolVar(&o.PinImages, "pin-images", o.PinImages, "Pin the listed images on containerd (label io.cri-containerd.pinned, set through containerd's images API on the CRI socket) so the kubelet's image GC keeps them. Each pass lets go of the images this instance pinned that left the list, and of all of them with --pin-images=false. Needs --instance; fails on runtimes without that API (CRI-O: use its pinned_images).")
@@ -165,6 +170,9 @@ func (o *Options) validate() error {
 	}
 	if err := o.DiskBudget.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if o.MaxResumeBytes.Sign() < 0 {
+		errs = append(errs, fmt.Errorf("--max-resume-bytes=%s: must not be negative", o.MaxResumeBytes.String()))
 	}
 	if o.PullProgressLogInterval < 0 {
 		errs = append(errs, fmt.Errorf("--pull-progress-log-interval=%s: must not be negative (0 disables the lines)", o.PullProgressLogInterval))

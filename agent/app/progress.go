@@ -81,10 +81,33 @@ func (p *prefetcher) pruneLeases(ctx context.Context, list *imagelist.List) {
 	if err != nil {
 		p.log.Warn("pull progress: leases of images that left the list not all deleted", "error", err.Error())
 	}
-	held, err := src.Held(ctx)
+	held, err := p.trimLeases(ctx)
 	if err != nil {
 		p.log.Warn("pull progress: bytes held by leases not read", "error", err.Error())
 		return
 	}
 	p.metrics.SetLeaseHeldBytes(held)
+}
+
+// trimLeases bounds what the leases of failed images keep for a resume: to
+// --max-resume-bytes, and to nothing while the image filesystem is at the
+// disk budget (those bytes are the only ones on it the agent can free, and
+// the kubelet's GC cannot). It returns the bytes still held.
+func (p *prefetcher) trimLeases(ctx context.Context) (int64, error) {
+	src := p.progress.source
+	limit, why := int64(-1), ""
+	if n := p.opts.MaxResumeBytes.Value(); n > 0 {
+		limit, why = n, "--max-resume-bytes="+p.opts.MaxResumeBytes.String()
+	}
+	if p.budget != nil && p.budget.Admit() != nil {
+		limit, why = 0, "the image filesystem is at the disk budget"
+	}
+	if limit < 0 {
+		return src.Held(ctx)
+	}
+	trimmed, held, err := src.Trim(ctx, limit)
+	for _, img := range trimmed {
+		p.log.Info("lease of a failed image let go: the next pass pulls it from the start", "image", img, "why", why)
+	}
+	return held, err
 }

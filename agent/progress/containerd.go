@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 	"time"
 
@@ -537,35 +538,57 @@ func (c *Containerd) instanceFilter() string {
 // those are the leases of images that failed and are kept for a resume: disk
 // the kubelet's image GC cannot reclaim.
 func (c *Containerd) Held(ctx context.Context) (int64, error) {
+	held, err := c.holdings(ctx)
+	var n int64
+	for _, h := range held {
+		n += h.bytes
+	}
+	return n, err
+}
+
+// holding is one of this instance's leases and the bytes it alone adds.
+type holding struct {
+	lease *leasesapi.Lease
+	bytes int64
+}
+
+// holdings lists this instance's leases, oldest first, with what each holds
+// (a blob two leases hold counts for the older one).
+func (c *Containerd) holdings(ctx context.Context) ([]holding, error) {
 	if c.Instance == "" {
-		return 0, nil
+		return nil, nil
 	}
 	ctx = namespaced(ctx)
 	list, err := c.leases.List(ctx, &leasesapi.ListRequest{Filters: []string{c.instanceFilter()}})
 	if err != nil {
-		return 0, apiError("list leases", err)
+		return nil, apiError("list leases", err)
 	}
 	if len(list.GetLeases()) == 0 {
-		return 0, nil
+		return nil, nil
 	}
 	st, err := c.content.ListStatuses(ctx, &contentapi.ListStatusesRequest{})
 	if err != nil {
-		return 0, apiError("list ingests", err)
+		return nil, apiError("list ingests", err)
 	}
 	offsets := make(map[string]int64, len(st.GetStatuses()))
 	for _, s := range st.GetStatuses() {
 		offsets[s.GetRef()] = s.GetOffset()
 	}
-	var n int64
+	leases := slices.Clone(list.GetLeases())
+	slices.SortStableFunc(leases, func(a, b *leasesapi.Lease) int {
+		return a.GetCreatedAt().AsTime().Compare(b.GetCreatedAt().AsTime())
+	})
+	var out []holding
 	counted := map[string]bool{} // two leases may hold one blob
-	for _, l := range list.GetLeases() {
+	for _, l := range leases {
 		res, err := c.leases.ListResources(ctx, &leasesapi.ListResourcesRequest{ID: l.GetID()})
 		if err != nil {
 			if status.Code(err) == codes.NotFound {
 				continue // deleted since it was listed
 			}
-			return n, fmt.Errorf("lease %s: %w", l.GetID(), err)
+			return out, fmt.Errorf("lease %s: %w", l.GetID(), err)
 		}
+		h := holding{lease: l}
 		for _, r := range res.GetResources() {
 			k := r.GetType() + "\x00" + r.GetID()
 			if counted[k] {
@@ -574,14 +597,55 @@ func (c *Containerd) Held(ctx context.Context) (int64, error) {
 			counted[k] = true
 			switch r.GetType() {
 			case "ingests":
-				n += offsets[r.GetID()]
+				h.bytes += offsets[r.GetID()]
 			case "content":
 				info, err := c.content.Info(ctx, &contentapi.InfoRequest{Digest: r.GetID()})
 				if err == nil {
-					n += info.GetInfo().GetSize()
+					h.bytes += info.GetInfo().GetSize()
 				}
 			}
 		}
+		out = append(out, h)
 	}
-	return n, nil
+	return out, nil
+}
+
+// Trim bounds what this instance's leases of failed images keep for a resume:
+// while they hold more than limit bytes it deletes them, oldest first (the
+// image failing longest), and returns the images let go and the bytes still
+// held. Leases this process follows right now, slot leases and another
+// process's leases younger than StaleAfter are left alone, as in Prune.
+func (c *Containerd) Trim(ctx context.Context, limit int64) ([]string, int64, error) {
+	held, err := c.holdings(ctx)
+	if err != nil {
+		return nil, 0, err
+	}
+	var total int64
+	for _, h := range held {
+		total += h.bytes
+	}
+	ctx = namespaced(ctx)
+	var trimmed []string
+	var errs []error
+	for _, h := range held {
+		if total <= limit {
+			break
+		}
+		l := h.lease
+		img := l.GetLabels()[LeaseImageLabel]
+		c.mu.Lock()
+		_, following := c.leased[l.GetID()]
+		c.mu.Unlock()
+		if h.bytes == 0 || following || l.GetLabels()[LeaseSlotLabel] != "" || l.GetID() != LeaseID(c.Instance, img) || !c.deletable(l) {
+			continue
+		}
+		if _, err := c.leases.Delete(ctx, &leasesapi.DeleteRequest{ID: l.GetID()}); err != nil && status.Code(err) != codes.NotFound {
+			errs = append(errs, fmt.Errorf("delete lease %s of %s: %w", l.GetID(), img, err))
+			continue
+		}
+		total -= h.bytes
+		trimmed = append(trimmed, img)
+		c.forget(img)
+	}
+	return trimmed, total, errors.Join(errs...)
 }

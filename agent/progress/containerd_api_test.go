@@ -570,3 +570,54 @@ func TestContainerdSourceHeldBytes(t *testing.T) {
 		t.Errorf("Held = %d, want 1300 (one shared 1000-byte blob, 300 bytes of a partial one)", n)
 	}
 }
+
+// Trim bounds what the leases of failed images keep: oldest first until what
+// is left is within the limit; a lease this process follows is never cut.
+func TestContainerdSourceTrimsHeldBytesOldestFirst(t *testing.T) {
+	f, path := startFake(t)
+	src := progress.NewContainerd(dial(t, path), "team-a")
+	ctx := context.Background()
+	made := time.Now().Add(-time.Hour)
+	open := func(img string) string {
+		t.Helper()
+		key, _, err := src.Open(ctx, img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		made = made.Add(time.Minute) // in the order opened
+		f.mu.Lock()
+		f.leases[key].CreatedAt = timestamppb.New(made)
+		f.mu.Unlock()
+		return key
+	}
+	a, b, c := open("registry.example/a:1"), open("registry.example/b:1"), open("registry.example/c:1")
+	f.commit(a, "ref-a", "sha256:a", nil, 1000, time.Now())
+	f.commit(b, "ref-b", "sha256:b", nil, 2000, time.Now())
+	f.ingest(b, "ref-b2", "sha256:b2", 300, 5000)
+	f.commit(c, "ref-c", "sha256:c", nil, 500, time.Now())
+	for _, k := range []string{a, b, c} { // failed, kept for a resume
+		if err := src.Release(ctx, k, pull.TransferFailed); err != nil {
+			t.Fatal(err)
+		}
+	}
+	followed := open("registry.example/d:1")
+	f.commit(followed, "ref-d", "sha256:d", nil, 100, time.Now())
+
+	trimmed, left, err := src.Trim(ctx, 3000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(trimmed, []string{"registry.example/a:1"}) || left != 2900 {
+		t.Errorf("Trim(3000) let go of %v, %d bytes left; want the oldest, a, and 2900 left of 3900", trimmed, left)
+	}
+	trimmed, left, err = src.Trim(ctx, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(trimmed, []string{"registry.example/b:1", "registry.example/c:1"}) || left != 100 {
+		t.Errorf("Trim(0) let go of %v, %d bytes left; want b and c, and the followed d's 100 bytes kept", trimmed, left)
+	}
+	if n, err := src.Held(ctx); err != nil || n != 100 {
+		t.Errorf("Held after trimming = %d, %v; want 100", n, err)
+	}
+}
