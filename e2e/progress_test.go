@@ -249,22 +249,15 @@ func leaseHeldBytes(ctx context.Context, t *testing.T, env *clusterenv.Env, inst
 func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Runtime)
 	ctx := ctxFor(t, 3*time.Minute)
-	_, images := env.CRI(t)
-	proxy := progressProxy(t, env, 0)
-	ref := viaProgressProxy(ctx, t, env, images, proxy, "e2e/random:20mib")
-	proxy.HoldAfter(5 * mib)
 	instance := "e2e-lease-" + suffix(t)
-	list := filepath.Join(t.TempDir(), "images.txt")
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	ref, list, agent := runStallingAfterFiveMiB(ctx, t, env, instance, "--listen-address="+addr, "--recheck-interval=2s")
 	writeFile := func(refs ...string) {
 		t.Helper()
 		if err := os.WriteFile(list, []byte(strings.Join(refs, "\n")+"\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-	writeFile(ref)
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	agent := startAgent(t, "run", "--label=false", "--instance="+instance, "--cri-socket", env.CRISocket,
-		"--image-list-file", list, "--listen-address="+addr, "--recheck-interval=2s", "--pull-progress-timeout=3s", "--max-attempts=1")
 	// metric reads one gauge of the agent's /metrics (-1 when absent).
 	metric := func(name string) float64 {
 		t.Helper()
@@ -323,24 +316,33 @@ func TestAgentProgressLeaseOfAnImageThatLeftTheListGoes(t *testing.T) {
 	}
 }
 
+// runStallingAfterFiveMiB starts `run` of instance on a list of one 20 MiB image served through a proxy
+// that stalls after 5 MiB: each of its passes fails (one attempt, 3 s without progress) with about
+// 5 MiB fetched under the image's lease. It returns the image, the list file and the agent.
+func runStallingAfterFiveMiB(ctx context.Context, t *testing.T, env *clusterenv.Env, instance string, flags ...string) (string, string, *agentProc) {
+	t.Helper()
+	_, images := env.CRI(t)
+	proxy := progressProxy(t, env, 0)
+	ref := viaProgressProxy(ctx, t, env, images, proxy, "e2e/random:20mib")
+	proxy.HoldAfter(5 * mib)
+	list := filepath.Join(t.TempDir(), "images.txt")
+	if err := os.WriteFile(list, []byte(ref+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	args := append([]string{"run", "--label=false", "--instance=" + instance, "--cri-socket", env.CRISocket,
+		"--image-list-file", list, "--pull-progress-timeout=3s", "--max-attempts=1"}, flags...)
+	return ref, list, startAgent(t, args...)
+}
+
 // TestAgentProgressLeasesKeepNoMoreThanMaxResumeBytes: with --max-resume-bytes below what a failed
 // pull fetched, the pass that failed lets its lease go at its end (and says so): what failed
 // images keep for a resume is bounded in bytes.
 func TestAgentProgressLeasesKeepNoMoreThanMaxResumeBytes(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Runtime)
 	ctx := ctxFor(t, 3*time.Minute)
-	_, images := env.CRI(t)
-	proxy := progressProxy(t, env, 0)
-	ref := viaProgressProxy(ctx, t, env, images, proxy, "e2e/random:20mib")
-	proxy.HoldAfter(5 * mib)
 	instance := "e2e-trim-" + suffix(t)
-	list := filepath.Join(t.TempDir(), "images.txt")
-	if err := os.WriteFile(list, []byte(ref+"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	agent := startAgent(t, "run", "--label=false", "--instance="+instance, "--cri-socket", env.CRISocket,
-		"--image-list-file", list, fmt.Sprintf("--listen-address=127.0.0.1:%d", freePort(t)), "--recheck-interval=1h", "--pull-progress-timeout=3s",
-		"--max-attempts=1", "--max-resume-bytes=1Mi")
+	ref, _, agent := runStallingAfterFiveMiB(ctx, t, env, instance, fmt.Sprintf("--listen-address=127.0.0.1:%d", freePort(t)),
+		"--recheck-interval=1h", "--max-resume-bytes=1Mi")
 	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 90*time.Second, true, func(context.Context) (bool, error) {
 		return strings.Contains(agent.out.String(), `msg="pass finished" state=failed`), nil
 	})
