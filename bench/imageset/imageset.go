@@ -5,6 +5,7 @@
 package imageset
 
 import (
+	"bytes"
 	"fmt"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -32,6 +33,11 @@ type Layer struct {
 type Image struct {
 	Path   string // e.g. bench/shared:00-v2
 	Layers []Layer
+	// Artifact makes the image an OCI artifact, a model as image volumes
+	// mount it (testimage.ModelArtifact: its own artifactType, the empty
+	// config, the weights and config.json as untarred layers): its one Layer
+	// is the weights' seed and size.
+	Artifact bool
 }
 
 // Set is a named list of images.
@@ -103,6 +109,19 @@ func Big() Set {
 	return s
 }
 
+// Model is set (e): one model of size bytes shipped as an OCI artifact
+// (testimage.ModelArtifact), as image volumes mount model weights.
+func Model(size int) Set {
+	s := Set{Name: fmt.Sprintf("e-artifact-%dMiB", size/MiB),
+		About: fmt.Sprintf("a model of %d MiB as an OCI artifact: artifactType %s, empty config, weights and config.json as untarred layers", size/MiB, testimage.ModelArtifactType)}
+	s.Images = append(s.Images, Image{
+		Path:     fmt.Sprintf("bench/model-artifact:%dMiB-%s", size/MiB, version),
+		Layers:   []Layer{{Seed: fmt.Sprintf("bench-model-%dMiB", size/MiB), Size: size}},
+		Artifact: true,
+	})
+	return s
+}
+
 // Many is the resource set: 100 images of 64 KiB.
 func Many() Set {
 	s := Set{Name: "c-100x64KiB", About: "100 images of 64 KiB"}
@@ -151,7 +170,36 @@ func Push(host string, s Set) (int, error) {
 	return pushed, nil
 }
 
+// Size is what a cold pull of im from host fetches, as the registry has it:
+// the manifest, the config and every layer. For an artifact it is a little
+// more than its Layers say (the safetensors header, config.json).
+func Size(host string, im Image) (int64, error) {
+	ref, err := name.ParseReference(host+"/"+im.Path, name.Insecure)
+	if err != nil {
+		return 0, fmt.Errorf("image %s: %w", im.Path, err)
+	}
+	desc, err := remote.Get(ref)
+	if err != nil {
+		return 0, fmt.Errorf("manifest of %s: %w", ref, err)
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(desc.Manifest))
+	if err != nil {
+		return 0, fmt.Errorf("manifest of %s: %w", ref, err)
+	}
+	n := int64(len(desc.Manifest)) + m.Config.Size
+	for _, l := range m.Layers {
+		n += l.Size
+	}
+	return n, nil
+}
+
 func build(im Image, cache map[string]v1.Layer) (v1.Image, error) {
+	if im.Artifact {
+		if len(im.Layers) != 1 {
+			return nil, fmt.Errorf("artifact %s: %d layers, want the weights' one", im.Path, len(im.Layers))
+		}
+		return testimage.ModelArtifact(im.Layers[0].Seed, im.Layers[0].Size)
+	}
 	layers := make([]v1.Layer, 0, len(im.Layers))
 	for _, l := range im.Layers {
 		layer, ok := cache[l.Seed]
