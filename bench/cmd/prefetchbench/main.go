@@ -2,7 +2,8 @@
 // the e2e harness (containerd + a local registry): the agent's pass against
 // raw parallel and sequential CRI pulls, at several --max-parallel-pulls, on
 // bare loopback and through a shaping proxy (delay + bandwidth cap); the warm
-// pass; a stalled registry; the agent's memory and CPU. Every round starts
+// pass; a stalled registry; big images and an OCI artifact on slow links
+// with capped attempts; the agent's memory and CPU. Every round starts
 // from a cold content store, variants are interleaved (their order rotates
 // each round), and the report prints medians and per-round ratios against
 // raw parallel pulls of the same round. It prints Markdown on stdout and
@@ -44,6 +45,10 @@ type options struct {
 	windows      []time.Duration
 	bigMbit      int64
 	bigCap       time.Duration
+	artifactMiB  int
+	artifactMbit int64
+	artifactCap  time.Duration
+	artifactOff  bool
 }
 
 func main() {
@@ -53,13 +58,17 @@ func main() {
 	flag.Int64Var(&o.mbit, "mbit", 200, "shaping proxy: bandwidth cap in Mbit/s per direction")
 	flag.DurationVar(&o.stall, "stall", 20*time.Second, "stalled registry: connections made this long after the stall begins are never answered")
 	flag.StringVar(&o.agentBin, "agent-bin", "bin/image-prefetcher", "the agent binary, for the memory and CPU measurements")
-	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,midstall,big,resources,experiment (default: all)")
+	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,midstall,big,artifact,resources,experiment (default: all)")
 	flag.BoolVar(&o.experiment, "experiment", true, "run the concurrent-PullImage experiment (does containerd let a second pull of a stalled ref progress?)")
 	flag.BoolVar(&o.stallNoHedge, "stall-without-hedging", true, "also time the stall with --hedge-after=0, for comparison")
 	flag.Int64Var(&o.holdAfter, "hold-after", 5*imageset.MiB, "mid-layer stall: bytes the held connection gets before it goes silent")
 	windows := flag.String("windows", "15s,30s", "mid-layer stall: --pull-progress-timeout values timed besides the default (comma-separated; empty: none)")
 	flag.Int64Var(&o.bigMbit, "big-mbit", 20, "big image: the shaped link in Mbit/s")
 	flag.DurationVar(&o.bigCap, "big-cap", time.Minute, "big image: --max-pull-attempt-timeout, well below the transfer time")
+	flag.IntVar(&o.artifactMiB, "artifact-mib", 1024, "OCI artifact: the model's weights in MiB")
+	flag.Int64Var(&o.artifactMbit, "artifact-mbit", 400, "OCI artifact: the shaped link in Mbit/s")
+	flag.DurationVar(&o.artifactCap, "artifact-cap", 10*time.Second, "OCI artifact: --max-pull-attempt-timeout, shorter than the transfer time")
+	flag.BoolVar(&o.artifactOff, "artifact-progress-off", true, "OCI artifact: also run the agent with --pull-progress-timeout=0 (no resume; bounded by --overall-timeout)")
 	flag.Parse()
 	for _, w := range strings.Split(*windows, ",") {
 		if w = strings.TrimSpace(w); w == "" {
@@ -130,7 +139,12 @@ func run(ctx context.Context, o options) error {
 	defer os.RemoveAll(b.dir)
 
 	b.sets = []imageset.Set{imageset.Shared(), imageset.Large(), imageset.Many()}
+	// Only the big image and the artifact have sets of their own.
+	needSets := b.want("experiment") || b.want("pulls") || b.want("stall") || b.want("midstall") || b.want("resources")
 	for _, s := range b.sets {
+		if !needSets {
+			break
+		}
 		begin := time.Now()
 		n, err := imageset.Push(env.Registry, s)
 		if err != nil {
@@ -181,6 +195,11 @@ func run(ctx context.Context, o options) error {
 	}
 	if b.want("big") {
 		if err := b.bigImage(ctx); err != nil {
+			return err
+		}
+	}
+	if b.want("artifact") {
+		if err := b.artifact(ctx); err != nil {
 			return err
 		}
 	}

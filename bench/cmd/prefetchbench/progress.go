@@ -234,7 +234,9 @@ func (b *bench) progressCase(ctx context.Context, s imageset.Set, p *shaper.Prox
 	return r
 }
 
-func (r caseResult) row(s imageset.Set, base time.Duration) string {
+// row is the case's table row; size is what the image is (the bytes one
+// cold pull fetches), base the raw pull's time (0: no ratio).
+func (r caseResult) row(size int64, base time.Duration) string {
 	done := fmt.Sprintf("%.2f", r.took.Seconds())
 	if r.err != nil {
 		done = fmt.Sprintf("not done after %.1f (%s)", r.took.Seconds(), firstLine(r.err.Error()))
@@ -243,7 +245,7 @@ func (r caseResult) row(s imageset.Set, base time.Duration) string {
 	if base > 0 && r.err == nil {
 		ratio = fmt.Sprintf("%.2f", r.took.Seconds()/base.Seconds())
 	}
-	twice := float64(r.proxy.BytesDown-int64(s.Bytes())) / imageset.MiB
+	twice := float64(r.proxy.BytesDown-size) / imageset.MiB
 	return fmt.Sprintf("| %s | %s | %s | %d | %d | %.1f | %+.1f | %.1f |", r.name, done, ratio, r.attempts, r.stalls,
 		float64(r.proxy.BytesDown)/imageset.MiB, twice, float64(r.partial)/imageset.MiB)
 }
@@ -286,7 +288,7 @@ func (b *bench) midStall(ctx context.Context) error {
 	fmt.Fprintln(b.out, caseHeader)
 	for _, c := range cases {
 		r := b.progressCase(ctx, s, b.plain, c.name, arm, c.extra...)
-		fmt.Fprintln(b.out, r.row(s, 0))
+		fmt.Fprintln(b.out, r.row(int64(s.Bytes()), 0))
 	}
 	fmt.Fprintln(b.out)
 	return b.rt.removeAll(ctx, b.allRefs(s))
@@ -333,8 +335,8 @@ func (b *bench) bigImage(ctx context.Context) error {
 	fmt.Fprintf(b.out, "## Big image on a slow link\n\n%s (%s, %s) through the shaping proxy at %d Mbit/s (+%s each way); ratio = agent / raw CRI PullImage of the same run (%.2f s, %.1f MiB through the proxy); both agent runs with %s.\n\n",
 		s.Name, s.About, mib(s.Bytes()), b.o.bigMbit, b.o.delay, raw.Seconds(), float64(rawStats.BytesDown)/imageset.MiB, overall)
 	fmt.Fprintln(b.out, caseHeader)
-	fmt.Fprintln(b.out, withProgress.row(s, raw))
-	fmt.Fprintln(b.out, today.row(s, raw))
+	fmt.Fprintln(b.out, withProgress.row(int64(s.Bytes()), raw))
+	fmt.Fprintln(b.out, today.row(int64(s.Bytes()), raw))
 	fmt.Fprintf(b.out, "\nHealthy pauses during the raw CRI pull (the node's ingests polled every 200 ms): longest pause of a blob that had begun to arrive %.1f s; longest wait of an opened blob for its first byte %.1f s (queued for a download slot).\n\n",
 		pause.Seconds(), first.Seconds())
 	return b.rt.removeAll(ctx, b.allRefs(s))
