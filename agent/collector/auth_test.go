@@ -144,6 +144,7 @@ func record(id, node string) *resultsv1.Result {
 // bound to a pod on a node, may write; every other caller is refused and
 // nothing it sent is stored.
 func TestOnlyTheInstancesAgentsMayWrite(t *testing.T) {
+	t.Parallel()
 	store, srv, api, _ := authCollector(t)
 	api.issue("agent-token", issued{user: agentUser, audiences: []string{collector.DefaultAudience}, node: "node-a"})
 	api.issue("agent-api-token", issued{user: agentUser, audiences: []string{apiServer}, node: "node-a"})
@@ -197,6 +198,7 @@ func TestOnlyTheInstancesAgentsMayWrite(t *testing.T) {
 // The node comes from the token: a record without one gets the token's, and
 // a batch with a record claiming another node is refused whole.
 func TestNodeIsTakenFromTheToken(t *testing.T) {
+	t.Parallel()
 	store, srv, api, _ := authCollector(t)
 	api.issue("token-a", issued{user: agentUser, audiences: []string{collector.DefaultAudience}, node: "node-a"})
 
@@ -217,6 +219,7 @@ func TestNodeIsTakenFromTheToken(t *testing.T) {
 // Accepted tokens are reviewed once per cache period, by hash; refused ones
 // every time, and a revoked token stops working when its entry expires.
 func TestReviewsAreCachedBriefly(t *testing.T) {
+	t.Parallel()
 	_, srv, api, reviewer := authCollector(t)
 	clk := testingclock.NewFakePassiveClock(time.Unix(1700000000, 0))
 	reviewer.Clock = clk
@@ -250,6 +253,7 @@ func TestReviewsAreCachedBriefly(t *testing.T) {
 // The agent's sender reads the token file for every call: the token the
 // kubelet rotates into it is used, the old one may be gone.
 func TestSenderFollowsTheRotatedToken(t *testing.T) {
+	t.Parallel()
 	store, srv, api, _ := authCollector(t)
 	file := filepath.Join(t.TempDir(), "token")
 	write := func(token string) {

@@ -15,6 +15,7 @@ import (
 // The bytes an agent followed reach the collector's records: per attempt in
 // /metrics, added up per image in /summary, failed attempts included.
 func TestAttemptsCarryTheirBytes(t *testing.T) {
+	t.Parallel()
 	c := collector.New(collector.NewStore(100), nil)
 	srv := collectortest.Start(t, c, "127.0.0.1:0")
 	s, err := sender.New(sender.Config{Address: srv.GRPC, Node: "node-a", Instance: "inst"})

@@ -32,6 +32,7 @@ import (
 //
 //	COLLECTOR_HEAP_REPORT=1 go test -count=1 -run TestHeapUnderForgedLoad -v ./agent/collector/
 func TestHeapUnderForgedLoad(t *testing.T) {
+	t.Parallel()
 	if addr := os.Getenv("COLLECTOR_HEAP_CLIENT"); addr != "" {
 		forge(t, addr, os.Getenv("COLLECTOR_HEAP_PHASE"))
 		return

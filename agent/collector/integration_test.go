@@ -44,6 +44,7 @@ func get(t *testing.T, url string, v any) string {
 // network outage; dedupe by attempt id is what keeps a batch whose
 // acknowledgement was lost from counting twice.
 func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
+	t.Parallel()
 	const senders, perSender = 20, 50
 	store := collector.NewStore(0)
 	c := collector.New(store, nil)
@@ -85,7 +86,19 @@ func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
 	}
 	srv.Stop(t)
 	send(perSender/2, perSender)
-	time.Sleep(50 * time.Millisecond) // the senders meet a closed port and back off
+	// The senders meet the closed port and back off before the collector is back.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		var failures uint64
+		for _, s := range ss {
+			failures += s.Stats().Failures
+		}
+		if failures > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no sender met the stopped collector")
+		}
+	}
 	srv = collectortest.Start(t, c, addr)
 
 	var wg sync.WaitGroup
@@ -140,6 +153,7 @@ func TestEveryAttemptArrivesOnceAcrossARestart(t *testing.T) {
 }
 
 func TestHTTPEndpoints(t *testing.T) {
+	t.Parallel()
 	store := collector.NewStore(2)
 	c := collector.New(store, nil)
 	srv := collectortest.Start(t, c, "127.0.0.1:0")

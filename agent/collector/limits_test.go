@@ -17,6 +17,7 @@ import (
 // A message over MaxMessageBytes is refused before the collector decodes
 // it, with or without a token; one just under it is taken.
 func TestOversizedMessageIsRefused(t *testing.T) {
+	t.Parallel()
 	store := collector.NewStore(0)
 	srv := collectortest.Start(t, collector.New(store, nil), "127.0.0.1:0")
 	big := record("big", "node-a")
@@ -37,6 +38,7 @@ func TestOversizedMessageIsRefused(t *testing.T) {
 // GET /metrics serves pages: a reader that follows X-Continue gets every
 // result once; a bad limit or token is a 400.
 func TestMetricsArePaginated(t *testing.T) {
+	t.Parallel()
 	store := collector.NewStore(0)
 	srv := collectortest.Start(t, collector.New(store, nil), "127.0.0.1:0")
 	const n = collector.DefaultPageSize + 234

@@ -21,6 +21,7 @@ func r(id, node, image string, ms uint64, failed bool) *resultsv1.Result {
 }
 
 func TestStoreIgnoresDuplicatesAndRejectsEmptyIDs(t *testing.T) {
+	t.Parallel()
 	s := NewStore(10)
 	st := s.Add([]*resultsv1.Result{r("a", "n1", "i1", 1, false), r("b", "n1", "i1", 1, true), r("", "n1", "i1", 1, false)})
 	if st.Added != 2 || st.Invalid != 1 || len(st.Acknowledged) != 2 {
@@ -36,6 +37,7 @@ func TestStoreIgnoresDuplicatesAndRejectsEmptyIDs(t *testing.T) {
 }
 
 func TestStoreEvictsOldestAtItsBound(t *testing.T) {
+	t.Parallel()
 	s := NewStore(3)
 	for i := range 7 {
 		s.Add([]*resultsv1.Result{r(fmt.Sprint(i), "n", "i", 1, false)})
@@ -53,6 +55,7 @@ func TestStoreEvictsOldestAtItsBound(t *testing.T) {
 }
 
 func TestFilterAndSummary(t *testing.T) {
+	t.Parallel()
 	s := NewStore(0)
 	s.Add([]*resultsv1.Result{
 		r("1", "n1", "a", 10, false), r("2", "n1", "a", 30, true), r("3", "n1", "b", 20, false),
@@ -79,6 +82,7 @@ func TestFilterAndSummary(t *testing.T) {
 }
 
 func TestPercentile(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		in   []uint64
 		p    int
@@ -104,6 +108,7 @@ func sized(id, node string, size int64) *resultsv1.Result {
 // evicts its own oldest, never another node's; over the total, the oldest of
 // all go.
 func TestStoreIsBoundedInBytes(t *testing.T) {
+	t.Parallel()
 	const rec = 10 << 10
 	s := NewBoundedStore(Limits{MaxBytes: 10 * rec, MaxNodeBytes: 4 * rec})
 	for i := range 3 {
@@ -146,6 +151,7 @@ func TestStoreIsBoundedInBytes(t *testing.T) {
 // Pages follow each other by token: every result once, in arrival order,
 // with a filter too, also when results are evicted between two pages.
 func TestPages(t *testing.T) {
+	t.Parallel()
 	s := NewStore(0)
 	for i := range 25 {
 		node := "even"
@@ -198,6 +204,7 @@ func TestPages(t *testing.T) {
 // recordOverhead covers what the heap really holds per result beyond its
 // wire size (decoded from the wire, as the gRPC server holds them).
 func TestRecordOverheadCoversTheHeap(t *testing.T) {
+	t.Parallel()
 	const n = 20000
 	s := NewBoundedStore(Limits{MaxResults: n, MaxBytes: 1 << 40, MaxNodeBytes: 1 << 40})
 	var wireBytes int64

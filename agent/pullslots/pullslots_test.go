@@ -137,6 +137,26 @@ func eventually(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// countWatches makes c count the Lease watches it has registered. The fake
+// tracker does not replay what changed between a list and the watch after it,
+// so a test that changes a Lease for a waiter to see waits for its watch first.
+func countWatches(c *fake.Clientset) *atomic.Int32 {
+	var n atomic.Int32
+	c.PrependWatchReactor("leases", func(a k8stesting.Action) (bool, watch.Interface, error) {
+		var opts metav1.ListOptions
+		if wa, ok := a.(k8stesting.WatchActionImpl); ok {
+			opts = wa.ListOptions
+		}
+		w, err := c.Tracker().Watch(a.GetResource(), a.GetNamespace(), opts)
+		if err != nil {
+			return true, nil, err
+		}
+		n.Add(1)
+		return true, w, nil
+	})
+	return &n
+}
+
 type result struct {
 	release func()
 	err     error
@@ -152,6 +172,7 @@ func acquireAsync(ctx context.Context, s *Semaphore) <-chan result {
 }
 
 func TestAcquireCreatesLabelledSlotsAndReleaseClearsHolder(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	a, b := newSem(t, c, "node-a", 2, nil), newSem(t, c, "node-b", 2, nil)
 	ctx := context.Background()
@@ -189,6 +210,7 @@ func TestAcquireCreatesLabelledSlotsAndReleaseClearsHolder(t *testing.T) {
 }
 
 func TestContentionWaitsForRelease(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
 	ctx := context.Background()
@@ -223,6 +245,7 @@ func TestContentionWaitsForRelease(t *testing.T) {
 }
 
 func TestBoundHoldsUnderContention(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	const k, n = 3, 24
 	var inside, peak atomic.Int32
@@ -268,6 +291,7 @@ func TestBoundHoldsUnderContention(t *testing.T) {
 }
 
 func TestExpiredSlotOfDeadNodeIsReclaimed(t *testing.T) {
+	t.Parallel()
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	dead, secs, renew := "dead-node", int32(30), metav1.NewMicroTime(clk.Now().Add(-time.Hour))
 	c := newClient(t, &coordinationv1.Lease{
@@ -307,6 +331,7 @@ func TestExpiredSlotOfDeadNodeIsReclaimed(t *testing.T) {
 // broken agent) keeps the slot no longer than the waiter's own duration: it
 // cannot stall every other node's pulls.
 func TestHolderCannotStretchItsLease(t *testing.T) {
+	t.Parallel()
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	bad, secs := "bad-node", int32(3600)
 	c := newClient(t, &coordinationv1.Lease{
@@ -334,6 +359,7 @@ func TestHolderCannotStretchItsLease(t *testing.T) {
 }
 
 func TestRenewedWhileHeld(t *testing.T) {
+	t.Parallel()
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, clk)
@@ -357,6 +383,7 @@ func TestRenewedWhileHeld(t *testing.T) {
 }
 
 func TestOwnSlotFromBeforeRestartIsTakenBack(t *testing.T) {
+	t.Parallel()
 	me, secs, renew := "node-a", int32(30), metav1.NewMicroTime(time.Now())
 	c := newClient(t, &coordinationv1.Lease{
 		ObjectMeta: metav1.ObjectMeta{Name: "my-images-pull-slot-0", Namespace: ns, ResourceVersion: "7",
@@ -374,6 +401,7 @@ func TestOwnSlotFromBeforeRestartIsTakenBack(t *testing.T) {
 }
 
 func TestCancelWhileWaitingHoldsNothing(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
 	ra, err := a.Acquire(context.Background())
@@ -397,6 +425,7 @@ func TestCancelWhileWaitingHoldsNothing(t *testing.T) {
 // A shutdown cancels the pass's context before release runs: release must
 // still clear the holder (its own detached context).
 func TestReleaseAfterCancelStillFreesTheSlot(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, nil)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -414,6 +443,7 @@ func TestReleaseAfterCancelStillFreesTheSlot(t *testing.T) {
 // A holder whose slot was taken over (its renewals failed for a whole
 // duration) must not clear the new holder's claim.
 func TestLostSlotIsNotReleasedOverTheNewHolder(t *testing.T) {
+	t.Parallel()
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, clk)
@@ -437,6 +467,7 @@ func TestLostSlotIsNotReleasedOverTheNewHolder(t *testing.T) {
 }
 
 func TestNewRejectsBadConfig(t *testing.T) {
+	t.Parallel()
 	c := fake.NewClientset().CoordinationV1()
 	for name, s := range map[string]Semaphore{
 		"no slots":       {Client: c, Namespace: ns, Instance: "x", Holder: "n"},
@@ -455,6 +486,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 
 // Missing RBAC is not waited out: Acquire fails and says why.
 func TestForbiddenFailsInsteadOfWaiting(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	c.PrependReactor("list", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewForbidden(leasesGVR.GroupResource(), "", errors.New("no RBAC"))
@@ -471,6 +503,7 @@ func TestForbiddenFailsInsteadOfWaiting(t *testing.T) {
 // informer's: 0.8 s, 1.6 s, ... with jitter up to as much again), not in a
 // tight list-and-watch loop.
 func TestFailingWatchBacksOff(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, nil)
 	ra, err := a.Acquire(context.Background())
@@ -502,6 +535,7 @@ func TestFailingWatchBacksOff(t *testing.T) {
 // not share a slot: the second waits for the first's like another node's, and
 // gets it once the first frees it; it never frees the first one's slot.
 func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
+	t.Parallel()
 	c := newClient(t)
 	run, fetch := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-a", 1, nil)
 	run.Process, fetch.Process = "agent-pod/1", "init-container/1"
@@ -513,8 +547,10 @@ func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
 	if p := getLease(t, c, "my-images-pull-slot-0").Annotations[ProcessAnnotation]; p != run.Process {
 		t.Fatalf("held slot names process %q, want %q", p, run.Process)
 	}
+	watches := countWatches(c)
 	waitCtx, cancel := context.WithCancel(ctx)
 	ch := acquireAsync(waitCtx, fetch)
+	eventually(t, "the second process's watch", func() bool { return watches.Load() >= 1 })
 	select {
 	case r := <-ch:
 		t.Fatalf("the second process took the slot its node's first process holds (err %v)", r.err)
@@ -527,7 +563,9 @@ func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
 	if h := getLease(t, c, "my-images-pull-slot-0"); holderOf(h) != "node-a" || h.Annotations[ProcessAnnotation] != run.Process {
 		t.Fatalf("after the second process gave up: holder %q process %q, want the first's", holderOf(h), h.Annotations[ProcessAnnotation])
 	}
+	before := watches.Load()
 	ch = acquireAsync(ctx, fetch)
+	eventually(t, "the second process's new watch", func() bool { return watches.Load() > before })
 	release()
 	r := <-ch
 	if r.err != nil {
