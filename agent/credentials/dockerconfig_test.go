@@ -40,6 +40,7 @@ func checkEntries(t *testing.T, c *DockerConfig, want []wantEntry) {
 }
 
 func TestParseDockerConfigFormats(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		data string
@@ -102,6 +103,7 @@ func TestParseDockerConfigFormats(t *testing.T) {
 }
 
 func TestParseDockerConfigBadEntriesKeepGoodOnes(t *testing.T) {
+	t.Parallel()
 	const secret = "TopSecretPassw0rd"
 	data := `{"auths":{
 		"good.io": {"username":"u","password":"` + secret + `"},
@@ -147,6 +149,7 @@ func TestParseDockerConfigBadEntriesKeepGoodOnes(t *testing.T) {
 }
 
 func TestParseDockerConfigLegacyBadEntry(t *testing.T) {
+	t.Parallel()
 	c, err := ParseDockerConfig("s/.dockercfg", []byte(`{"a.io":{"auth":"%%%"},"b.io":{"auth":"`+b64("u:p")+`"}}`))
 	if err != nil {
 		t.Fatal(err)
@@ -158,6 +161,7 @@ func TestParseDockerConfigLegacyBadEntry(t *testing.T) {
 }
 
 func TestParseDockerConfigFileErrors(t *testing.T) {
+	t.Parallel()
 	tests := []struct{ data, want string }{
 		{`{"auths":{"a.io":{"password":"Sup3rSecretValue"`, `f: not a docker config file (want a JSON object): invalid JSON at byte offset`},
 		{`not json`, `f: not a docker config file (want a JSON object): invalid JSON at byte offset 2`},
@@ -183,6 +187,7 @@ func TestParseDockerConfigFileErrors(t *testing.T) {
 }
 
 func TestLoadDockerConfig(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	p := writeFile(t, dir, "a/.dockerconfigjson", `{"auths":{"a.io":{"username":"u","password":"p"}}}`)
 	c, err := LoadDockerConfig(p)

@@ -12,6 +12,7 @@ import (
 )
 
 func TestCredentialNeverPrintsSecret(t *testing.T) {
+	t.Parallel()
 	const secret = "hunter2-very-secret"
 	c := Credential{
 		Source: `dockerconfig /etc/pull-secrets/a/.dockerconfigjson["127.0.0.1:5001"]`,
@@ -52,6 +53,7 @@ func TestCredentialNeverPrintsSecret(t *testing.T) {
 }
 
 func TestDockerConfigNeverPrintsSecret(t *testing.T) {
+	t.Parallel()
 	const secret = "hunter2-very-secret"
 	c, err := ParseDockerConfig("f", []byte(`{"auths":{"a.io":{"username":"u","password":"`+secret+`"}}}`))
 	if err != nil {

@@ -19,6 +19,7 @@ func sources(creds []Credential) []string {
 }
 
 func TestKeyringDockerConfigOrder(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	a := writeFile(t, dir, "a/.dockerconfigjson", `{"auths":{
 		"127.0.0.1:5001": {"username":"a-host","password":"1"},
@@ -89,6 +90,7 @@ func TestKeyringDockerConfigOrder(t *testing.T) {
 }
 
 func TestNewKeyringErrors(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	good := writeFile(t, dir, "good", `{"auths":{"a.io":{"auth":"`+b64("u:p")+`"},"b.io":{"auth":"*"}}}`)
 	k := NewKeyring([]string{good}, "", "")
@@ -103,6 +105,7 @@ func TestNewKeyringErrors(t *testing.T) {
 // One broken or missing file is reported and left out; the other files are
 // still used, and an image no loaded credential matches is pulled anonymously.
 func TestKeyringSkipsBrokenFiles(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	const secret = "s3cr3t-in-broken-file"
 	good := writeFile(t, dir, "good/.dockerconfigjson", `{"auths":{"private.example.com":{"username":"u","password":"p"}}}`)

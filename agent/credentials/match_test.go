@@ -38,6 +38,7 @@ const (
 // matchImages entries. Rows marked changed matched the other way before the
 // matching was made the kubelet's.
 func TestMatchesLikeTheKubelet(t *testing.T) {
+	t.Parallel()
 	const docker, match = "docker", "match"
 	tests := []struct {
 		kind, key, image string
@@ -130,6 +131,7 @@ func TestMatchesLikeTheKubelet(t *testing.T) {
 // The fallback to index.docker.io is only for Docker Hub images no key
 // matches (keyring: Lookup returns the matches when there are any).
 func TestDockerHubFallbackOnlyWithoutAMatch(t *testing.T) {
+	t.Parallel()
 	var cands []candidate
 	for _, k := range []string{"https://index.docker.io/v1/", "docker.io/library"} {
 		p, err := parseKey(k)
@@ -161,6 +163,7 @@ func TestDockerHubFallbackOnlyWithoutAMatch(t *testing.T) {
 // comes before *.example.com/x/y/z, which the longest-first order this agent
 // used before put first.
 func TestOrderLikeTheKubelet(t *testing.T) {
+	t.Parallel()
 	keys := []string{"*.example.com", "*.example.com/x/y/z", "a.example.com", "https://a.example.com/x", "a.example.com/x/y"}
 	var cands []candidate
 	for _, k := range keys {
@@ -182,6 +185,7 @@ func TestOrderLikeTheKubelet(t *testing.T) {
 }
 
 func TestParseKeyErrors(t *testing.T) {
+	t.Parallel()
 	tests := []struct{ key, want string }{
 		{"", "empty host"},
 		{"https://", "empty host"},
@@ -208,6 +212,7 @@ func TestParseKeyErrors(t *testing.T) {
 }
 
 func TestDisplayKey(t *testing.T) {
+	t.Parallel()
 	for key, want := range map[string]string{
 		"quay.io/x":                      "quay.io/x",
 		"https://robot:pw@quay.io/x":     "https://<redacted>@quay.io/x",
@@ -223,6 +228,7 @@ func TestDisplayKey(t *testing.T) {
 }
 
 func TestParseTargetErrors(t *testing.T) {
+	t.Parallel()
 	for _, img := range []string{"", "upper/CASE", "a b", "quay.io/x:bad tag"} {
 		if _, err := parseTarget(img); err == nil {
 			t.Errorf("parseTarget(%q): no error", img)

@@ -110,6 +110,7 @@ func lookupOne(t *testing.T, p Provider, image string) Credential {
 }
 
 func TestPluginImageCacheKey(t *testing.T) {
+	t.Parallel()
 	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("img-plugin", `"127.0.0.1:5001"`, "1m", map[string]string{
 		"PLUGIN_CACHE_KEY": "Image", "PLUGIN_CACHE_DURATION": "10m", "PLUGIN_PASSWORD": "pw",
 	})), "img-plugin")
@@ -159,6 +160,7 @@ func TestPluginImageCacheKey(t *testing.T) {
 }
 
 func TestPluginRegistryCacheKeyAndDefaultDuration(t *testing.T) {
+	t.Parallel()
 	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("reg-plugin", `"*.example.com"`, "1m", map[string]string{
 		"PLUGIN_CACHE_KEY": "Registry", "PLUGIN_PASSWORD": "pw",
 	})), "reg-plugin")
@@ -191,6 +193,7 @@ func TestPluginRegistryCacheKeyAndDefaultDuration(t *testing.T) {
 }
 
 func TestPluginGlobalCacheAndZeroDuration(t *testing.T) {
+	t.Parallel()
 	cfg, bin, count := pluginSetup(t, configYAML(
 		providerYAML("global", `"*.global.test"`, "", map[string]string{
 			"PLUGIN_CACHE_KEY": "Global", "PLUGIN_CACHE_DURATION": "5m", "PLUGIN_PASSWORD": "g",
@@ -222,6 +225,7 @@ func TestPluginGlobalCacheAndZeroDuration(t *testing.T) {
 }
 
 func TestPluginConcurrentLookupsRunOnce(t *testing.T) {
+	t.Parallel()
 	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("slow", `"*.example.com"`, "1m", map[string]string{
 		"PLUGIN_CACHE_KEY": "Image", "PLUGIN_DELAY": "200ms", "PLUGIN_PASSWORD": "s",
 	})), "slow")
@@ -255,6 +259,7 @@ func TestPluginConcurrentLookupsRunOnce(t *testing.T) {
 }
 
 func TestPluginFailures(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		env  map[string]string
@@ -300,6 +305,7 @@ func TestPluginFailures(t *testing.T) {
 // A shell-script plugin whose child keeps stdout open must still be stopped
 // by the timeout.
 func TestPluginTimeoutKillsChildren(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "bin")
 	writeFile(t, bin, "hang", "#!/bin/sh\nsleep 600\n")
@@ -318,6 +324,7 @@ func TestPluginTimeoutKillsChildren(t *testing.T) {
 }
 
 func TestPluginCallerCancel(t *testing.T) {
+	t.Parallel()
 	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("sleepy", `"*.example.com"`, "1m", map[string]string{
 		"PLUGIN_MODE": "sleep",
 	})), "sleepy")
@@ -344,6 +351,7 @@ func TestPluginCallerCancel(t *testing.T) {
 }
 
 func TestPluginConfigErrors(t *testing.T) {
+	t.Parallel()
 	good := providerYAML("p", `"*.example.com"`, "1m", nil)
 	tests := []struct {
 		name, config, want string
@@ -381,6 +389,7 @@ func TestPluginConfigErrors(t *testing.T) {
 }
 
 func TestPluginConfigV1beta1JSONAndTokenAttributes(t *testing.T) {
+	t.Parallel()
 	config := `{"apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "CredentialProviderConfig", "providers": [
 		{"name": "sa", "apiVersion": "credentialprovider.kubelet.k8s.io/v1", "matchImages": ["*.example.com"],
 		 "defaultCacheDuration": "1m", "tokenAttributes": {"serviceAccountTokenAudience": "x", "cacheType": "Token", "requireServiceAccount": true}},
@@ -401,6 +410,7 @@ func TestPluginConfigV1beta1JSONAndTokenAttributes(t *testing.T) {
 }
 
 func TestKeyringPluginsFirst(t *testing.T) {
+	t.Parallel()
 	cfg, bin, _ := pluginSetup(t, configYAML(
 		providerYAML("gke-credential-provider", `"*.gcr.io", "127.0.0.1:5001"`, "1m", map[string]string{
 			"PLUGIN_CACHE_KEY": "Registry", "PLUGIN_PASSWORD": "plug", "PLUGIN_AUTH_KEYS": "*.gcr.io,{registry},{registry}/private",
@@ -436,6 +446,7 @@ func TestKeyringPluginsFirst(t *testing.T) {
 // matchImages entries the kubelet keeps but that match no image (a scheme, an
 // empty label or host) are left out with a warning; the others are used.
 func TestPluginDeadMatchImagesWarn(t *testing.T) {
+	t.Parallel()
 	cfg, bin, _ := pluginSetup(t, configYAML(providerYAML("p", `"https://a.example.com", "a..io", "", "*.example.com"`, "1m", map[string]string{
 		"PLUGIN_CACHE_KEY": "Image", "PLUGIN_PASSWORD": "w",
 	})), "p")

@@ -26,6 +26,7 @@ func pass(t *testing.T, k *Keyring, images ...string) {
 // cacheDuration (here 1h) and by its cacheKeyType: Registry and Global serve
 // two images of one registry with one run, Image does not.
 func TestKeyringCachesPluginAnswersAcrossPasses(t *testing.T) {
+	t.Parallel()
 	const a, b = "registry.test/team/a:1", "registry.test/team/b:1"
 	for _, tc := range []struct {
 		cacheKey string
@@ -79,6 +80,7 @@ func TestKeyringCachesPluginAnswersAcrossPasses(t *testing.T) {
 // keyring, Refresh per pass): 1 run in the first hour, then none until the
 // answer expires: 2 runs in 24h.
 func TestPluginRunsPerHour(t *testing.T) {
+	t.Parallel()
 	steady := func(horizon time.Duration) []time.Duration {
 		var at []time.Duration
 		for d := time.Duration(0); d < horizon; d += 5 * time.Minute {
@@ -185,6 +187,7 @@ func lookupUser(t *testing.T, k *Keyring, image string) string {
 // has the old one's size and mtime; an unchanged file is not parsed again; a
 // file that goes away is reported and comes back when it returns.
 func TestKeyringRereadsChangedDockerConfig(t *testing.T) {
+	t.Parallel()
 	a := &atomicDir{t: t, dir: t.TempDir()}
 	mtime := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	a.write(".dockerconfigjson", `{"auths":{"registry.test":{"username":"old","password":"p"}}}`, mtime)
@@ -229,6 +232,7 @@ func TestKeyringRereadsChangedDockerConfig(t *testing.T) {
 // content stays the same; a changed config starts afresh; one that did not
 // load is tried again at each Refresh.
 func TestKeyringReloadsPluginConfigOnlyWhenChanged(t *testing.T) {
+	t.Parallel()
 	cfg, bin, count := pluginSetup(t, configYAML(providerYAML("p", `"registry.test"`, "1m", map[string]string{
 		"PLUGIN_CACHE_KEY": "Registry", "PLUGIN_CACHE_DURATION": "1h", "PLUGIN_PASSWORD": "one",
 	})), "p")
@@ -261,6 +265,7 @@ func TestKeyringReloadsPluginConfigOnlyWhenChanged(t *testing.T) {
 
 // Lookups of a running pass and a Refresh may overlap (run with -race).
 func TestKeyringRefreshWhileLookingUp(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	path := writeFile(t, dir, "c.json", `{"auths":{"registry.test":{"username":"u0","password":"p"}}}`)
 	k := NewKeyring([]string{path}, "", "")

@@ -16,6 +16,7 @@ import (
 // the user info is never shown: not in errors, warnings, sources, the config's
 // String, nor anything logged of them.
 func TestKeysWithUserInfoAreUsedAndNeverShown(t *testing.T) {
+	t.Parallel()
 	secrets := []string{"Pa55-Secret-Word", "Other-Secret", "Third-Secret-Word", "Fourth-Secret", "Plugin-Secret-Word", "Plugin-Bad-Secret"}
 	dir := t.TempDir()
 	dc := writeFile(t, dir, "pull/.dockerconfigjson", `{"auths":{

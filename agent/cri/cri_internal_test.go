@@ -18,6 +18,7 @@ import (
 // that is being restarted): the dialer's refusal is reported, with the path,
 // and not as a runtime that "did not answer Version within 5s".
 func TestVersionErrorPrefersTheDialFailure(t *testing.T) {
+	t.Parallel()
 	const path = "/run/containerd/containerd.sock"
 	refused := &net.OpError{Op: "dial", Net: "unix", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}
 	unavailable := status.Error(codes.Unavailable, `connection error: desc = "transport: Error while dialing: dial unix `+path+`: connect: connection refused"`)

@@ -16,6 +16,7 @@ import (
 )
 
 func TestCandidates(t *testing.T) {
+	t.Parallel()
 	plain := cri.Candidates("")
 	if len(plain) == 0 || plain[0] != "/run/containerd/containerd.sock" {
 		t.Fatalf("Candidates(\"\") = %v", plain)
@@ -52,6 +53,7 @@ func listen(t *testing.T, path string) net.Listener {
 }
 
 func TestDetect(t *testing.T) {
+	t.Parallel()
 	t.Run("nothing there", func(t *testing.T) {
 		root := t.TempDir()
 		_, err := cri.Detect(root)
@@ -101,6 +103,7 @@ func TestDetect(t *testing.T) {
 }
 
 func TestDial(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	srv := critest.Start(t)
 	srv.AddImage("docker.io/library/busybox:latest", critest.Image{Size: 42})
@@ -123,6 +126,7 @@ func TestDial(t *testing.T) {
 }
 
 func TestDialLargeListImages(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	// About 7 MB of answer: more than grpc's 4 MB default limit.
 	repo := "registry.example.com/big/" + strings.Repeat("x", 100)
@@ -144,6 +148,7 @@ func TestDialLargeListImages(t *testing.T) {
 }
 
 func TestDialFailsFast(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	stale := filepath.Join(dir, "stale.sock")
 	l := listen(t, stale)

@@ -19,6 +19,7 @@ import (
 // count the same way, or it stops pulls at a different point than the one
 // it guards.
 func TestUsedPercentCountsLikeTheKubelet(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		capacity, available uint64
 		want                int
@@ -58,6 +59,7 @@ func (f *fsInfo) ImageFsInfo(context.Context, *runtimeapi.ImageFsInfoRequest, ..
 }
 
 func TestAdmitStopsAtTheBudget(t *testing.T) {
+	t.Parallel()
 	space := map[string]Space{}
 	c := &Checker{Percent: 80, HostRoot: "/host", Timeout: time.Second,
 		Images: &fsInfo{mounts: []string{"/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs", "/var/lib/images"}},
@@ -109,6 +111,7 @@ func TestAdmitStopsAtTheBudget(t *testing.T) {
 }
 
 func TestRefreshSaysWhyTheBudgetCannotBeRead(t *testing.T) {
+	t.Parallel()
 	statfs := func(string) (Space, error) { return Space{}, os.ErrNotExist }
 	c := &Checker{Percent: 80, HostRoot: "/host", Timeout: time.Second,
 		Images: &fsInfo{mounts: []string{"/var/lib/containerd"}}, Statfs: statfs}
@@ -131,6 +134,7 @@ func TestRefreshSaysWhyTheBudgetCannotBeRead(t *testing.T) {
 }
 
 func TestOffAsksNothing(t *testing.T) {
+	t.Parallel()
 	info := &fsInfo{mounts: []string{"/x"}}
 	c := &Checker{Percent: 0, Images: info, Timeout: time.Second,
 		Statfs: func(string) (Space, error) { return Space{Capacity: 1, Available: 0}, nil }}
@@ -145,6 +149,7 @@ func TestOffAsksNothing(t *testing.T) {
 // The real statfs reads the filesystem of a mount below the host root: here
 // /dev/shm (a tmpfs of its own) seen with --host-root=/dev.
 func TestStatfsReadsARealFilesystem(t *testing.T) {
+	t.Parallel()
 	c := &Checker{Percent: 100, HostRoot: "/dev", Timeout: time.Second, Images: &fsInfo{mounts: []string{"/shm"}}}
 	if err := c.Refresh(context.Background()); err != nil {
 		t.Fatalf("Refresh: %v", err)
@@ -163,6 +168,7 @@ func TestStatfsReadsARealFilesystem(t *testing.T) {
 // runtime made it to hold a mount further down, or the image has it) is on
 // the agent's own root filesystem: its space says nothing of the host's.
 func TestAPathOnTheAgentsOwnRootIsNotTheImageFilesystem(t *testing.T) {
+	t.Parallel()
 	root := t.TempDir()
 	var own, tmp unix.Stat_t
 	if unix.Stat("/", &own) != nil || unix.Stat(root, &tmp) != nil || own.Dev != tmp.Dev {
@@ -184,6 +190,7 @@ func TestAPathOnTheAgentsOwnRootIsNotTheImageFilesystem(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
+	t.Parallel()
 	for _, p := range []int{0, 1, 80, 100} {
 		if err := (&Config{Percent: p}).Validate(); err != nil {
 			t.Errorf("Validate(%d) = %v", p, err)

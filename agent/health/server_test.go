@@ -56,6 +56,7 @@ func get(t *testing.T, url string) (int, string) {
 }
 
 func TestEndpoints(t *testing.T) {
+	t.Parallel()
 	m := metrics.New()
 	var ready Readiness
 	base, stop := start(t, &Server{Gatherer: m.Registry(), Ready: ready.Check})
@@ -122,6 +123,7 @@ func TestEndpoints(t *testing.T) {
 }
 
 func TestNoReadinessCheckAndNoMetrics(t *testing.T) {
+	t.Parallel()
 	base, _ := start(t, &Server{})
 	if code, body := get(t, base+"/readyz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "no readiness check") {
 		t.Errorf("/readyz without a check = %d %q", code, body)
@@ -132,6 +134,7 @@ func TestNoReadinessCheckAndNoMetrics(t *testing.T) {
 }
 
 func TestGracefulShutdownFinishesOpenRequests(t *testing.T) {
+	t.Parallel()
 	entered := make(chan struct{})
 	release := make(chan struct{})
 	var calls atomic.Int32
@@ -182,6 +185,7 @@ func TestGracefulShutdownFinishesOpenRequests(t *testing.T) {
 }
 
 func TestRun(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- (&Server{}).Run(ctx, "127.0.0.1:0") }()
@@ -204,6 +208,7 @@ func TestRun(t *testing.T) {
 }
 
 func TestReadiness(t *testing.T) {
+	t.Parallel()
 	var r Readiness
 	if err := r.Check(); err == nil {
 		t.Error("ready before the first pass")
@@ -230,6 +235,7 @@ func TestReadiness(t *testing.T) {
 // Ready means the list is whole AND the node's label says so: every image
 // present but the label write failed is not ready.
 func TestReadinessNeedsTheLabelWritten(t *testing.T) {
+	t.Parallel()
 	var r Readiness
 	all := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}, {Image: "b", Outcome: pull.OutcomePulled}}
 	r.SetOutcome(all, errors.New("node node-1: label: connection refused"))
@@ -250,6 +256,7 @@ func TestReadinessNeedsTheLabelWritten(t *testing.T) {
 // The other node writes (Node condition, startup taint) count like the label:
 // not ready until they are done.
 func TestReadinessNeedsTheNodeWrites(t *testing.T) {
+	t.Parallel()
 	var r Readiness
 	all := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}}
 	r.SetRecorded(all, nil, errors.New("remove startup taint: forbidden"))
@@ -265,6 +272,7 @@ func TestReadinessNeedsTheNodeWrites(t *testing.T) {
 // /readyz names the missing images only to a caller on loopback (the pod
 // itself, kubectl port-forward); a caller from the pod network gets counts.
 func TestReadyzNamesImagesOnlyOnLoopback(t *testing.T) {
+	t.Parallel()
 	var ready Readiness
 	h := (&Server{Ready: ready.Check}).Handler()
 	body := func(remote string) (int, string) {

@@ -14,6 +14,7 @@ import (
 const dig = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 
 func TestParse(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name   string
 		in     string
@@ -116,6 +117,7 @@ func TestParse(t *testing.T) {
 }
 
 func TestLineErrorUnwrap(t *testing.T) {
+	t.Parallel()
 	l := Parse(strings.NewReader("busybox:bad^tag\n"), "list")
 	if len(l.Errors) != 1 {
 		t.Fatalf("errors = %v", l.Errors)
@@ -130,6 +132,7 @@ func TestLineErrorUnwrap(t *testing.T) {
 }
 
 func TestDigest(t *testing.T) {
+	t.Parallel()
 	d := func(s string) string { return Parse(strings.NewReader(s), "x").Digest }
 	base := d("busybox\nnginx:1.27\n")
 	same := map[string]string{
@@ -169,6 +172,7 @@ func TestDigest(t *testing.T) {
 }
 
 func TestParseFile(t *testing.T) {
+	t.Parallel()
 	path := filepath.Join(t.TempDir(), "images.txt")
 	if err := os.WriteFile(path, []byte("busybox\nBAD\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -200,6 +204,7 @@ func (r *failingReader) Read(p []byte) (int, error) {
 }
 
 func TestParseReadError(t *testing.T) {
+	t.Parallel()
 	l := Parse(&failingReader{data: "busybox\nnginx\n"}, "cm")
 	if len(l.Entries) != 2 || len(l.Errors) != 1 || l.Errors[0].Line != 3 {
 		t.Fatalf("list = %+v", l)
@@ -210,6 +215,7 @@ func TestParseReadError(t *testing.T) {
 }
 
 func TestLongLineErrorIsBounded(t *testing.T) {
+	t.Parallel()
 	long := strings.Repeat("A", 10000)
 	l := Parse(strings.NewReader(long+"\n"), "x")
 	if len(l.Errors) != 1 {
@@ -221,6 +227,7 @@ func TestLongLineErrorIsBounded(t *testing.T) {
 }
 
 func TestParseFileErrorsNameThePathOnce(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	for name, path := range map[string]string{
 		"missing":   filepath.Join(dir, "missing.txt"),
@@ -240,6 +247,7 @@ func TestParseFileErrorsNameThePathOnce(t *testing.T) {
 }
 
 func TestHugeBadLineIsShownShort(t *testing.T) {
+	t.Parallel()
 	huge := strings.Repeat("Ab!", 40000) // 120 KB of garbage on one line
 	l := Parse(strings.NewReader("busybox\n"+huge+"\n"), "list.txt")
 	if len(l.Errors) != 1 {

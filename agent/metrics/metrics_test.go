@@ -14,6 +14,7 @@ import (
 )
 
 func TestObserverAndPass(t *testing.T) {
+	t.Parallel()
 	m := New()
 	notFound := errors.New("rpc error: code = NotFound")
 	m.AttemptFinished(pull.Attempt{Image: "a", Number: 1, Size: 100})
@@ -121,6 +122,7 @@ func histogramCount(t *testing.T, m *Metrics, outcome string) uint64 {
 }
 
 func TestSucceededPassAndLabelStates(t *testing.T) {
+	t.Parallel()
 	m := New()
 	if got := testutil.ToFloat64(m.labelState.WithLabelValues("none")); got != 1 {
 		t.Errorf("initial label state none = %v, want 1", got)
@@ -146,6 +148,7 @@ func TestSucceededPassAndLabelStates(t *testing.T) {
 }
 
 func TestRegistryIsOwnAndComplete(t *testing.T) {
+	t.Parallel()
 	a, b := New(), New() // two instances do not collide: nothing is global
 	a.SetLabelState("succeeded")
 	if testutil.ToFloat64(b.labelState.WithLabelValues("succeeded")) != 0 {
@@ -174,6 +177,7 @@ func TestRegistryIsOwnAndComplete(t *testing.T) {
 }
 
 func TestConcurrentUpdates(t *testing.T) {
+	t.Parallel()
 	m := New()
 	var wg sync.WaitGroup
 	for i := range 8 {
@@ -199,6 +203,7 @@ func TestConcurrentUpdates(t *testing.T) {
 }
 
 func TestPinMetrics(t *testing.T) {
+	t.Parallel()
 	m := New()
 	m.SetPinnedImages(3)
 	m.PinFailed("pin")
@@ -222,6 +227,7 @@ image_prefetcher_pin_failures_total{operation="release"} 2
 }
 
 func TestProgressMetrics(t *testing.T) {
+	t.Parallel()
 	m := New()
 	m.SetPullBytesInFlight(5 << 20)
 	m.AddFetchedBytes(3 << 20)

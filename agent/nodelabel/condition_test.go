@@ -55,6 +55,7 @@ func statusPatches(client *fake.Clientset) []k8stesting.PatchAction {
 // Written only on change, through nodes/status, with lastTransitionTime moving
 // only when the status does; the kubelet's conditions are left alone.
 func TestConditionWrittenOnlyOnChange(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(conditionNode())
 	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
 	c := newCondition(client, clk)
@@ -117,6 +118,7 @@ func TestConditionWrittenOnlyOnChange(t *testing.T) {
 // The cache spares the read of a steady state; an old cache is checked
 // against the node, and a condition changed by someone else is put back.
 func TestConditionRepairsAfterCacheAge(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(conditionNode())
 	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
 	c := newCondition(client, clk)
@@ -149,6 +151,7 @@ func TestConditionRepairsAfterCacheAge(t *testing.T) {
 // Conflicts on the status patch are retried on a fresh read within the
 // condition's own budget; a budget that ends fails the write with its error.
 func TestConditionConflictsRetriedWithinItsBudget(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(conditionNode())
 	var conflicts atomic.Int32
 	conflict := apierrors.NewConflict(schema.GroupResource{Resource: "nodes"}, nodeName, fmt.Errorf("the object has been modified"))
@@ -191,6 +194,7 @@ const strategicMergeType = "application/strategic-merge-patch+json"
 // Claim says what the label says about one list; it reads the node only when
 // the labeler's cache is old, and the write that follows uses that read.
 func TestClaim(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(map[string]string{Key(instance): "succeeded"}, map[string]string{AnnotationKey(instance): digestA}))
 	l := newLabeler(client)
 	ctx := context.Background()
@@ -228,6 +232,7 @@ func TestClaim(t *testing.T) {
 // Remove deletes only this instance's condition, and writes nothing when it is
 // already gone.
 func TestConditionRemove(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(conditionNode())
 	clk := testingclock.NewFakePassiveClock(time.Unix(2000, 0))
 	c := newCondition(client, clk)

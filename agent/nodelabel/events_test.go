@@ -35,6 +35,7 @@ func failed(image string, reason pull.Reason, err error) pull.Result {
 }
 
 func TestEventsForFailures(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset()
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff}
 	results := []pull.Result{
@@ -86,6 +87,7 @@ func TestEventsForFailures(t *testing.T) {
 }
 
 func TestEventsSuccessAndRepeat(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset()
 	clk := testingclock.NewFakePassiveClock(time.Unix(1000, 0))
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff, Clock: clk}
@@ -136,6 +138,7 @@ func TestEventsSuccessAndRepeat(t *testing.T) {
 }
 
 func TestEventsCapped(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset()
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, MaxFailureEvents: 3, Backoff: &fastBackoff}
 	var results []pull.Result
@@ -161,6 +164,7 @@ func TestEventsCapped(t *testing.T) {
 }
 
 func TestEventsRetryAndForbidden(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset()
 	calls := 0
 	client.PrependReactor("create", "events", func(k8stesting.Action) (bool, runtime.Object, error) {
@@ -198,6 +202,7 @@ func TestEventsRetryAndForbidden(t *testing.T) {
 }
 
 func TestEventsUseOwnDeadline(t *testing.T) {
+	t.Parallel()
 	client := &ctxClient{Clientset: fake.NewClientset()}
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, WriteTimeout: time.Hour, Backoff: &fastBackoff}
 	expired, cancel := context.WithDeadline(context.Background(), time.Now().Add(-time.Minute))
@@ -214,6 +219,7 @@ func TestEventsUseOwnDeadline(t *testing.T) {
 // already says succeeded for the list, so the labeler writes nothing and no
 // event is recorded either.
 func TestEventsWarmFetchRecordsNothing(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset()
 	ok := []pull.Result{{Image: "a", Outcome: pull.OutcomePresent}}
 	for range 3 {
@@ -228,6 +234,7 @@ func TestEventsWarmFetchRecordsNothing(t *testing.T) {
 }
 
 func TestEventsProblems(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset()
 	clk := testingclock.NewFakePassiveClock(time.Unix(1000, 0))
 	ev := &Events{Client: client, Node: nodeName, Instance: instance, Backoff: &fastBackoff, Clock: clk}

@@ -6,6 +6,7 @@ import (
 )
 
 func TestKeys(t *testing.T) {
+	t.Parallel()
 	if got, want := Key("my-images"), "image-prefetcher.stackrox.io/my-images"; got != want {
 		t.Errorf("Key = %q, want %q", got, want)
 	}
@@ -15,6 +16,7 @@ func TestKeys(t *testing.T) {
 }
 
 func TestValidateInstance(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		instance string
 		ok       bool
@@ -52,6 +54,7 @@ func TestValidateInstance(t *testing.T) {
 }
 
 func TestStateValid(t *testing.T) {
+	t.Parallel()
 	if !Succeeded.Valid() || !Failed.Valid() || State("").Valid() || State("Succeeded").Valid() {
 		t.Error("State.Valid accepts only succeeded and failed")
 	}

@@ -83,6 +83,7 @@ func wantKeys(t *testing.T, node *corev1.Node, label, digest string) {
 }
 
 func TestSetAddsReplacesAndKeepsOthers(t *testing.T) {
+	t.Parallel()
 	others := map[string]string{
 		"kubernetes.io/hostname":              nodeName,
 		"image-prefetcher.stackrox.io/other":  "succeeded",
@@ -133,6 +134,7 @@ func TestSetAddsReplacesAndKeepsOthers(t *testing.T) {
 }
 
 func TestPatchNamesOnlyThisInstance(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	l := newLabeler(client)
 	if _, err := l.Set(context.Background(), digestA, Failed); err != nil {
@@ -158,6 +160,7 @@ func TestPatchNamesOnlyThisInstance(t *testing.T) {
 }
 
 func TestNoWriteWhenUnchanged(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(
 		map[string]string{Key(instance): "succeeded"},
 		map[string]string{AnnotationKey(instance): digestA}))
@@ -181,6 +184,7 @@ func TestNoWriteWhenUnchanged(t *testing.T) {
 }
 
 func TestBeginClearsStaleLabel(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(
 		map[string]string{Key(instance): "succeeded", Key("other"): "succeeded"},
 		map[string]string{AnnotationKey(instance): digestA}))
@@ -199,6 +203,7 @@ func TestBeginClearsStaleLabel(t *testing.T) {
 }
 
 func TestBeginClearsLabelWithoutAnnotation(t *testing.T) {
+	t.Parallel()
 	// A label written by an older agent (or by hand) says nothing about which
 	// list it describes, so it must not survive the start of a pass.
 	client := fake.NewClientset(newNode(map[string]string{Key(instance): "succeeded"}, nil))
@@ -209,6 +214,7 @@ func TestBeginClearsLabelWithoutAnnotation(t *testing.T) {
 }
 
 func TestRemove(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(
 		map[string]string{Key(instance): "failed", "keep": "me"},
 		map[string]string{AnnotationKey(instance): digestA, "keep": "me"}))
@@ -231,6 +237,7 @@ func TestRemove(t *testing.T) {
 }
 
 func TestExternalChangeIsRepaired(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	clk := testingclock.NewFakePassiveClock(time.Unix(1000, 0))
 	l := newLabeler(client)
@@ -323,6 +330,7 @@ func (e ctxEvents) Create(ctx context.Context, ev *corev1.Event, opts metav1.Cre
 }
 
 func TestWriteDoesNotUsePassContext(t *testing.T) {
+	t.Parallel()
 	client := &ctxClient{Clientset: fake.NewClientset(newNode(
 		map[string]string{Key(instance): "succeeded"},
 		map[string]string{AnnotationKey(instance): digestA}))}
@@ -353,6 +361,7 @@ func TestWriteDoesNotUsePassContext(t *testing.T) {
 }
 
 func TestRetryOnTransientErrors(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		err  error
@@ -385,6 +394,7 @@ func TestRetryOnTransientErrors(t *testing.T) {
 }
 
 func TestPermanentErrors(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	client.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, nodeName,
@@ -406,6 +416,7 @@ func TestPermanentErrors(t *testing.T) {
 }
 
 func TestContextErrorIsNotSwallowed(t *testing.T) {
+	t.Parallel()
 	// client-go wraps context errors (for example "client rate limiter Wait
 	// returned an error: context deadline exceeded"); retry.OnError alone
 	// would turn such an error into success.
@@ -427,6 +438,7 @@ func TestContextErrorIsNotSwallowed(t *testing.T) {
 }
 
 func TestGetForbiddenFallsBackToPatch(t *testing.T) {
+	t.Parallel()
 	// RBAC that grants patch but not get on nodes.
 	client := fake.NewClientset(newNode(map[string]string{"keep": "me"}, nil))
 	client.PrependReactor("get", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
@@ -450,6 +462,7 @@ func TestGetForbiddenFallsBackToPatch(t *testing.T) {
 }
 
 func TestInvalidInput(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	ctx := context.Background()
 	for name, err := range map[string]error{
@@ -497,6 +510,7 @@ func downUntil(client *fake.Clientset, until time.Time) {
 // backoff's step count says: here the steps run out after ~30 ms, the API
 // server is down for 700 ms and the budget is 10 s.
 func TestWriteRetriesUntilItsBudgetEnds(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	downUntil(client, time.Now().Add(700*time.Millisecond))
 	l := newLabeler(client)
@@ -514,6 +528,7 @@ func TestWriteRetriesUntilItsBudgetEnds(t *testing.T) {
 }
 
 func TestWriteGivesUpOnlyWhenItsBudgetEnds(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	downUntil(client, time.Now().Add(time.Hour))
 	l := newLabeler(client)
@@ -594,6 +609,7 @@ func (n hangNodes) Patch(ctx context.Context, name string, pt types.PatchType, d
 // A request that hangs is abandoned after RequestTimeout and retried, so it
 // cannot eat the write's whole budget.
 func TestHangingRequestIsRetried(t *testing.T) {
+	t.Parallel()
 	client := &hangClient{Clientset: fake.NewClientset(newNode(nil, nil)), hang: 2}
 	l := newLabeler(client)
 	l.RequestTimeout = 100 * time.Millisecond
@@ -609,6 +625,7 @@ func TestHangingRequestIsRetried(t *testing.T) {
 }
 
 func TestWithdraw(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name                  string
 		label, digest         string
@@ -649,6 +666,7 @@ func TestWithdraw(t *testing.T) {
 }
 
 func TestSetReportsWhetherItWrote(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	l := newLabeler(client)
 	for i, want := range []bool{true, false, false} {
@@ -668,6 +686,7 @@ func TestSetReportsWhetherItWrote(t *testing.T) {
 // that instance lives, the other one touches nothing and says why; a stale writer (its
 // instance gone, its keys left behind) is taken over.
 func TestSecondInstanceOfANameLeavesTheNodeAlone(t *testing.T) {
+	t.Parallel()
 	node := newNode(map[string]string{Key(instance): string(Succeeded)}, map[string]string{AnnotationKey(instance): digestA})
 	node.ManagedFields = []metav1.ManagedFieldsEntry{{
 		Manager: FieldManagerPrefix + "team-a", Operation: metav1.ManagedFieldsOperationUpdate, FieldsType: "FieldsV1",
@@ -725,6 +744,7 @@ func TestSecondInstanceOfANameLeavesTheNodeAlone(t *testing.T) {
 
 // Every write names the instance's namespace as its field manager.
 func TestWritesNameTheNamespaceAsFieldManager(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(newNode(nil, nil))
 	l := newLabeler(client)
 	l.Namespace = "team-a"

@@ -49,6 +49,7 @@ func newStartupTaint(client *fake.Clientset) *StartupTaint {
 // taints (also ours with another effect) and the rest of the spec are kept.
 // Once gone, the node is never read for it again, and nothing adds it back.
 func TestStartupTaintRemovedOnlyWhenCompleteAndOnlyOurs(t *testing.T) {
+	t.Parallel()
 	// Our taint with a value (Karpenter's startupTaints may carry one) is ours too.
 	ours := ourTaint
 	ours.Value = "pending"
@@ -127,6 +128,7 @@ func TestStartupTaintRemovedOnlyWhenCompleteAndOnlyOurs(t *testing.T) {
 // A node without the taint (never gated, or an agent restarted after the
 // removal): one read, no write, then nothing.
 func TestStartupTaintAbsentCostsOneRead(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(taintedNode(otherTaint...))
 	s := newStartupTaint(client)
 	for _, complete := range []bool{false, true, true} {
@@ -145,6 +147,7 @@ func TestStartupTaintAbsentCostsOneRead(t *testing.T) {
 // A conflict (the node changed between read and patch: someone added a taint)
 // is redone on a fresh read, so the taint added in between is kept.
 func TestStartupTaintConflictRereads(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(taintedNode(ourTaint))
 	added := corev1.Taint{Key: "added-meanwhile", Effect: corev1.TaintEffectNoSchedule}
 	var conflicts atomic.Int32
@@ -175,6 +178,7 @@ func TestStartupTaintConflictRereads(t *testing.T) {
 // A permanent error ends the removal at once with a message that says what to
 // grant; the taint is looked at again next time.
 func TestStartupTaintForbidden(t *testing.T) {
+	t.Parallel()
 	client := fake.NewClientset(taintedNode(ourTaint))
 	client.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "nodes"}, nodeName, fmt.Errorf("denied by policy"))
@@ -199,6 +203,7 @@ func TestStartupTaintForbidden(t *testing.T) {
 }
 
 func TestValidateTaint(t *testing.T) {
+	t.Parallel()
 	if err := ValidateTaint(StartupTaintKey(instance), DefaultStartupTaintEffect); err != nil {
 		t.Errorf("default taint: %v", err)
 	}
@@ -215,6 +220,7 @@ func TestValidateTaint(t *testing.T) {
 // The startup taint's key is the instance's under one of three prefixes: the
 // admission policy tells the agent's own taint from others by that.
 func TestValidateStartupTaintKey(t *testing.T) {
+	t.Parallel()
 	for _, key := range []string{Key(instance), "readiness.k8s.io/" + instance, "startup-taint.cluster-autoscaler.kubernetes.io/" + instance} {
 		if err := ValidateStartupTaintKey(instance, key); err != nil {
 			t.Errorf("%s: %v", key, err)
@@ -230,6 +236,7 @@ func TestValidateStartupTaintKey(t *testing.T) {
 // The condition type is valid by the rules of metav1.Condition's type (a
 // qualified name), for every valid instance name.
 func TestConditionTypeIsValid(t *testing.T) {
+	t.Parallel()
 	for _, in := range []string{instance, "a", strings.Repeat("x", 63)} {
 		cond := metav1.Condition{Type: string(ConditionType(in)), Status: metav1.ConditionTrue, Reason: ConditionReasonPresent,
 			LastTransitionTime: metav1.Now()}

@@ -177,6 +177,7 @@ func results(failed ...string) []pull.Result {
 // kubelet's GC makes during it, a withdrawal that fails, an outcome whose
 // label write fails, the disk budget, leaving (and failing to).
 func TestWriteOrder(t *testing.T) {
+	t.Parallel()
 	missing := func(refs ...string) Missing {
 		return Missing{Digest: digest, Images: 3, Refs: refs, Known: true}
 	}
@@ -345,6 +346,7 @@ func TestWriteOrder(t *testing.T) {
 }
 
 func TestMissingText(t *testing.T) {
+	t.Parallel()
 	m := Missing{Digest: digest + "ffff", Images: 40, Refs: []string{"a:1", "b:1", "c:1", "d:1"}, Known: true}
 	if got, want := m.Text(), "4 of 40 images of list 0123456789ab missing, pulling them: a:1, b:1, c:1"; got != want {
 		t.Errorf("Text() = %q, want %q", got, want)

@@ -14,6 +14,7 @@ import (
 // Pin pins one record as Reconcile would, and Reconcile afterwards finds it
 // done: no write, and nothing released.
 func TestPinOneRecord(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	srv.Add(sandbox, map[string]string{pin.PinLabel: pin.PinValue})

@@ -31,6 +31,7 @@ const (
 var criLabels = map[string]string{"io.cri-containerd.image": "managed"}
 
 func TestRecordName(t *testing.T) {
+	t.Parallel()
 	const digest = "sha256:1111111111111111111111111111111111111111111111111111111111111111"
 	for in, want := range map[string]string{
 		"busybox":                          "docker.io/library/busybox:latest",
@@ -100,6 +101,7 @@ func wantChanges(t *testing.T, rep pin.Report, want ...pin.Change) {
 }
 
 func TestPinsExactlyTheListedImagesAndSteadyStateWritesNothing(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	for _, n := range []string{imgA, imgB, imgC} {
 		srv.Add(n, criLabels)
@@ -123,6 +125,7 @@ func TestPinsExactlyTheListedImagesAndSteadyStateWritesNothing(t *testing.T) {
 }
 
 func TestImageLeavingTheListIsUnpinned(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	srv.Add(imgB, with(criLabels, "other.example.com/keep", "x"))
@@ -139,6 +142,7 @@ func TestImageLeavingTheListIsUnpinned(t *testing.T) {
 }
 
 func TestKeptWhileAnotherInstanceListsIt(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	a, b := newPinner(t, srv, "team-a"), newPinner(t, srv, "team-b")
@@ -154,6 +158,7 @@ func TestKeptWhileAnotherInstanceListsIt(t *testing.T) {
 }
 
 func TestAPinWeDidNotSetIsNeverRemoved(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	// containerd pins its sandbox image itself.
 	sandboxLabels := with(criLabels, pin.PinLabel, pin.PinValue)
@@ -174,6 +179,7 @@ func TestAPinWeDidNotSetIsNeverRemoved(t *testing.T) {
 }
 
 func TestRemovedPinIsRepaired(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	p := newPinner(t, srv, "team-a")
@@ -188,6 +194,7 @@ func TestRemovedPinIsRepaired(t *testing.T) {
 }
 
 func TestKeptImagesAreNotReleased(t *testing.T) {
+	t.Parallel()
 	// An image still listed whose pull failed this pass (so it is not asked
 	// to be pinned) keeps the pin it has.
 	srv := pintest.Start(t)
@@ -201,6 +208,7 @@ func TestKeptImagesAreNotReleased(t *testing.T) {
 }
 
 func TestFailuresAreReportedAndTheRestIsDone(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	srv.Add(imgB, criLabels)
@@ -233,6 +241,7 @@ func TestFailuresAreReportedAndTheRestIsDone(t *testing.T) {
 }
 
 func TestRecordRemovedBeforeReleaseIsReleased(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	p := newPinner(t, srv, "team-a")
@@ -242,6 +251,7 @@ func TestRecordRemovedBeforeReleaseIsReleased(t *testing.T) {
 }
 
 func TestNoImagesAPIIsUnsupported(t *testing.T) {
+	t.Parallel()
 	// A gRPC server that serves no containerd images service, like CRI-O's
 	// socket.
 	dir, err := os.MkdirTemp("", "pin") // short: unix socket paths are limited
@@ -265,6 +275,7 @@ func TestNoImagesAPIIsUnsupported(t *testing.T) {
 }
 
 func TestOwned(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	for _, n := range []string{imgC, imgA, imgB} {
 		srv.Add(n, criLabels)
@@ -293,6 +304,7 @@ func dial(t *testing.T, path string) *grpc.ClientConn {
 // An operator who removes the pin-set mark from a pin this instance set makes
 // the pin theirs: letting go of the image leaves it pinned.
 func TestPinMadeTheOperatorsStays(t *testing.T) {
+	t.Parallel()
 	srv := pintest.Start(t)
 	srv.Add(imgA, criLabels)
 	p := newPinner(t, srv, "team-a")

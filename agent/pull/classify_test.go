@@ -11,6 +11,7 @@ import (
 )
 
 func TestClassify(t *testing.T) {
+	t.Parallel()
 	unknown := func(msg string) error { return status.Error(codes.Unknown, msg) }
 	tests := []struct {
 		err  error
@@ -70,6 +71,7 @@ func TestClassify(t *testing.T) {
 }
 
 func TestPermanent(t *testing.T) {
+	t.Parallel()
 	// DiskFull: not the image's fault, but no attempt within the pass can
 	// help, and each would only fill the disk further.
 	permanent := map[Reason]bool{ReasonNotFound: true, ReasonUnauthorized: true, ReasonInvalidReference: true, ReasonDiskFull: true,

@@ -8,6 +8,7 @@ import (
 )
 
 func TestSchedule(t *testing.T) {
+	t.Parallel()
 	s, m := time.Second, time.Minute
 	tests := []struct {
 		name string
@@ -66,6 +67,7 @@ func TestSchedule(t *testing.T) {
 }
 
 func TestValidate(t *testing.T) {
+	t.Parallel()
 	if err := DefaultConfig().Validate(); err != nil {
 		t.Fatalf("defaults: %v", err)
 	}
@@ -98,6 +100,7 @@ func TestValidate(t *testing.T) {
 }
 
 func TestParsePolicy(t *testing.T) {
+	t.Parallel()
 	for in, want := range map[string]Policy{"IfNotPresent": PolicyIfNotPresent, "ifnotpresent": PolicyIfNotPresent, "Always": PolicyAlways, "ALWAYS": PolicyAlways} {
 		if got, err := ParsePolicy(in); err != nil || got != want {
 			t.Errorf("ParsePolicy(%q) = %q, %v", in, got, err)

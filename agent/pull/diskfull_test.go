@@ -17,6 +17,7 @@ import (
 // (and urge the kubelet's GC on), and the image is not to blame. The other
 // images are still pulled.
 func TestDiskFullIsNotRetried(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, fastConfig())
 	srv.OnPull(busybox, critest.DiskFull(busybox))
 	res := run(t, e, context.Background(), busybox, nginx)
@@ -41,6 +42,7 @@ func TestDiskFullIsNotRetried(t *testing.T) {
 // Admit's own error; images admitted before are pulled. A retry of an image
 // admitted once is asked again.
 func TestAdmitRefusalStartsNoPull(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxParallel = 1 // list order, one at a time: the refusal falls between the images
 	srv, e, _ := setup(t, cfg)
@@ -76,6 +78,7 @@ func TestAdmitRefusalStartsNoPull(t *testing.T) {
 // A retry is a new pull, so it is asked again: an image admitted for its
 // first attempt that the disk filled meanwhile stops there.
 func TestAdmitIsAskedBeforeEachAttempt(t *testing.T) {
+	t.Parallel()
 	srv, e, _ := setup(t, fastConfig())
 	srv.OnPull(busybox, critest.Unavailable(), critest.Unavailable())
 	e.Admit = func() error {
@@ -93,6 +96,7 @@ func TestAdmitIsAskedBeforeEachAttempt(t *testing.T) {
 // A runtime that cannot keep OCI artifacts (containerd 1.x) fails the image
 // at once, saying which runtime feature is missing beside its own text.
 func TestArtifactUnsupportedSaysWhatIsMissing(t *testing.T) {
+	t.Parallel()
 	srv, e, _ := setup(t, fastConfig())
 	srv.OnPull(busybox, critest.Fail(codes.Unknown, `failed to pull and unpack image "`+busybox+
 		`": failed to unpack image on snapshotter overlayfs: mismatched image rootfs and manifest layers`))

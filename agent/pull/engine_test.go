@@ -123,6 +123,7 @@ func expect(t *testing.T, r pull.Result, outcome pull.Outcome, reason pull.Reaso
 }
 
 func TestPresentImageCostsOneStatusCall(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, fastConfig())
 	srv.AddImage(busybox, critest.Image{ID: "sha256:b", RepoDigests: []string{"docker.io/library/busybox@sha256:d"}, Size: 1234})
 	res := run(t, e, context.Background(), busybox)
@@ -139,6 +140,7 @@ func TestPresentImageCostsOneStatusCall(t *testing.T) {
 }
 
 func TestPullRecordsWhatTheRuntimeReports(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, fastConfig())
 	digest := "docker.io/library/busybox:1.36@sha256:" + strings.Repeat("ab", 32)
 	srv.SetPulledImage(nginx, critest.Image{ID: "sha256:n", RepoDigests: []string{"docker.io/library/nginx@sha256:x"}, Size: 99})
@@ -159,6 +161,7 @@ func TestPullRecordsWhatTheRuntimeReports(t *testing.T) {
 }
 
 func TestAlwaysPullsPresentImages(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.Policy = pull.PolicyAlways
 	srv, e, _ := setup(t, cfg)
@@ -171,6 +174,7 @@ func TestAlwaysPullsPresentImages(t *testing.T) {
 }
 
 func TestPermanentErrorsAreNotRetried(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name   string
 		step   critest.Step
@@ -197,6 +201,7 @@ func TestPermanentErrorsAreNotRetried(t *testing.T) {
 }
 
 func TestStallThenSuccessWithGrowingTimeouts(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, fastConfig())
 	srv.OnPull(busybox, critest.Stall(), critest.Stall(), critest.Succeed())
 	res := run(t, e, context.Background(), busybox)
@@ -220,6 +225,7 @@ func TestStallThenSuccessWithGrowingTimeouts(t *testing.T) {
 }
 
 func TestTransientErrorsAreRetried(t *testing.T) {
+	t.Parallel()
 	for _, step := range []critest.Step{critest.Unavailable(), critest.ServerError(busybox, 503), critest.Fail(codes.Unknown, "dial tcp: i/o timeout")} {
 		srv, e, _ := setup(t, fastConfig())
 		srv.OnPull(busybox, step, critest.Succeed())
@@ -232,6 +238,7 @@ func TestTransientErrorsAreRetried(t *testing.T) {
 }
 
 func TestMaxAttempts(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxAttempts = 3
 	srv, e, _ := setup(t, cfg)
@@ -244,6 +251,7 @@ func TestMaxAttempts(t *testing.T) {
 }
 
 func TestOverallTimeout(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxAttempts = 0
 	cfg.OverallTimeout = 300 * time.Millisecond
@@ -261,6 +269,7 @@ func TestOverallTimeout(t *testing.T) {
 }
 
 func TestDelayLongerThanTheDeadlineEndsAtOnce(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.InitialDelay, cfg.MaxDelay, cfg.MaxAttempts = time.Hour, time.Hour, 0
 	cfg.OverallTimeout = 30 * time.Minute
@@ -274,6 +283,7 @@ func TestDelayLongerThanTheDeadlineEndsAtOnce(t *testing.T) {
 }
 
 func TestConcurrencyIsBounded(t *testing.T) {
+	t.Parallel()
 	for _, limit := range []int{1, 3} {
 		cfg := fastConfig()
 		cfg.MaxParallel = limit
@@ -308,6 +318,7 @@ func cred(source, user, pass string) credentials.Credential {
 }
 
 func TestWrongThenRightCredential(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.InitialDelay, cfg.MaxDelay = time.Hour, time.Hour // refusals must not wait
 	srv, e, rec := setup(t, cfg)
@@ -326,6 +337,7 @@ func TestWrongThenRightCredential(t *testing.T) {
 }
 
 func TestAllCredentialsRefused(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.InitialDelay, cfg.MaxDelay, cfg.MaxAttempts = time.Hour, time.Hour, 0
 	srv, e, rec := setup(t, cfg)
@@ -346,6 +358,7 @@ func TestAllCredentialsRefused(t *testing.T) {
 }
 
 func TestCredentialSurvivesTransientError(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, fastConfig())
 	srv.RequireAuth(busybox, critest.Credential{Username: "bob", Password: "right"})
 	srv.OnPull(busybox, critest.Unavailable(), critest.Succeed())
@@ -363,6 +376,7 @@ func TestCredentialSurvivesTransientError(t *testing.T) {
 }
 
 func TestFailingLookupFallsBackToAnonymous(t *testing.T) {
+	t.Parallel()
 	srv, e, _ := setup(t, fastConfig())
 	srv.OnPull(nginx, critest.Unauthorized(nginx))
 	e.Creds = creds{err: errors.New("plugin exited 1")}
@@ -375,6 +389,7 @@ func TestFailingLookupFallsBackToAnonymous(t *testing.T) {
 }
 
 func TestCancel(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxParallel = 2
 	cfg.InitialAttemptTimeout, cfg.MaxAttemptTimeout = time.Hour, time.Hour
@@ -401,6 +416,7 @@ func TestCancel(t *testing.T) {
 }
 
 func TestAlreadyCancelled(t *testing.T) {
+	t.Parallel()
 	srv, e, _ := setup(t, fastConfig())
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -414,6 +430,7 @@ func TestAlreadyCancelled(t *testing.T) {
 }
 
 func TestInvalidConfig(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxAttemptTimeout = time.Millisecond
 	srv, e, _ := setup(t, cfg)
@@ -424,6 +441,7 @@ func TestInvalidConfig(t *testing.T) {
 }
 
 func TestNilObserverAndStatusError(t *testing.T) {
+	t.Parallel()
 	srv, e, _ := setup(t, fastConfig())
 	e.Observer = nil
 	srv.OnStatus(busybox, critest.Fail(codes.Internal, "status broke"))

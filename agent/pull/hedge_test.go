@@ -39,6 +39,7 @@ func waitCanceled(t *testing.T, srv *critest.Server, ref string, i int) {
 }
 
 func TestHedgeWinsOverStalledCall(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, hedgeConfig())
 	srv.OnPull(busybox, critest.Stall(), critest.Succeed())
 	res := run(t, e, context.Background(), busybox)
@@ -54,6 +55,7 @@ func TestHedgeWinsOverStalledCall(t *testing.T) {
 }
 
 func TestSecondHedge(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, hedgeConfig())
 	srv.OnPull(busybox, critest.Stall(), critest.Stall(), critest.Succeed())
 	res := run(t, e, context.Background(), busybox)
@@ -68,6 +70,7 @@ func TestSecondHedge(t *testing.T) {
 // At most MaxHedges extra calls per attempt, and they share the attempt's
 // timeout: every attempt ends at its timeout with 1+MaxHedges calls.
 func TestHedgesAreBoundedPerAttempt(t *testing.T) {
+	t.Parallel()
 	cfg := hedgeConfig()
 	cfg.InitialAttemptTimeout, cfg.MaxAttemptTimeout = 150*time.Millisecond, 150*time.Millisecond
 	cfg.MaxAttempts = 2
@@ -88,6 +91,7 @@ func TestHedgesAreBoundedPerAttempt(t *testing.T) {
 // A permanent answer from any call ends the attempt at once: a hung call
 // would not change it.
 func TestPermanentErrorFromHedgeEndsAttempt(t *testing.T) {
+	t.Parallel()
 	srv, e, _ := setup(t, hedgeConfig())
 	srv.OnPull(busybox, critest.Stall(), critest.NotFound(busybox))
 	res := run(t, e, context.Background(), busybox)
@@ -98,6 +102,7 @@ func TestPermanentErrorFromHedgeEndsAttempt(t *testing.T) {
 // A transient failure of the hedge does not end the attempt while the
 // first call still runs: the first one's late success counts.
 func TestTransientHedgeFailureWaitsForTheFirstCall(t *testing.T) {
+	t.Parallel()
 	cfg := hedgeConfig()
 	cfg.MaxHedges = 1
 	srv, e, rec := setup(t, cfg)
@@ -112,6 +117,7 @@ func TestTransientHedgeFailureWaitsForTheFirstCall(t *testing.T) {
 // When every call of an attempt failed transiently the attempt ends with the
 // last error, and the next attempt follows as without hedging.
 func TestAllCallsFailTransiently(t *testing.T) {
+	t.Parallel()
 	cfg := hedgeConfig()
 	cfg.MaxHedges = 1
 	srv, e, rec := setup(t, cfg)
@@ -125,6 +131,7 @@ func TestAllCallsFailTransiently(t *testing.T) {
 }
 
 func TestNoHedgeForAQuickAnswer(t *testing.T) {
+	t.Parallel()
 	cfg := hedgeConfig()
 	cfg.HedgeAfter = time.Hour
 	srv, e, rec := setup(t, cfg)
@@ -144,6 +151,7 @@ func TestNoHedgeForAQuickAnswer(t *testing.T) {
 // HedgeAfter 0 turns hedging off: a stalled call runs into the attempt
 // timeout, one call per attempt.
 func TestHedgingDisabled(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxHedges = 2
 	srv, e, _ := setup(t, cfg)
@@ -156,6 +164,7 @@ func TestHedgingDisabled(t *testing.T) {
 }
 
 func TestHedgeConfigValidation(t *testing.T) {
+	t.Parallel()
 	cfg := pull.DefaultConfig()
 	if cfg.HedgeAfter <= 0 || cfg.MaxHedges <= 0 || cfg.HedgeAfter >= cfg.InitialAttemptTimeout {
 		t.Errorf("defaults %s x %d: a stalled first attempt must be hedged before its timeout %s", cfg.HedgeAfter, cfg.MaxHedges, cfg.InitialAttemptTimeout)

@@ -53,6 +53,7 @@ func feed(src *progresstest.Source, ref string, stop <-chan struct{}) *sync.Wait
 // A pull whose bytes stop ends at the no-progress window, long before its
 // hour-long cap, and the next attempt goes on with the same transfer.
 func TestStalledTransferEndsTheAttempt(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, progressConfig())
 	src := withProgress(e)
 	srv.OnPull(busybox, critest.Stall(), critest.Succeed())
@@ -81,6 +82,7 @@ func TestStalledTransferEndsTheAttempt(t *testing.T) {
 // would have had (50 ms here); without progress watching the same pull
 // times out.
 func TestFlowingTransferIsNotCut(t *testing.T) {
+	t.Parallel()
 	for _, watched := range []bool{true, false} {
 		cfg := progressConfig()
 		cfg.MaxAttempts = 1
@@ -110,6 +112,7 @@ func TestFlowingTransferIsNotCut(t *testing.T) {
 
 // The cap still ends an attempt whose bytes flow.
 func TestCapStillEndsAFlowingAttempt(t *testing.T) {
+	t.Parallel()
 	cfg := progressConfig()
 	cfg.MaxAttemptTimeout = 300 * time.Millisecond
 	cfg.ProgressTimeout = time.Hour
@@ -141,6 +144,7 @@ func TestCapStillEndsAFlowingAttempt(t *testing.T) {
 // Hedges go out while the pull resolves, not once blobs are being fetched
 // (a hedge would only wait on their locks).
 func TestHedgesOnlyWhileResolving(t *testing.T) {
+	t.Parallel()
 	for _, moving := range []bool{false, true} {
 		cfg := progressConfig()
 		cfg.ProgressTimeout = time.Hour
@@ -175,6 +179,7 @@ func TestHedgesOnlyWhileResolving(t *testing.T) {
 // ProgressTimeout 0 turns progress watching off: the escalating timeouts
 // apply and no transfer is opened.
 func TestProgressTimeoutZeroIsOff(t *testing.T) {
+	t.Parallel()
 	cfg := progressConfig()
 	cfg.ProgressTimeout = 0
 	cfg.MaxAttemptTimeout = 200 * time.Millisecond
@@ -193,6 +198,7 @@ func TestProgressTimeoutZeroIsOff(t *testing.T) {
 // After an attempt the cap ended while its bytes flowed, the next one starts
 // at once: nothing failed, and a delay would only idle the link.
 func TestNoDelayAfterACappedFlowingAttempt(t *testing.T) {
+	t.Parallel()
 	cfg := progressConfig()
 	cfg.MaxAttemptTimeout = 200 * time.Millisecond
 	cfg.ProgressTimeout = time.Hour
@@ -217,6 +223,7 @@ func TestNoDelayAfterACappedFlowingAttempt(t *testing.T) {
 
 // A stalled attempt is a failure: the delay before the next one applies.
 func TestDelayAfterAStalledAttempt(t *testing.T) {
+	t.Parallel()
 	cfg := progressConfig()
 	cfg.InitialDelay, cfg.MaxDelay = time.Hour, time.Hour
 	cfg.OverallTimeout = 2 * time.Second // ends the wait for the delay
@@ -234,6 +241,7 @@ func TestDelayAfterAStalledAttempt(t *testing.T) {
 // A pull the runtime cancels by itself (CRI-O at its pull_progress_timeout)
 // while the pass goes on is a timeout, and retried.
 func TestRuntimeCancelledPullIsATimeout(t *testing.T) {
+	t.Parallel()
 	srv, e, rec := setup(t, fastConfig())
 	srv.OnPull(busybox, critest.Fail(codes.Canceled, "unable to pull image: writing blob: storing blob to file: context canceled"), critest.Succeed())
 	res := run(t, e, context.Background(), busybox)
@@ -247,6 +255,7 @@ func TestRuntimeCancelledPullIsATimeout(t *testing.T) {
 // released as done, so what its pulls kept goes; one that failed for a
 // transient reason keeps it for the next pass to resume from.
 func TestTransferOfAFailureForGoodIsDone(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name string
 		step critest.Step

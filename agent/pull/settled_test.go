@@ -13,6 +13,7 @@ import (
 // Settled sees each image's result before the image's slot goes to the next
 // one: with one slot, before the next image's first call.
 func TestSettledRunsBeforeTheSlotIsReused(t *testing.T) {
+	t.Parallel()
 	cfg := fastConfig()
 	cfg.MaxParallel = 1
 	srv, e, _ := setup(t, cfg)

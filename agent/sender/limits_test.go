@@ -19,6 +19,7 @@ import (
 // fits the collector's message limit with room to spare. The figure is the
 // one collector.MaxMessageBytes is sized from.
 func TestLargestBatchFitsTheCollectorsLimit(t *testing.T) {
+	t.Parallel()
 	s := &Sender{cfg: Config{
 		Node:     strings.Repeat("n", 253), // a Node name is a DNS subdomain
 		Instance: strings.Repeat("i", 63),  // the instance is a DNS label
@@ -59,6 +60,7 @@ func (e errorText) Error() string { return string(e) }
 // Whatever the queue holds, one Submit stays under the collector's limit:
 // a batch is cut by bytes, not only by count.
 func TestBatchesAreCutByBytes(t *testing.T) {
+	t.Parallel()
 	s := &Sender{cfg: Config{BatchSize: 100}}
 	for range 10 {
 		s.queue = append(s.queue, &resultsv1.Result{AttemptId: uuid.NewString(), Error: strings.Repeat("x", 200<<10)})

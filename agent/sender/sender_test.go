@@ -100,6 +100,7 @@ func closeWithin(t *testing.T, s *Sender, d time.Duration) error {
 }
 
 func TestDeliversInOrderAfterCollectorComesBack(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{down: true}
 	s := newSender(testConfig(), fc)
 	want := ids("a", 8)
@@ -135,6 +136,7 @@ func TestDeliversInOrderAfterCollectorComesBack(t *testing.T) {
 }
 
 func TestFullBufferDropsOldestWithoutBlocking(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{hold: make(chan struct{})}
 	cfg := testConfig()
 	cfg.BufferSize, cfg.BatchSize = 5, 2
@@ -167,6 +169,7 @@ func TestFullBufferDropsOldestWithoutBlocking(t *testing.T) {
 }
 
 func TestCloseGivesUpAtItsDeadline(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{down: true}
 	s := newSender(testConfig(), fc)
 	for _, id := range ids("a", 4) {
@@ -184,6 +187,7 @@ func TestCloseGivesUpAtItsDeadline(t *testing.T) {
 }
 
 func TestCloseCutsAStuckCallShort(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{hold: make(chan struct{})} // never released
 	cfg := testConfig()
 	cfg.RPCTimeout = time.Hour
@@ -196,6 +200,7 @@ func TestCloseCutsAStuckCallShort(t *testing.T) {
 }
 
 func TestRejectedResultsAreNotResentForever(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{reject: map[string]bool{"bad": true}}
 	s := newSender(testConfig(), fc)
 	s.Enqueue(res("ok1"))
@@ -213,6 +218,7 @@ func TestRejectedResultsAreNotResentForever(t *testing.T) {
 }
 
 func TestAttemptsBecomeResults(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{}
 	s := newSender(testConfig(), fc)
 	start := time.Unix(1700000000, 123456789)
@@ -244,6 +250,7 @@ func TestAttemptsBecomeResults(t *testing.T) {
 
 // Retries double from InitialBackoff up to MaxBackoff, with at most 20% jitter.
 func TestBackoffSchedule(t *testing.T) {
+	t.Parallel()
 	cfg := testConfig()
 	cfg.InitialBackoff, cfg.MaxBackoff = 100*time.Millisecond, time.Second
 	b := cfg.backoff()
@@ -258,6 +265,7 @@ func TestBackoffSchedule(t *testing.T) {
 // While the collector is down the sender waits between sends instead of
 // retrying in a tight loop.
 func TestRetriesBackOff(t *testing.T) {
+	t.Parallel()
 	fc := &fakeCollector{down: true}
 	cfg := testConfig()
 	cfg.InitialBackoff, cfg.MaxBackoff = 10*time.Millisecond, 40*time.Millisecond

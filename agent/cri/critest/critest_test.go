@@ -34,6 +34,7 @@ func pull(ctx context.Context, c runtimeapi.ImageServiceClient, image string, au
 }
 
 func TestScriptLastStepRepeats(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	ctx := context.Background()
@@ -61,6 +62,7 @@ func TestScriptLastStepRepeats(t *testing.T) {
 }
 
 func TestStallEndsWithTheCallersDeadline(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	srv.OnPull(ref, critest.Stall(), critest.Succeed().After(10*time.Millisecond))
@@ -79,6 +81,7 @@ func TestStallEndsWithTheCallersDeadline(t *testing.T) {
 }
 
 func TestStopEndsStalls(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	srv.OnPull(ref, critest.Stall())
@@ -99,6 +102,7 @@ func TestStopEndsStalls(t *testing.T) {
 }
 
 func TestRequireAuth(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	ctx := context.Background()
@@ -130,6 +134,7 @@ func TestRequireAuth(t *testing.T) {
 }
 
 func TestMaxConcurrentPulls(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	srv.SetDefaultPull(critest.Succeed().After(50 * time.Millisecond))
@@ -157,6 +162,7 @@ func TestMaxConcurrentPulls(t *testing.T) {
 }
 
 func TestImagesByIDTagAndDigest(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	ctx := context.Background()
@@ -187,6 +193,7 @@ func TestImagesByIDTagAndDigest(t *testing.T) {
 // Do runs as a call arrives, Then once it has had its effect: a test removes
 // an image during another call, or right after the image is pulled.
 func TestStepHooks(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	ctx := context.Background()
@@ -209,6 +216,7 @@ func TestStepHooks(t *testing.T) {
 }
 
 func TestListImagesScriptAndCount(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	ctx := context.Background()
@@ -227,6 +235,7 @@ func TestListImagesScriptAndCount(t *testing.T) {
 }
 
 func TestDiskFullStep(t *testing.T) {
+	t.Parallel()
 	srv := critest.Start(t)
 	c := dial(t, srv)
 	srv.OnPull(ref, critest.DiskFull(ref))
