@@ -2,7 +2,9 @@
 # of the e2e harness. Root on Linux. Brings the runtime environment up when none is running (and stops it
 # again afterwards); a running one (runtime or full) is reused and left running. Prints the Markdown table
 # and keeps a copy in _output/bench/latest.md. BENCH_FLAGS passes flags to prefetchbench (-rounds,
-# -delay, -mbit, -stall, -hold-after, -windows, -big-mbit, -big-cap, -only; see `go run ./bench/cmd/prefetchbench -h`).
+# -delay, -mbit, -stall, -hold-after, -windows, -big-mbit, -big-cap, -artifact-mib, -artifact-mbit,
+# -artifact-cap, -only (e.g. -only artifact: a 1 GiB OCI artifact through a slow link); see
+# `go run ./bench/cmd/prefetchbench -h`).
 BENCH_FLAGS ?=
 BENCH_OUT := _output/bench
 
