@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -28,20 +29,38 @@ func goldenPath(name string) string {
 	return filepath.Join("testdata", "golden", name+".yaml")
 }
 
+// allBuilds holds BuildAll's output for the whole test binary: the builds are
+// plain bytes the tests only read, and building every overlay with every
+// component once instead of once per test is most of this package's time.
+var allBuilds struct {
+	once   sync.Once
+	root   string
+	builds []Build
+	err    error
+}
+
 func buildAll(t *testing.T) (string, []Build) {
 	t.Helper()
-	root, err := Root()
-	if err != nil {
-		t.Fatal(err)
+	allBuilds.once.Do(func() {
+		allBuilds.root, allBuilds.err = Root()
+		if allBuilds.err != nil {
+			return
+		}
+		var tmp string
+		if tmp, allBuilds.err = os.MkdirTemp("", "bundle-builds-"); allBuilds.err != nil {
+			return
+		}
+		defer os.RemoveAll(tmp)
+		allBuilds.builds, allBuilds.err = BuildAll(allBuilds.root, tmp)
+	})
+	if allBuilds.err != nil {
+		t.Fatal(allBuilds.err)
 	}
-	builds, err := BuildAll(root, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return root, builds
+	return allBuilds.root, allBuilds.builds
 }
 
 func TestGolden(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	want := map[string]bool{}
 	for _, b := range builds {
@@ -83,6 +102,7 @@ func TestGolden(t *testing.T) {
 // kubectl's embedded kustomize (what Argo CD and `kubectl apply -k` users run) must produce the
 // same objects as the Flux-style krusty build, with its default root-only load restrictions.
 func TestKubectlKustomizeMatchesGolden(t *testing.T) {
+	t.Parallel()
 	kubectl, err := exec.LookPath("kubectl")
 	if err != nil {
 		t.Fatalf("kubectl is needed for this test: %v", err)
@@ -185,6 +205,7 @@ func firstDiff(want, got []byte) string {
 // The checks below fail when the bundle is wrong, whatever the goldens say.
 
 func TestStructure(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		t.Run(b.Name, func(t *testing.T) {
@@ -433,6 +454,7 @@ func hasArgPrefix(args []string, prefix string) bool {
 // Two instances never share an object: cluster-scoped names differ across namespaces and
 // instances, namespaced names differ between two instances of one namespace.
 func TestInstancesShareNoNames(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)
@@ -487,6 +509,7 @@ func TestInstancesShareNoNames(t *testing.T) {
 
 // The GitOps update path: a new list in Git is a new ConfigMap name, hence a DaemonSet rollout.
 func TestImageListChangeRollsDaemonSet(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)

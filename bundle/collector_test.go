@@ -15,6 +15,7 @@ import (
 // components/metrics-collector: a hardened collector Deployment and its ClusterIP Service,
 // named per instance, and an agent flag that resolves to that Service in every instance.
 func TestMetricsCollectorComponent(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)

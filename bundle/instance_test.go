@@ -16,6 +16,7 @@ import (
 // The in-memory build of the embedded bundle (what the KRM function runs) equals the build of
 // an on-disk copy of the repository, for every overlay and component.
 func TestRenderMatchesDisk(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		flavor, comp, _ := strings.Cut(b.Name, "+")
@@ -35,6 +36,7 @@ func TestRenderMatchesDisk(t *testing.T) {
 
 // Every value of an Instance reaches the agent's DaemonSet, over what the components set.
 func TestInstanceValues(t *testing.T) {
+	t.Parallel()
 	res := &corev1.ResourceRequirements{Limits: corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("1Gi")}}
 	for _, flavor := range Flavors {
 		in := Instance{
@@ -111,6 +113,7 @@ func TestInstanceValues(t *testing.T) {
 }
 
 func TestInstanceRejectsUnknownNames(t *testing.T) {
+	t.Parallel()
 	for _, in := range []Instance{
 		{Flavor: "windows"},
 		{Flavor: FlavorVanilla, Components: []string{"no-such-component"}},

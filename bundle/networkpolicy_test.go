@@ -16,6 +16,7 @@ import (
 // agents' metrics port only the monitoring namespace; nothing else reaches either pod, and the
 // policies of one instance neither select nor admit the pods of another.
 func TestNetworkPolicyComponent(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)

@@ -29,6 +29,7 @@ type pinnedImageSetObject struct {
 // The instance's list becomes a cluster-scoped PinnedImageSet named like the instance's other
 // cluster-scoped objects, with every reference fully qualified and by digest only.
 func TestPinnedImageSetOfTheList(t *testing.T) {
+	t.Parallel()
 	in := Instance{
 		Flavor:    FlavorOCP,
 		Namespace: "team-p",
@@ -77,6 +78,7 @@ func TestPinnedImageSetOfTheList(t *testing.T) {
 }
 
 func TestPinnedImageSetRefusals(t *testing.T) {
+	t.Parallel()
 	var many strings.Builder
 	for i := range MaxPinnedImages + 1 {
 		fmt.Fprintf(&many, "registry.example.com/app%d@%s\n", i, digestA)

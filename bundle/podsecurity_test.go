@@ -16,6 +16,7 @@ const agentUID = 65532
 // The agent runs as a non-root uid with group 0, which is what reaches the runtimes'
 // root:root 0660 sockets, in every build; no container overrides it back to root.
 func TestPodRunsNonRootWithGroupZero(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		t.Run(b.Name, func(t *testing.T) {
@@ -37,6 +38,7 @@ func TestPodRunsNonRootWithGroupZero(t *testing.T) {
 // The agent, uid 65532 in group 0, can read every Secret and ConfigMap volume it mounts: the
 // kubelet writes their files as root:root with the volume's mode (0644 when unset).
 func TestVolumesReadableByTheAgentsGroup(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		t.Run(b.Name, func(t *testing.T) {
@@ -61,6 +63,7 @@ func TestVolumesReadableByTheAgentsGroup(t *testing.T) {
 // Every mount of a host directory, the CRI socket's first, is read-only and recursively so
 // where the runtime can (IfPossible: runtimes without it still run the pod).
 func TestHostDirectoriesMountRecursivelyReadOnly(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		t.Run(b.Name, func(t *testing.T) {
@@ -110,6 +113,7 @@ type scc struct {
 // The ocp flavor's SCC admits the agent's pod and little else: the agent's uid alone, not
 // root; the volume types the pod mounts (plus the ServiceAccount token's projected volume).
 func TestSCCNarrowedToTheAgent(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	n := 0
 	for _, b := range builds {

@@ -62,6 +62,7 @@ func variable(p *admissionv1.ValidatingAdmissionPolicy, name string) string {
 // namespace (so a namespace set after the overlay cannot unbind them); without-admission-policy
 // drops all of them, whatever came before it.
 func TestPoliciesByDefault(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		objs, err := Objects(b.YAML)
@@ -124,6 +125,7 @@ func TestPoliciesByDefault(t *testing.T) {
 
 // The agent's RBAC for Events is core create only: the policy narrows it to its own node's.
 func TestEventRBACIsCreateOnly(t *testing.T) {
+	t.Parallel()
 	out, err := Instance{Flavor: FlavorVanilla}.Render()
 	if err != nil {
 		t.Fatal(err)
@@ -146,6 +148,7 @@ func TestEventRBACIsCreateOnly(t *testing.T) {
 // The facts the policies repeat from the agent: the startup taint keys it may remove and the
 // longest pull-slot lease it writes.
 func TestPoliciesAgreeWithTheAgent(t *testing.T) {
+	t.Parallel()
 	out, err := Instance{Flavor: FlavorVanilla, Components: []string{"max-concurrent-nodes"}}.Render()
 	if err != nil {
 		t.Fatal(err)
@@ -196,6 +199,7 @@ func TestPoliciesAgreeWithTheAgent(t *testing.T) {
 // Argo CD's kustomize namespace do) moves the ServiceAccount and its binding; the policies
 // recognise the agent by its name alone, so they still apply to it.
 func TestNamespaceOverrideKeepsThePolicyBound(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)
@@ -239,6 +243,7 @@ func TestNamespaceOverrideKeepsThePolicyBound(t *testing.T) {
 // The one read the agent has beyond its node: the DaemonSets named after its instance, in any
 // namespace (whether another namespace's instance of the name still exists), in every build.
 func TestInstanceReadIsNarrow(t *testing.T) {
+	t.Parallel()
 	_, builds := buildAll(t)
 	for _, b := range builds {
 		objs, err := Objects(b.YAML)
@@ -274,6 +279,7 @@ func TestInstanceReadIsNarrow(t *testing.T) {
 
 // The overlays' Namespace may be shared by instances: GitOps tools never prune it with one.
 func TestNamespaceSurvivesGitOpsPrune(t *testing.T) {
+	t.Parallel()
 	for _, flavor := range Flavors {
 		out, err := Instance{Flavor: flavor}.Render()
 		if err != nil {
@@ -298,6 +304,7 @@ func TestNamespaceSurvivesGitOpsPrune(t *testing.T) {
 // The function's pullSecrets mount Secrets the way the pull-secret component does
 // (TestVolumesReadableByTheAgentsGroup): readable by the agent's group 0.
 func TestFunctionPullSecretsReadableByTheAgentsGroup(t *testing.T) {
+	t.Parallel()
 	out, err := Instance{Flavor: FlavorVanilla, PullSecrets: []string{"extra", "more"}}.Render()
 	if err != nil {
 		t.Fatal(err)

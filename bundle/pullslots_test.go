@@ -13,6 +13,7 @@ import (
 // and its namespace, and may use Leases only in its own namespace, through a
 // Role and RoleBinding named per instance.
 func TestMaxConcurrentNodesComponent(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)

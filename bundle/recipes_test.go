@@ -24,6 +24,7 @@ var clusterRecipes = []string{"uninstall"}
 // base/, overlays/ and components/ as a user has it, with the kustomize and kubectl CLIs; the
 // last command's output (a build) must be a whole, valid instance with what the recipe promises.
 func TestDocRecipes(t *testing.T) {
+	t.Parallel()
 	root, err := Root()
 	if err != nil {
 		t.Fatal(err)

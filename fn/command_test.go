@@ -13,6 +13,7 @@ import (
 // first of the next are two objects (read as one stream, they merged into one, and the first
 // was lost).
 func TestResourceFilesStaySeparate(t *testing.T) {
+	t.Parallel()
 	a := writeFile(t, "a.yaml", []byte("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: app}\n"))
 	b := writeFile(t, "b.yaml", []byte("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, namespace: app}\ndata: {k: v}"))
 	c := writeFile(t, "c.yaml", []byte("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: app}\n"))

@@ -33,6 +33,7 @@ func kptfile(path string, configPaths ...string) string {
 // files when none does or when it has the same instance name; under kustomize or standalone
 // (no Kptfile) it is always an error, but for the function configuration itself.
 func TestOtherConfigs(t *testing.T) {
+	t.Parallel()
 	self := kptConfig("web-images", "prefetch-web", "prefetcher.yaml")
 	for _, tc := range []struct {
 		name   string

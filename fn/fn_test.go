@@ -23,6 +23,7 @@ var update = flag.Bool("update", false, "rewrite testdata/*/expected.yaml from t
 // standalone command and compares expected.yaml, or errors.txt with what it prints on stderr:
 // each non-empty line of errors.txt must occur in it (-update writes both).
 func TestGolden(t *testing.T) {
+	t.Parallel()
 	c := frameworktestutil.CommandResultsChecker{
 		Command:                  fn.NewCommand,
 		UpdateExpectedFromActual: *update,
@@ -53,6 +54,7 @@ func eachLineOccurs(t *testing.T, expected, actual string) {
 // builds from a copy of the overlay a user edits by hand with the same values (bundle.Instance
 // written to disk), but for the managed-by label.
 func TestMatchesBundle(t *testing.T) {
+	t.Parallel()
 	root, err := bundle.Root()
 	if err != nil {
 		t.Fatal(err)

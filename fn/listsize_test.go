@@ -46,6 +46,7 @@ func listBytes(images []string) int {
 // TestListSizeInline: spec.images of exactly MaxListBytes is accepted; one byte more is an error
 // on spec.images naming the size, before anything is rendered.
 func TestListSizeInline(t *testing.T) {
+	t.Parallel()
 	at := listOfSize(fn.MaxListBytes)
 	if listBytes(at) != fn.MaxListBytes {
 		t.Fatalf("listOfSize made %d bytes", listBytes(at))
@@ -65,6 +66,7 @@ func TestListSizeInline(t *testing.T) {
 // TestListSizeFile: the same rule for spec.imagesFile, and for a list over the limit only with
 // both fields: the error is on the larger and names each part.
 func TestListSizeFile(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	write := func(name string, images []string) {
 		t.Helper()
@@ -94,6 +96,7 @@ func TestListSizeFile(t *testing.T) {
 // TestListSizeWorkloads: the rule holds for the list with the workloads' images, which only a
 // render knows: an error on spec.fromWorkloads, and nothing rendered.
 func TestListSizeWorkloads(t *testing.T) {
+	t.Parallel()
 	var pod strings.Builder
 	pod.WriteString("apiVersion: v1\nkind: Pod\nmetadata: {name: many, namespace: shop}\nspec:\n  containers:\n")
 	imgs := listOfSize(1_100_000)
@@ -119,6 +122,7 @@ func TestListSizeWorkloads(t *testing.T) {
 // TestListSizeWarning: above ClientSideApplyListBytes the instance renders with a warning that
 // says to apply server-side; at it, without one.
 func TestListSizeWarning(t *testing.T) {
+	t.Parallel()
 	rl, err := process(t, sizeConfig("", listOfSize(fn.ClientSideApplyListBytes)), "")
 	if err != nil || len(rl.Results) != 0 {
 		t.Errorf("a list of exactly %d bytes: %v, results %v", fn.ClientSideApplyListBytes, err, rl.Results)

@@ -19,6 +19,7 @@ func pinConfig(flavor string, images ...string) string {
 // spec.pinnedImageSet emits the PinnedImageSet of the list, by digest, named like the instance's
 // other cluster-scoped objects.
 func TestPinnedImageSetField(t *testing.T) {
+	t.Parallel()
 	c, results := fn.Decode(yaml.MustParse(pinConfig("ocp", "busybox@"+pinDigest, "registry.example.com/app:1@"+pinDigest)), "")
 	if results.ExitCode() != 0 {
 		t.Fatal(results)
@@ -48,6 +49,7 @@ func TestPinnedImageSetField(t *testing.T) {
 }
 
 func TestPinnedImageSetFieldRefusals(t *testing.T) {
+	t.Parallel()
 	for name, tc := range map[string]struct {
 		cfg, field, says string
 	}{

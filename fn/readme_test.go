@@ -13,6 +13,7 @@ import (
 // TestReadme keeps fn/README.md's copy of the schema equal to schema.yaml and every field of
 // the schema in its field table.
 func TestReadme(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile("README.md")
 	if err != nil {
 		t.Fatal(err)

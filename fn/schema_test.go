@@ -15,6 +15,7 @@ import (
 // TestSchemaEnumsMatchBundle: the schema's lists of flavors, credential providers and
 // components are the bundle's (in any order), so a new overlay or component cannot be forgotten there.
 func TestSchemaEnumsMatchBundle(t *testing.T) {
+	t.Parallel()
 	comps, err := bundle.Components()
 	if err != nil {
 		t.Fatal(err)

@@ -25,6 +25,7 @@ func errorsOn(results framework.Results, field string) []string {
 // TestInstanceNameRule: metadata.name is checked with the agent's own rule
 // (nodelabel.ValidateInstance), so a name the function accepts is one the agent starts with.
 func TestInstanceNameRule(t *testing.T) {
+	t.Parallel()
 	for _, name := range []string{"my.images", "My-Images", "-images", "images-", "my_images", strings.Repeat("a", 63) + "."} {
 		t.Run(name, func(t *testing.T) {
 			agent := nodelabel.ValidateInstance(name)

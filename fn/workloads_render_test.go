@@ -56,6 +56,7 @@ func writeFile(t *testing.T, name string, data []byte) string {
 // explicit image; the comments
 // naming the workloads do not change the agent's list digest.
 func TestWorkloadsList(t *testing.T) {
+	t.Parallel()
 	out, err := fn.RenderFile(workloadsConfig, workloadsInput)
 	if err != nil {
 		t.Fatal(err)
@@ -97,6 +98,7 @@ func TestWorkloadsList(t *testing.T) {
 // unchanged, though it now holds the instance's own DaemonSet (whose agent image must not join
 // the list).
 func TestWorkloadsRenderTwice(t *testing.T) {
+	t.Parallel()
 	out, err := fn.RenderFile(workloadsConfig, workloadsInput)
 	if err != nil {
 		t.Fatal(err)
@@ -114,6 +116,7 @@ func TestWorkloadsRenderTwice(t *testing.T) {
 // the ConfigMap's name; the rest of the output is the same but the Deployment itself and the
 // DaemonSet's reference to the ConfigMap.
 func TestWorkloadsTagBump(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile(workloadsInput)
 	if err != nil {
 		t.Fatal(err)
@@ -149,6 +152,7 @@ func TestWorkloadsTagBump(t *testing.T) {
 // TestWorkloadsMergeExplicit: an image that spec.images (or the list file) already lists is
 // not listed again from the workloads, whatever its spelling.
 func TestWorkloadsMergeExplicit(t *testing.T) {
+	t.Parallel()
 	c, results := fn.Decode(yaml.MustParse(`apiVersion: fn.image-prefetcher.stackrox.io/v1alpha1
 kind: ImagePrefetcher
 metadata: {name: merge}
@@ -202,6 +206,7 @@ func process(t *testing.T, config, items string) (*framework.ResourceList, error
 // TestWorkloadsNoneSelected: a selection that finds nothing and no other image is a warning,
 // not an error; the instance is still generated.
 func TestWorkloadsNoneSelected(t *testing.T) {
+	t.Parallel()
 	rl, err := process(t, `apiVersion: fn.image-prefetcher.stackrox.io/v1alpha1
 kind: ImagePrefetcher
 metadata: {name: empty}

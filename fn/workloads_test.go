@@ -78,6 +78,7 @@ func collect(t *testing.T, s *workloadSelection, items []*yaml.RNode) map[string
 // and image volumes, not of its ephemeral containers; kinds of other API groups are not
 // workloads.
 func TestWorkloadKinds(t *testing.T) {
+	t.Parallel()
 	docs := []string{
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: pod}\nspec:\n" + podSpec("  ", "pod"),
 		"apiVersion: v1\nkind: PodTemplate\nmetadata: {name: podtemplate}\ntemplate:\n  spec:\n" + podSpec("    ", "podtemplate"),
@@ -113,6 +114,7 @@ func TestWorkloadKinds(t *testing.T) {
 // TestWorkloadSelection: namespaces, label selector, the opt-out annotation, and the items that
 // are never sources.
 func TestWorkloadSelection(t *testing.T) {
+	t.Parallel()
 	deploy := func(name, ns, labels, annotations string) string {
 		meta := "name: " + name
 		if ns != "" {
@@ -191,6 +193,7 @@ func equalSets(a, b []string) bool {
 // workloads, a digest stays whole, the list is sorted, and one workload using an image twice
 // is named once.
 func TestWorkloadImagesNormalized(t *testing.T) {
+	t.Parallel()
 	const dig = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	items := parseItems(t,
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x}\nspec:\n  initContainers: [{name: i, image: busybox}]\n  containers: [{name: c, image: busybox}, {name: d, image: 'quay.io/a/b:1@"+dig+"'}]\n",
@@ -214,6 +217,7 @@ func TestWorkloadImagesNormalized(t *testing.T) {
 // comment names the volume and its workload, so an image both a container and a volume use
 // names both; include and exclude apply to volumes too, and so does the opt-out annotation.
 func TestImageVolumes(t *testing.T) {
+	t.Parallel()
 	const dig = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	items := parseItems(t,
 		"apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: shop}\nspec:\n  template:\n    spec:\n"+
@@ -256,6 +260,7 @@ func TestImageVolumes(t *testing.T) {
 // TestPatterns: include and exclude match the registry, the repository or the whole
 // reference, fully qualified or short.
 func TestPatterns(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		pattern, image string
 		want           bool
@@ -301,6 +306,7 @@ func TestPatterns(t *testing.T) {
 
 // TestIncludeExclude: include keeps only matching images, exclude then removes its matches.
 func TestIncludeExclude(t *testing.T) {
+	t.Parallel()
 	items := parseItems(t, "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n"+
 		"  - {name: a, image: registry.example.com/team/app:1}\n"+
 		"  - {name: b, image: registry.example.com/team/debug:1}\n"+
@@ -333,6 +339,7 @@ func TestIncludeExclude(t *testing.T) {
 // path and, when the orchestrator says, the file; the other workloads, containers and volumes
 // are still read. A null image is no image, as the API server reads it.
 func TestWorkloadErrors(t *testing.T) {
+	t.Parallel()
 	items := parseItems(t,
 		"apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: shop\n  annotations: {config.kubernetes.io/path: app/web.yaml, config.kubernetes.io/index: '2'}\nspec:\n  template:\n    spec:\n      containers: [{name: a, image: nginx}, {name: b, image: 'UPPER:1'}]\n",
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec:\n  containers: {name: a}\n",
@@ -391,6 +398,7 @@ func TestWorkloadErrors(t *testing.T) {
 // TestUnselectedNotChecked: a workload outside the selection is not read at all, so its
 // problems are not the instance's.
 func TestUnselectedNotChecked(t *testing.T) {
+	t.Parallel()
 	items := parseItems(t,
 		"apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: other, annotations: {image-prefetcher.stackrox.io/prefetch: 'no'}}\nspec:\n  containers: [{name: a, image: 'UPPER:1'}]\n")
 	imgs, results := selection(t, FromWorkloads{Namespaces: []string{"shop"}}).workloadImages(items)

@@ -32,6 +32,7 @@ func testSpec(t *testing.T, binary string) spec {
 }
 
 func TestSameInputsSameDigest(t *testing.T) {
+	t.Parallel()
 	a, err := buildIndex(testSpec(t, "agent"))
 	if err != nil {
 		t.Fatal(err)
@@ -56,6 +57,7 @@ func TestSameInputsSameDigest(t *testing.T) {
 }
 
 func TestImageContents(t *testing.T) {
+	t.Parallel()
 	idx, err := buildIndex(testSpec(t, "agent"))
 	if err != nil {
 		t.Fatal(err)
@@ -118,6 +120,7 @@ func TestImageContents(t *testing.T) {
 }
 
 func TestMissingAgentFails(t *testing.T) {
+	t.Parallel()
 	s := testSpec(t, "agent")
 	delete(s.binaries["linux/arm64"], "image-prefetcher")
 	if _, err := buildIndex(s); err == nil {

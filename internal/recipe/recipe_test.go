@@ -33,6 +33,7 @@ const doc = "Intro.\n" +
 	"````\n"
 
 func TestParse(t *testing.T) {
+	t.Parallel()
 	rs, err := Parse("doc.md", []byte(doc))
 	if err != nil {
 		t.Fatal(err)
@@ -60,6 +61,7 @@ func TestParse(t *testing.T) {
 
 // TestScript runs a recipe's script: the file step is written before the script that reads it.
 func TestScript(t *testing.T) {
+	t.Parallel()
 	rs, err := Parse("doc.md", []byte(doc))
 	if err != nil {
 		t.Fatal(err)
@@ -80,6 +82,7 @@ func TestScript(t *testing.T) {
 }
 
 func TestParseErrors(t *testing.T) {
+	t.Parallel()
 	for name, md := range map[string]string{
 		"marker without block":  "<!-- recipe a -->\ntext\n```sh\n```\n",
 		"marker at end":         "<!-- recipe a -->\n",

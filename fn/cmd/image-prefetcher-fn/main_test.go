@@ -124,6 +124,7 @@ func kinds(objs map[string]any) []string {
 }
 
 func TestStandalone(t *testing.T) {
+	t.Parallel()
 	cfg := filepath.Join(repo, "examples", "standalone", "prefetcher.yaml")
 	out, stderr, err := runCmd(t, t.TempDir(), binary, cfg)
 	if err != nil {
@@ -168,6 +169,7 @@ spec:
 // TestErrorsExitNonZero: kyaml's framework alone exits 0 when a Filter returns error results;
 // the function must fail its caller, in both I/O modes, and still write the results.
 func TestErrorsExitNonZero(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "bad.yaml")
 	if err := os.WriteFile(cfg, []byte(badConfig), 0o644); err != nil {
@@ -230,6 +232,7 @@ func assertExit1(t *testing.T, what string, err error) {
 // directory), twice: the second run must change nothing. Then a list change must replace the
 // image-list ConfigMap, not add one.
 func TestKptRenderTwice(t *testing.T) {
+	t.Parallel()
 	kpt := tool(t, "kpt", os.Getenv("KPT"), "kpt")
 	pkg := copyExample(t, "kpt-package")
 	render := func() map[string]string {
@@ -296,6 +299,7 @@ func TestKptRenderTwice(t *testing.T) {
 // function as an exec transformer, and compares it with the standalone render of the same
 // instance.
 func TestKustomizeExec(t *testing.T) {
+	t.Parallel()
 	kustomize := kustomizeCLI(t)
 	dir := copyExample(t, "kustomize-exec")
 	out, stderr, err := runCmd(t, t.TempDir(), kustomize, "build", "--enable-alpha-plugins", "--enable-exec", dir)
@@ -341,6 +345,7 @@ func TestKustomizeExec(t *testing.T) {
 // TestFluxHydrated: the committed hydrated output under examples/flux equals a fresh render
 // of its configuration, and is a plain kustomization Flux builds without plugins.
 func TestFluxHydrated(t *testing.T) {
+	t.Parallel()
 	flux := filepath.Join(repo, "examples", "flux")
 	want, err := fn.RenderFile(filepath.Join(flux, "prefetcher.yaml"))
 	if err != nil {

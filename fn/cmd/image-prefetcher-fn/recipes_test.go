@@ -43,6 +43,7 @@ exec "$REAL_KUBECTL" "$@"
 // the repository's examples with the function built from this checkout in bin/, and checks
 // what each one promises.
 func TestReadmeRecipes(t *testing.T) {
+	t.Parallel()
 	kustomize := kustomizeCLI(t)
 	kpt := tool(t, "kpt", os.Getenv("KPT"), "kpt")
 	kubectl := tool(t, "kubectl", "kubectl")

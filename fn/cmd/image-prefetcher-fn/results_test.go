@@ -69,6 +69,7 @@ func resultSeverities(t *testing.T, out string) []string {
 }
 
 func TestWarningsStandalone(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "quiet.yaml")
 	if err := os.WriteFile(cfg, []byte(emptyConfig), 0o644); err != nil {
@@ -111,6 +112,7 @@ func TestWarningsStandalone(t *testing.T) {
 // TestWarningsResourceList: a ResourceList on stdin, as kustomize's exec transformer (and kpt)
 // run the function: the warning is a result and a line on stderr, and --strict fails the run.
 func TestWarningsResourceList(t *testing.T) {
+	t.Parallel()
 	in := resourceList(t, emptyConfig)
 	warning := "warning: ImagePrefetcher/quiet " + emptyWarning + "\n"
 
@@ -138,6 +140,7 @@ func TestWarningsResourceList(t *testing.T) {
 // TestWarningsKustomizeExec: kustomize passes the function's stderr through, and the exec
 // transformer's args pass --strict.
 func TestWarningsKustomizeExec(t *testing.T) {
+	t.Parallel()
 	kustomize := kustomizeCLI(t)
 	dir := copyExample(t, "kustomize-exec")
 	if err := os.WriteFile(filepath.Join(dir, "images.txt"), []byte("# none yet\n"), 0o644); err != nil {
@@ -165,6 +168,7 @@ func TestWarningsKustomizeExec(t *testing.T) {
 // TestSecondConfigStandalone: a configuration file with two documents fails, naming both, and
 // renders nothing.
 func TestSecondConfigStandalone(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "two.yaml")
 	second := strings.Replace(emptyConfig, "name: quiet", "name: loud", 1) + "  images: [busybox:1.36.1]\n"
@@ -185,6 +189,7 @@ func TestSecondConfigStandalone(t *testing.T) {
 // TestSecondConfigKpt: two instances in one kpt package, each with its pipeline step, render;
 // with the same instance name (in other namespaces) the render fails, naming both files.
 func TestSecondConfigKpt(t *testing.T) {
+	t.Parallel()
 	kpt := tool(t, "kpt", os.Getenv("KPT"), "kpt")
 	pkg := copyExample(t, "kpt-package")
 	raw, err := os.ReadFile(filepath.Join(pkg, "prefetcher.yaml"))

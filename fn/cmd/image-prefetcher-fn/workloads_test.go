@@ -43,6 +43,7 @@ registry.example.com/shop/report@sha256:4b6f3bd0d1ec3cf0b5e8d3b5c7a9b6a1d2e3f405
 // TestWorkloadsReadme: fn/README.md shows the commands these tests run and the list they
 // check.
 func TestWorkloadsReadme(t *testing.T) {
+	t.Parallel()
 	raw, err := os.ReadFile(filepath.Join(repo, "fn", "README.md"))
 	if err != nil {
 		t.Fatal(err)
@@ -113,6 +114,7 @@ func shopRender(t *testing.T) string {
 }
 
 func TestWorkloadsStandalone(t *testing.T) {
+	t.Parallel()
 	kubectl := tool(t, "kubectl", os.Getenv("KUBECTL"), "kubectl")
 	root := exampleTree(t, "workloads", "workloads-standalone")
 	out, stderr, err := shell(t, root, standaloneWorkloadsCmd, map[string]string{"kubectl": kubectl})
@@ -150,6 +152,7 @@ func TestWorkloadsStandalone(t *testing.T) {
 }
 
 func TestWorkloadsKustomizeExec(t *testing.T) {
+	t.Parallel()
 	kustomize := kustomizeCLI(t)
 	root := exampleTree(t, "workloads", "workloads-kustomize")
 	out, stderr, err := shell(t, root, kustomizeWorkloadsCmd, map[string]string{"kustomize": kustomize})
@@ -206,6 +209,7 @@ func TestWorkloadsKustomizeExec(t *testing.T) {
 // tag bump in one Deployment changes exactly its list line and the ConfigMap's name; a bad
 // selector fails the render with the field path.
 func TestWorkloadsKpt(t *testing.T) {
+	t.Parallel()
 	kpt := tool(t, "kpt", os.Getenv("KPT"), "kpt")
 	tools := map[string]string{"kpt": kpt}
 	root := exampleTree(t, "workloads")
