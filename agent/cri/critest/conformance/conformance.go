@@ -260,6 +260,12 @@ func testError(t *testing.T, target Target, c ErrorCase) {
 		auth = c.Auth(target)
 	}
 	want, _ := answerFor(c, target.Runtime)
+	// Another test may have pulled the image with the right credentials (the private one): the
+	// check below is of what the failed pull leaves, so it starts from nothing. Best effort: an
+	// unparsable reference cannot be removed either, and is never present.
+	if _, err := target.Images.RemoveImage(ctx, &runtimeapi.RemoveImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}); err != nil {
+		t.Logf("remove %s before the case: %v", ref, err)
+	}
 	_, err := target.Images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}, Auth: auth})
 	if err == nil {
 		t.Fatalf("pull %s succeeded; want %s %q", ref, want.Code, want.Phrase)
