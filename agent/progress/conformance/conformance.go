@@ -26,17 +26,18 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	criconformance "github.com/nodeprefetch/image-prefetcher/agent/cri/critest/conformance"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/progress"
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
 )
 
-// The runtimes a Target can be: the e2e harness's names for the real ones,
-// and the fake.
+// The runtimes a Target can be: the real ones as the CRI suite names them,
+// and this suite's fake.
 const (
-	Containerd   = "containerd"     // containerd 2.x
-	Containerd16 = "containerd-1.6" // Debian's 1.6.20
-	CRIO         = "cri-o"
+	Containerd   = criconformance.Containerd
+	Containerd16 = criconformance.Containerd16
+	CRIO         = criconformance.CRIO
 	Fake         = "fake containerd"
 )
 

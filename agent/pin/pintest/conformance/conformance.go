@@ -22,15 +22,16 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
 
+	criconformance "github.com/nodeprefetch/image-prefetcher/agent/cri/critest/conformance"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 )
 
-// The runtimes a Target can be: the e2e harness's names for the real ones,
-// and the fake.
+// The runtimes a Target can be: the real ones as the CRI suite names them,
+// and this suite's fake.
 const (
-	Containerd   = "containerd"     // containerd 2.x
-	Containerd16 = "containerd-1.6" // Debian's 1.6.20
-	CRIO         = "cri-o"
+	Containerd   = criconformance.Containerd
+	Containerd16 = criconformance.Containerd16
+	CRIO         = criconformance.CRIO
 	Fake         = "pintest"
 )
 
