@@ -56,8 +56,18 @@ func TestScenarioNodeLeaves(t *testing.T) {
 		if node.Annotations[in.annotationKey()] == "" {
 			t.Fatalf("%s: no list annotation", step)
 		}
-		if c := nodeCondition(node, in.labelKey()); c == nil || c.Status != corev1.ConditionTrue {
-			t.Fatalf("%s: condition %+v, want True", step, c)
+		// The condition follows the label (written right after it, never before): wait for it.
+		err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
+			n, err := cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			node = n
+			c := nodeCondition(n, in.labelKey())
+			return c != nil && c.Status == corev1.ConditionTrue, nil
+		})
+		if err != nil {
+			t.Fatalf("%s: condition %+v, want True: %v", step, nodeCondition(node, in.labelKey()), err)
 		}
 		if owned := recs.ownedBy(in.name()); len(owned) != len(list) {
 			t.Fatalf("%s: records pinned by %s: %v, want the %d images of the list", step, in.name(), owned, len(list))
