@@ -77,9 +77,9 @@ PREBUILD_PREVIOUS_K8S = (K8S_VERSION=$(E2E_PREVIOUS_K8S) nice -n 19 e2e/build-ku
 E2E_CRIO_SCENARIOS := TestScenario(QuickStart|MissingTag|PrivateImage|RecheckRepullsRemovedImage|WorkloadImages)
 
 # The progress tests are left out on CRI-O: it shows no pull progress (the agent's escalating timeouts apply).
-e2e-cri-o:
+e2e-cri-o: fn-tools
 	@set -e; trap '$(E2E) down' EXIT; K8S_VERSION=$(E2E_PREVIOUS_K8S) IMAGE_PREFETCHER_E2E_RUNTIME=cri-o $(E2E) up; \
-	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS)|$(E2E_CRIO_SCENARIOS)$$)' \
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS)|$(E2E_CRIO_SCENARIOS)$$)' \
 	    -skip '^TestAgentProgress' ./e2e/
 
 # A node that registers with a startup taint and whose kubelet garbage-collects every unused, unpinned
