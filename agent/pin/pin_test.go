@@ -14,7 +14,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin/pintest"
@@ -53,7 +52,7 @@ func TestRecordName(t *testing.T) {
 
 func newPinner(t *testing.T, srv *pintest.Server, instance string) *pin.Pinner {
 	t.Helper()
-	return &pin.Pinner{Client: pin.NewClient(dial(t, srv.Path()), 0), Instance: instance}
+	return &pin.Pinner{Client: pin.NewClient(pintest.Dial(t, srv.Path()), 0), Instance: instance}
 }
 
 func reconcile(t *testing.T, p *pin.Pinner, pinNames, keep []string) pin.Report {
@@ -267,7 +266,7 @@ func TestNoImagesAPIIsUnsupported(t *testing.T) {
 	s := grpc.NewServer()
 	go s.Serve(l)
 	t.Cleanup(s.Stop)
-	c := pin.NewClient(dial(t, path), 0)
+	c := pin.NewClient(pintest.Dial(t, path), 0)
 	_, err = (&pin.Pinner{Client: c, Instance: "team-a"}).Reconcile(context.Background(), []string{imgA}, nil)
 	if !errors.Is(err, pin.ErrUnsupported) {
 		t.Errorf("Reconcile against a socket without the images API: %v, want ErrUnsupported", err)
@@ -287,18 +286,6 @@ func TestOwned(t *testing.T) {
 	if err != nil || !slices.Equal(got, []string{imgA, imgC}) {
 		t.Errorf("Owned = %v, %v; want [%s %s]", got, err, imgA, imgC)
 	}
-}
-
-// dial connects to a socket as the agent's one runtime connection
-// (cri.Client.Conn) would.
-func dial(t *testing.T, path string) *grpc.ClientConn {
-	t.Helper()
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
 }
 
 // An operator who removes the pin-set mark from a pin this instance set makes

@@ -32,6 +32,7 @@ import (
 	"github.com/containerd/containerd/api/types"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -287,4 +288,16 @@ func (s *Server) String() string {
 		fmt.Fprintf(&b, "%s %v\n", name, img.Labels)
 	}
 	return b.String()
+}
+
+// Dial connects to a socket as the agent's one runtime connection
+// (cri.Client.Conn) would; the connection closes with the test.
+func Dial(t testing.TB, path string) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }

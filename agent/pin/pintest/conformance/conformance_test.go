@@ -4,9 +4,6 @@ import (
 	"context"
 	"testing"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"github.com/nodeprefetch/image-prefetcher/agent/cri/critest"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin"
 	"github.com/nodeprefetch/image-prefetcher/agent/pin/pintest"
@@ -24,7 +21,7 @@ func TestFakeConformance(t *testing.T) {
 	imgs := pintest.New()
 	srv := critest.Start(t, imgs.Register)
 	conformance.Run(t, conformance.Target{
-		Runtime: conformance.Fake, Conn: dial(t, srv.Path()),
+		Runtime: conformance.Fake, Conn: pintest.Dial(t, srv.Path()),
 		Image: conformance.Image{Ref: ref, DigestRef: digestRef},
 		// The records containerd's CRI makes for a pull by tag: the tag's and
 		// the digest reference's, with CRI's own label.
@@ -44,15 +41,5 @@ func TestFakeConformance(t *testing.T) {
 // A fake CRI alone has no images API, as CRI-O has none.
 func TestFakeWithoutImagesAPI(t *testing.T) {
 	srv := critest.Start(t)
-	conformance.RunUnsupported(t, dial(t, srv.Path()))
-}
-
-func dial(t *testing.T, path string) *grpc.ClientConn {
-	t.Helper()
-	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
+	conformance.RunUnsupported(t, pintest.Dial(t, srv.Path()))
 }
