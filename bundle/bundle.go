@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/api/types"
@@ -95,6 +96,28 @@ func Components() ([]string, error) {
 	return names, nil
 }
 
+// included are, per flavor, the components whose work the flavor's overlay does itself.
+var included = map[string][]string{
+	// overlays/ocp mounts CRI-O's paths alone, as components/runtime-crio does. The two do not
+	// apply one after the other: the overlay's patches, which run after its components, would
+	// take the component's CRI-O mounts for the base's CRI-O pair and delete them.
+	FlavorOCP: {"runtime-crio"},
+}
+
+// Included reports whether flavor's overlay already does what component c does, so that c is
+// not to be added to it.
+func Included(flavor, c string) bool { return slices.Contains(included[flavor], c) }
+
+// FlavorComponents lists the components that can be added to flavor: Components but the ones
+// the flavor includes.
+func FlavorComponents(flavor string) ([]string, error) {
+	comps, err := Components()
+	if err != nil {
+		return nil, err
+	}
+	return slices.DeleteFunc(comps, func(c string) bool { return Included(flavor, c) }), nil
+}
+
 // sources are the directories of the repository an instance is built from.
 var sources = []string{"base", "overlays", "components"}
 
@@ -147,12 +170,9 @@ func BuildInstance(root, tmp string, in Instance) ([]byte, error) {
 }
 
 // BuildAll renders every overlay as shipped and every overlay with each single component
-// added, the way docs/bundle.md tells users to add one. tmp holds the combinations' copies.
+// added (but the ones it includes), the way docs/bundle.md tells users to add one. tmp holds
+// the combinations' copies.
 func BuildAll(root, tmp string) ([]Build, error) {
-	comps, err := Components()
-	if err != nil {
-		return nil, err
-	}
 	var builds []Build
 	for _, flavor := range Flavors {
 		out, err := Kustomize(filepath.Join(root, "overlays", flavor))
@@ -160,6 +180,10 @@ func BuildAll(root, tmp string) ([]Build, error) {
 			return nil, err
 		}
 		builds = append(builds, Build{Name: flavor, YAML: out})
+		comps, err := FlavorComponents(flavor)
+		if err != nil {
+			return nil, err
+		}
 		for _, c := range comps {
 			out, err := BuildInstance(root, tmp, Instance{Flavor: flavor, Components: []string{c}})
 			if err != nil {

@@ -109,13 +109,13 @@ func TestKubectlKustomizeMatchesGolden(t *testing.T) {
 	}
 	root, builds := buildAll(t)
 	tmp := t.TempDir()
-	comps, err := Components()
-	if err != nil {
-		t.Fatal(err)
-	}
 	dirs := map[string]string{}
 	for _, flavor := range Flavors {
 		dirs[flavor] = filepath.Join(root, "overlays", flavor)
+		comps, err := FlavorComponents(flavor)
+		if err != nil {
+			t.Fatal(err)
+		}
 		for _, c := range comps {
 			d, err := os.MkdirTemp(tmp, "kubectl-")
 			if err != nil {
@@ -378,14 +378,20 @@ func checkInstance(t *testing.T, build string, objs []Object, namespace, instanc
 	if m, ok := mounts["/etc/image-prefetcher"]; !ok || m.Name != "image-list" {
 		t.Errorf("the image list is not mounted at /etc/image-prefetcher")
 	}
-	// The socket volume holds a socket the agent's detection tries (cri.Candidates): the
-	// flavor's runtime, or the one of a runtime-* component.
-	socket := volumes["cri-socket"]
-	if socket.HostPath == nil || !slices.ContainsFunc(cri.Candidates(""), func(p string) bool {
-		return p == socket.HostPath.Path || strings.HasPrefix(p, socket.HostPath.Path+"/")
-	}) {
-		t.Errorf("cri-socket volume %+v holds none of the sockets the agent detects (%v)", socket.VolumeSource, cri.Candidates(""))
+	// Each socket volume holds a socket the agent's detection tries (cri.Candidates): the
+	// flavor's runtime, or the one of a runtime-* component; the vanilla flavor's CRI-O one too.
+	for _, name := range []string{"cri-socket", "crio-socket"} {
+		socket, ok := volumes[name]
+		if !ok && name == "crio-socket" {
+			continue
+		}
+		if socket.HostPath == nil || !slices.ContainsFunc(cri.Candidates(""), func(p string) bool {
+			return p == socket.HostPath.Path || strings.HasPrefix(p, socket.HostPath.Path+"/")
+		}) {
+			t.Errorf("%s volume %+v holds none of the sockets the agent detects (%v)", name, socket.VolumeSource, cri.Candidates(""))
+		}
 	}
+	socket := volumes["cri-socket"]
 	wantSocket := map[string]string{"vanilla": "/run/containerd", "ocp": "/run/crio",
 		"vanilla+runtime-k3s": "/run/k3s/containerd", "vanilla+runtime-crio": "/run/crio",
 		"vanilla+runtime-cri-dockerd": "/run/cri-dockerd.sock"}[build]
@@ -459,12 +465,12 @@ func TestInstancesShareNoNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	comps, err := Components()
-	if err != nil {
-		t.Fatal(err)
-	}
 	tmp := t.TempDir()
 	for _, flavor := range Flavors {
+		comps, err := FlavorComponents(flavor)
+		if err != nil {
+			t.Fatal(err)
+		}
 		t.Run(flavor, func(t *testing.T) {
 			a := Instance{Flavor: flavor, Components: comps}
 			b := Instance{Flavor: flavor, Namespace: "team-b", Name: "team-b-images", Components: comps}

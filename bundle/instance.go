@@ -127,6 +127,9 @@ func (in Instance) edit(k *yaml.RNode, fsys filesys.FileSystem, dir string) erro
 			if path.Base(c) != c || !fsys.Exists(path.Join(dir, "components", c, "kustomization.yaml")) {
 				return fmt.Errorf("no component %q under components/", c)
 			}
+			if Included(in.Flavor, c) {
+				return fmt.Errorf("component %s: overlays/%s already does what it does", c, in.Flavor)
+			}
 			paths = append(paths, "../../components/"+c)
 		}
 		if err := k.PipeE(yaml.SetField("components", yaml.NewListRNode(paths...))); err != nil {

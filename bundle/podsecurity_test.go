@@ -1,6 +1,7 @@
 package bundle
 
 import (
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -92,6 +93,82 @@ func TestHostDirectoriesMountRecursivelyReadOnly(t *testing.T) {
 			}
 			if !socket {
 				t.Errorf("no cri-socket host path mount")
+			}
+		})
+	}
+}
+
+// hostDir is a hostPath volume's path and type.
+type hostDir struct {
+	Path string
+	Type corev1.HostPathType
+}
+
+// The runtime host paths each kind of node needs (volume name: host path and type).
+var (
+	containerdImageFs = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs"
+	crioImageFs       = "/var/lib/containers/storage/overlay-images"
+	// The default: containerd's and CRI-O's, each created where absent, so that the pod starts on
+	// a node of either runtime.
+	mixedNodes = map[string]hostDir{
+		"cri-socket":    {"/run/containerd", corev1.HostPathDirectoryOrCreate},
+		"image-fs":      {containerdImageFs, corev1.HostPathDirectoryOrCreate},
+		"crio-socket":   {"/run/crio", corev1.HostPathDirectoryOrCreate},
+		"crio-image-fs": {crioImageFs, corev1.HostPathDirectoryOrCreate},
+	}
+	crioNodes = map[string]hostDir{
+		"cri-socket": {"/run/crio", corev1.HostPathDirectory},
+		"image-fs":   {crioImageFs, corev1.HostPathDirectory},
+	}
+	k3sNodes = map[string]hostDir{
+		"cri-socket": {"/run/k3s/containerd", corev1.HostPathDirectory},
+		"image-fs":   {"/var/lib/rancher/k3s/agent/containerd/io.containerd.snapshotter.v1.overlayfs", corev1.HostPathDirectory},
+	}
+	criDockerdNodes = map[string]hostDir{
+		"cri-socket": {"/run/cri-dockerd.sock", corev1.HostPathSocket},
+	}
+)
+
+// Each build mounts the runtime host paths of the nodes it is for, and no other: the vanilla
+// flavor both containerd's and CRI-O's (DirectoryOrCreate, so either kind of node starts the
+// pod); ocp and runtime-crio CRI-O's alone; runtime-k3s and runtime-cri-dockerd their runtime's
+// and no CRI-O path. Every one is mounted read-only below /host (checkInstance,
+// TestHostDirectoriesMountRecursivelyReadOnly).
+func TestRuntimeHostPaths(t *testing.T) {
+	t.Parallel()
+	_, builds := buildAll(t)
+	for _, b := range builds {
+		t.Run(b.Name, func(t *testing.T) {
+			want := mixedNodes
+			switch {
+			// The overlay's CRI-O patches run after its components, so they win over a
+			// runtime component's.
+			case strings.HasPrefix(b.Name, FlavorOCP), b.Name == FlavorVanilla+"+runtime-crio":
+				want = crioNodes
+			case b.Name == FlavorVanilla+"+runtime-k3s":
+				want = k3sNodes
+			case b.Name == FlavorVanilla+"+runtime-cri-dockerd":
+				want = criDockerdNodes
+			}
+			pod := agentPod(t, b)
+			got := map[string]hostDir{}
+			for _, v := range pod.Volumes {
+				// The credential provider components' own host paths, checked by their tests.
+				if v.HostPath != nil && !strings.HasPrefix(v.Name, "credential-provider") {
+					got[v.Name] = hostDir{v.HostPath.Path, deref(v.HostPath.Type)}
+				}
+			}
+			if !maps.Equal(got, want) {
+				t.Errorf("runtime host paths %v, want %v", got, want)
+			}
+			mounted := map[string]bool{}
+			for _, m := range pod.Containers[0].VolumeMounts {
+				mounted[m.Name] = true
+			}
+			for name := range want {
+				if !mounted[name] {
+					t.Errorf("volume %s is not mounted", name)
+				}
 			}
 		})
 	}

@@ -18,15 +18,15 @@ func TestMaxConcurrentNodesComponent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	comps, err := Components()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Contains(comps, "max-concurrent-nodes") {
-		t.Fatalf("components %v lack max-concurrent-nodes", comps)
-	}
 	tmp := t.TempDir()
 	for _, flavor := range Flavors {
+		comps, err := FlavorComponents(flavor)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Contains(comps, "max-concurrent-nodes") {
+			t.Fatalf("components %v lack max-concurrent-nodes", comps)
+		}
 		for _, in := range []Instance{
 			{Flavor: flavor, Components: []string{"max-concurrent-nodes"}},
 			{Flavor: flavor, Namespace: "team-b", Name: "team-b-images", Components: comps},

@@ -61,6 +61,9 @@ func (c *ImagePrefetcher) Validate() error {
 		if slices.Index(s.Components, name) < i {
 			r.errorf(field, name, "component %q is listed twice", name)
 		}
+		if bundle.Included(s.Flavor, name) {
+			r.errorf(field, name, "flavor %s already does what component %q does: leave it out", s.Flavor, name)
+		}
 	}
 	for i, img := range s.Images {
 		field := fmt.Sprintf("spec.images[%d]", i)

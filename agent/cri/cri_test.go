@@ -90,6 +90,39 @@ func TestDetect(t *testing.T) {
 			t.Fatalf("err = %v", err)
 		}
 	})
+	// The default DaemonSet mounts containerd's and CRI-O's socket directories on every node,
+	// and the kubelet creates the absent runtime's, empty: that one must never be taken.
+	for _, tc := range []struct{ name, empty, socket string }{
+		{"empty containerd directory beside CRI-O's socket", "run/containerd", "run/crio/crio.sock"},
+		{"empty CRI-O directory beside containerd's socket", "run/crio", "run/containerd/containerd.sock"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			root := t.TempDir()
+			if err := os.MkdirAll(filepath.Join(root, tc.empty), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			sock := filepath.Join(root, tc.socket)
+			listen(t, sock)
+			got, err := cri.Detect(root)
+			if err != nil || got != sock {
+				t.Fatalf("Detect = %q, %v; want %s", got, err, sock)
+			}
+		})
+	}
+	t.Run("both directories empty", func(t *testing.T) {
+		root := t.TempDir()
+		for _, d := range []string{"run/containerd", "run/crio"} {
+			if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_, err := cri.Detect(root)
+		for _, p := range []string{"run/containerd/containerd.sock", "run/crio/crio.sock"} {
+			if want := filepath.Join(root, p) + " (missing)"; err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("err = %v; want it to name %s", err, want)
+			}
+		}
+	})
 	t.Run("first in order wins", func(t *testing.T) {
 		root := t.TempDir()
 		k3s := filepath.Join(root, "run/k3s/containerd/containerd.sock")
