@@ -28,7 +28,8 @@ if [ ! -f "$SRC/go.mod" ]; then
   rm -rf "$SRC.tmp"; cp -r "$moddir" "$SRC.tmp"; chmod -R u+w "$SRC.tmp"
   # Module versions the proxy refuses ("not available"), replaced by the nearest served release:
   # go-criu v8.1.0 (checkpoint/restore, unused by the harness) -> v8.2.0.
-  for r in github.com/checkpoint-restore/go-criu/v8=github.com/checkpoint-restore/go-criu/v8@v8.2.0; do
+  replaces=(github.com/checkpoint-restore/go-criu/v8=github.com/checkpoint-restore/go-criu/v8@v8.2.0)
+  for r in "${replaces[@]}"; do
     if grep -q "${r%%=*} " "$SRC.tmp/go.mod"; then (cd "$SRC.tmp" && go mod edit -replace "$r"); fi
   done
   mv "$SRC.tmp" "$SRC"

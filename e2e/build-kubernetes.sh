@@ -39,7 +39,7 @@ if [ ! -f "$MOD/go.sum" ]; then
     # k8s.io/kubernetes maps its staging modules to ./staging/src/...; outside its repo they must be
     # replaced by the published v0.Y.Z modules. A module the proxy refuses and that only tests import
     # gets an empty stub.
-    for m in $(awk '/=> \.\/staging\/src\//{print $1}' "$kmod"); do
+    while read -r m; do
       if go mod download -json "$m@$staging" >/dev/null 2>&1; then
         printf '\t%s => %s %s\n' "$m" "$m" "$staging"
       else
@@ -48,7 +48,7 @@ if [ ! -f "$MOD/go.sum" ]; then
         printf 'module %s\n\ngo 1.24.0\n' "$m" >"$MOD/stubs/${m#k8s.io/}/go.mod"
         printf '\t%s => ./stubs/%s\n' "$m" "${m#k8s.io/}"
       fi
-    done
+    done < <(awk '/=> \.\/staging\/src\//{print $1}' "$kmod")
     printf ')\n'
   } >"$MOD/go.mod"
   cat >"$MOD/tools.go" <<'GO'

@@ -10,6 +10,11 @@
 #   e2e/cluster.sh push-agent-image    # build + push the agent image to the local registry (make image-push)
 #   e2e/cluster.sh stop-component NAME   # stop one running component by its recorded PID (fault tests)
 #   e2e/cluster.sh start-component NAME  # start it again with the command line it had, wait until it answers
+#   e2e/cluster.sh add-node NAME RUNTIME [TAINTS]  # one more node (own network and mount namespace, runtime,
+#                                      # kubelet; registers with TAINTS, e.g. key=:NoSchedule); Ready on return
+#   e2e/cluster.sh kill-node NAME      # SIGKILL that node's kubelet, runtime and containers, remove its namespaces
+#   e2e/cluster.sh shape-node NAME MBIT  # cap what the node's link delivers to it (0: no cap)
+#   e2e/cluster.sh node-registry NAME block|allow  # refuse (or allow again) the node's connections to the registry
 #
 # Settings (environment): IMAGE_PREFETCHER_E2E_STATE (default /var/tmp/image-prefetcher-e2e),
 # IMAGE_PREFETCHER_E2E_RUNTIME (containerd = containerd 2.x, the default | containerd-1.6 = Debian's | cri-o),
@@ -20,7 +25,9 @@
 # of a gated pool does), IMAGE_PREFETCHER_E2E_IMAGE_GC=1 (the kubelet's image GC collects every unused image
 # that is not pinned, at the kubelet's start and every 5 minutes; unset: image GC off),
 # IMAGE_PREFETCHER_E2E_IMAGE_FS_SIZE (e.g. 160M: the runtime's image store is an ext4 filesystem of its own of
-# that size on a loop device, as on a node with a small image filesystem; unset: the state dir's filesystem).
+# that size on a loop device, as on a node with a small image filesystem; unset: the state dir's filesystem),
+# IMAGE_PREFETCHER_E2E_FLEET (e.g. "cri-o containerd-1.6": full mode adds one node per runtime named, e2e-node-2,
+# e2e-node-3, ...; see e2e/cluster/fleet.sh).
 # Everything it starts is recorded as "PID STARTTIME" under $STATE/pids and stopped only by that record.
 set -euo pipefail
 
@@ -61,10 +68,13 @@ WANT_RUNTIME=${IMAGE_PREFETCHER_E2E_RUNTIME:-containerd}
 use_runtime "$WANT_RUNTIME"
 [ -f "$STATE/runtime" ] && use_runtime "$(cat "$STATE/runtime")"
 KUBECONFIG_ADMIN=$STATE/admin.kubeconfig
+FLEET=${IMAGE_PREFETCHER_E2E_FLEET:-}
+# shellcheck source=e2e/cluster/fleet.sh
+. "$ROOT/e2e/cluster/fleet.sh"
 ENV_FILE=$STATE/env.sh
 # Host paths that containerd 1.6, libcni and the kubelet create whatever their flags say. `up` records which
 # of them existed before; `down` removes only the ones it created.
-HOST_PATHS=(/run/containerd /var/lib/kubelet /var/log/containers /var/log/pods /var/lib/cni /run/netns /etc/cni /opt/cni)
+HOST_PATHS=(/run/containerd /var/lib/kubelet /var/log/containers /var/log/pods /var/lib/cni /run/netns /etc/cni /opt/cni /run/nri)
 # Kernel settings the kubelet (and the CNI bridge) change; restored on down.
 SYSCTLS=(vm/overcommit_memory kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward)
 
@@ -93,7 +103,8 @@ start_bg() { # start_bg <name> <cmd...>
   # Only stdin, stdout and stderr reach the component: a lock the caller holds (the harness' own on fd
   # 9, or a `flock FILE cmd` around a test run) must not be inherited by what outlives the caller.
   (
-    for fd in $(ls "/proc/$BASHPID/fd"); do
+    for fd in "/proc/$BASHPID/fd"/*; do
+      fd=${fd##*/}
       [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
     done
     exec nohup "$@" >"$LOGS/$name.log" 2>&1 </dev/null
@@ -151,7 +162,7 @@ install_packages() {
   local missing=() pair cmd pkg
   for pair in containerd:containerd ctr:containerd runc:runc docker-registry:docker-registry etcd:etcd-server \
     htpasswd:apache2-utils /usr/lib/cni/bridge:containernetworking-plugins /usr/lib/cni/host-local:containernetworking-plugins \
-    ip:iproute2 ss:iproute2 openssl:openssl curl:curl make:make gcc:gcc; do
+    ip:iproute2 ss:iproute2 openssl:openssl curl:curl make:make gcc:gcc socat:socat; do
     cmd=${pair%%:*} pkg=${pair#*:}
     if [[ $cmd == /* ]]; then [ -x "$cmd" ] && continue; else command -v "$cmd" >/dev/null && continue; fi
     missing+=("$pkg")
@@ -170,7 +181,9 @@ install_packages() {
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+    local pkgs
+    mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
     # On a systemd machine the packages start their own services, which would hold our ports (5000, 2379)
     # or a second containerd: stop the ones this install just brought in.
     if [ -d /run/systemd/system ]; then
@@ -197,7 +210,7 @@ record_host() {
   [ -f "$STATE/host-before" ] && return 0 # keep the first record until down restores it
   {
     for p in "${HOST_PATHS[@]}"; do [ -e "$p" ] && echo "path $p"; done
-    for s in "${SYSCTLS[@]}"; do echo "sysctl $s $(cat /proc/sys/$s)"; done
+    for s in "${SYSCTLS[@]}"; do echo "sysctl $s $(cat "/proc/sys/$s")"; done
     for ipt in iptables ip6tables; do
       command -v $ipt >/dev/null || continue
       for t in filter nat mangle; do
@@ -210,9 +223,9 @@ record_host() {
 restore_host() {
   local f=$STATE/host-before
   [ -f "$f" ] || return 0
-  local s v t c p
+  local t c p
   while read -r kind a b; do
-    [ "$kind" = sysctl ] && echo "$b" >"/proc/sys/$a" 2>/dev/null || true
+    if [ "$kind" = sysctl ]; then echo "$b" >"/proc/sys/$a" 2>/dev/null || true; fi
   done <"$f"
   # iptables chains the kubelet creates (KUBE-FIREWALL, canaries, hints) and the rules jumping to them:
   # remove those that were not there before
@@ -237,7 +250,7 @@ restore_host() {
   for p in "${HOST_PATHS[@]}"; do
     grep -qx "path $p" "$f" && continue
     [ -e "$p" ] || continue
-    if grep -q " $p[/ ]" /proc/mounts; then log "not removing $p: something is mounted below it"; continue; fi
+    if grep -q " ${p}[/ ]" /proc/mounts; then log "not removing $p: something is mounted below it"; continue; fi
     rm -rf --one-file-system "$p"
   done
   rm -f "$f"
@@ -289,15 +302,23 @@ runtime_bin() {
   esac
 }
 
+# cni_conflist <subnet>: the pod network of a node: a bridge in the node's network namespace, host-local
+# addresses of <subnet> (state below the in-node path $STATE/cni), the bridge the pods' gateway (pods reach
+# the other nodes' pods and the fleet gateway; no masquerading, so nothing beyond the harness's bridges)
+cni_conflist() {
+  cat <<EOF
+{"cniVersion": "0.4.0", "name": "image-prefetcher-e2e", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam", "ranges": [[{"subnet": "$1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "loopback"}]}
+EOF
+}
+
 write_cni() {
   mkdir -p "$STATE/cni/net.d" "$STATE/cni/ipam"
   ln -sfn /usr/lib/cni "$STATE/cni/bin"
-  cat >"$STATE/cni/net.d/10-image-prefetcher-e2e.conflist" <<EOF
-{"cniVersion": "0.4.0", "name": "image-prefetcher-e2e", "plugins": [
-  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "dataDir": "$STATE/cni/ipam", "ranges": [[{"subnet": "$POD_SUBNET"}]]}},
-  {"type": "loopback"}]}
-EOF
+  cni_conflist "$POD_SUBNET" >"$STATE/cni/net.d/10-image-prefetcher-e2e.conflist"
   # the bridge exists before the first pod: its address is the node IP
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
@@ -387,13 +408,27 @@ small_image_fs() {
   log "image store $RUNTIME_ROOT: an ext4 filesystem of $IMAGE_FS_SIZE of its own"
 }
 
+# containerd_hosts <containerd dir> [mirror]: how containerd reaches the registries: directly, or through
+# the mirror host:port first (a fleet node reaches the registry at the fleet bridge's address)
+containerd_hosts() {
+  local r
+  for r in $REGISTRY $AUTH_REGISTRY; do
+    mkdir -p "$1/certs.d/$r"
+    {
+      printf 'server = "http://%s"\n' "$r"
+      if [ -n "${2:-}" ] && [ "$r" = "$REGISTRY" ]; then
+        printf '[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$2"
+      fi
+      printf '[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$r"
+    } >"$1/certs.d/$r/hosts.toml"
+  done
+}
+
 start_containerd() {
   local rbin=$1 c=$STATE/containerd
   mkdir -p "$c/certs.d/$REGISTRY" "$c/certs.d/$AUTH_REGISTRY" "$(dirname "$SOCK")"
   containerd_config >"$c/config.toml"
-  for r in $REGISTRY $AUTH_REGISTRY; do
-    printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$r" "$r" >"$c/certs.d/$r/hosts.toml"
-  done
+  containerd_hosts "$c"
   if [ -n "$rbin" ]; then
     # containerd finds its shim on PATH: ours first, not Debian's 1.6 shim
     start_bg containerd env PATH="$rbin:$PATH" "$rbin/containerd" --config "$c/config.toml"
@@ -404,7 +439,13 @@ start_containerd() {
 
 start_crio() {
   local rbin=$1 c=$STATE/crio
-  mkdir -p "$c/conf.d" "$(dirname "$SOCK")"
+  mkdir -p "$(dirname "$SOCK")"
+  crio_hugetlb
+  write_crio_config "$c" "$rbin"
+  start_bg crio "$rbin/crio" --config "$c/crio.conf" --config-dir "$c/conf.d" --registries-conf "$c/registries.conf"
+}
+
+crio_hugetlb() {
   # CRI-O sets hugetlb limits whenever the kernel has the controller (/proc/cgroups), mounted or not; on a
   # cgroup v1 host that leaves it unmounted, runc then fails every container ("cannot set hugetlb limit").
   # Mount it as a node distribution would; down unmounts it again.
@@ -414,13 +455,21 @@ start_crio() {
     mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb
     echo "mounted /sys/fs/cgroup/hugetlb" >>"$STATE/host-before"
   fi
+}
+
+# write_crio_config <dir> <bin dir> [mirror]: CRI-O's configuration, written to <dir>; the paths in it are
+# below $STATE/crio (a fleet node sees its own directory there)
+write_crio_config() {
+  local out=$1 rbin=$2 mirror=${3:-} c=$STATE/crio
+  mkdir -p "$out/conf.d"
   # The harness' own policy and registries: accept any image, and the loopback registries over plain HTTP.
-  echo '{"default": [{"type": "insecureAcceptAnything"}]}' >"$c/policy.json"
-  cat >"$c/registries.conf" <<EOF
+  echo '{"default": [{"type": "insecureAcceptAnything"}]}' >"$out/policy.json"
+  cat >"$out/registries.conf" <<EOF
 unqualified-search-registries = []
 [[registry]]
 location = "$REGISTRY"
 insecure = true
+$([ -n "$mirror" ] && printf '[[registry.mirror]]\nlocation = "%s"\ninsecure = true\n' "$mirror")
 [[registry]]
 location = "$AUTH_REGISTRY"
 insecure = true
@@ -430,7 +479,7 @@ insecure = true
 location = "127.0.0.1"
 insecure = true
 EOF
-  cat >"$c/crio.conf" <<EOF
+  cat >"$out/crio.conf" <<EOF
 [crio]
 root = "$c/storage"
 runroot = "$c/run/storage"
@@ -467,7 +516,6 @@ signature_policy = "$c/policy.json"
 network_dir = "$STATE/cni/net.d"
 plugin_dirs = ["$STATE/cni/bin"]
 EOF
-  start_bg crio "$rbin/crio" --config "$c/crio.conf" --config-dir "$c/conf.d" --registries-conf "$c/registries.conf"
 }
 
 start_runtime() {
@@ -482,20 +530,25 @@ start_runtime() {
 }
 
 # ---------------------------------------------------------------- Kubernetes
+cert() { # cert <name> <subject> <extfile>: a key and a certificate signed by the CA, in the current directory
+  openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
+  openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -extfile "$3" -extensions ext -out "$1.crt" 2>/dev/null
+  rm -f "$1.csr"
+}
+
 gen_pki() {
-  if [ -f "$PKI/ca.crt" ] && openssl x509 -checkend 86400 -noout -in "$PKI/ca.crt" >/dev/null 2>&1; then return 0; fi
+  # kept while the CA is valid for a day and the API server's certificate names the fleet gateway too
+  if [ -f "$PKI/ca.crt" ] && openssl x509 -checkend 86400 -noout -in "$PKI/ca.crt" >/dev/null 2>&1 &&
+    openssl x509 -noout -ext subjectAltName -in "$PKI/apiserver.crt" 2>/dev/null | grep -q "IP Address:$FLEET_GW\b"; then
+    return 0
+  fi
   log "generating PKI"
   rm -rf "$PKI"; mkdir -p "$PKI"
   (
     cd "$PKI"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -subj /CN=image-prefetcher-e2e-ca -days 365 -out ca.crt 2>/dev/null
-    printf '[ext]\nsubjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.0.0.1\nextendedKeyUsage=serverAuth\n' >server.cnf
+    printf '[ext]\nsubjectAltName=DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:127.0.0.1,IP:10.0.0.1,IP:%s\nextendedKeyUsage=serverAuth\n' "$FLEET_GW" >server.cnf
     printf '[ext]\nextendedKeyUsage=clientAuth\n' >client.cnf
-    cert() { # name subject extfile
-      openssl req -newkey rsa:2048 -nodes -keyout "$1.key" -subj "$2" -out "$1.csr" 2>/dev/null
-      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 -extfile "$3" -extensions ext -out "$1.crt" 2>/dev/null
-      rm -f "$1.csr"
-    }
     cert apiserver /CN=kube-apiserver server.cnf
     cert admin "/O=system:masters/CN=e2e-admin" client.cnf
     cert node "/O=system:nodes/CN=system:node:$NODE_NAME" client.cnf
@@ -506,14 +559,14 @@ gen_pki() {
   )
 }
 
-kubeconfig() { # kubeconfig <file> <cert name>
+kubeconfig() { # kubeconfig <file> <cert name> [server]
   (umask 077; cat >"$1" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
 - name: image-prefetcher-e2e
   cluster:
-    server: https://127.0.0.1:6443
+    server: ${3:-https://127.0.0.1:6443}
     certificate-authority-data: $(base64 -w0 "$PKI/ca.crt")
 users:
 - name: $2
@@ -580,13 +633,14 @@ controllers() {
   echo "$list"
 }
 
-start_kubelet() {
-  local kb=$1 k=$STATE/kubelet
-  mkdir -p "$k/root" "$k/pki" "$k/pod-logs"
-  cat >"$k/config.yaml" <<EOF
+# kubelet_config <node IP> [cgroup root]: the kubelet's configuration; paths below the in-node $STATE/kubelet
+kubelet_config() {
+  local k=$STATE/kubelet
+  cat <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: $NODE_IP
+address: $1
+${2:+cgroupRoot: $2}
 port: 10250
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -618,6 +672,12 @@ fi)
 serializeImagePulls: false
 rotateCertificates: false
 EOF
+}
+
+start_kubelet() {
+  local kb=$1 k=$STATE/kubelet
+  mkdir -p "$k/root" "$k/pki" "$k/pod-logs"
+  kubelet_config "$NODE_IP" >"$k/config.yaml"
   start_bg kubelet "$kb/kubelet" --config="$k/config.yaml" --kubeconfig="$STATE/node.kubeconfig" \
     --root-dir="$k/root" --cert-dir="$k/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
     ${NODE_TAINTS:+--register-with-taints="$NODE_TAINTS"}
@@ -685,6 +745,8 @@ write_env() {
       echo "export IMAGE_PREFETCHER_E2E_KUBE_BIN='$kbin'"
       echo "export IMAGE_PREFETCHER_E2E_AGENT_IMAGE_PUSHED='$([ -f "$STATE/agent-image-pushed" ] && echo 1 || echo 0)'"
       echo "export IMAGE_PREFETCHER_E2E_AGENT_IMAGE='$(cat "$STATE/agent-image-pushed" 2>/dev/null || true)'"
+      echo "export IMAGE_PREFETCHER_E2E_FLEET='$FLEET'"
+      fleet_env
     fi
   } >"$ENV_FILE.tmp"
   mv "$ENV_FILE.tmp" "$ENV_FILE"
@@ -731,6 +793,8 @@ up() {
     gen_pki
     start_control_plane "$kbin"
     start_kubelet "$kbin"
+    local i=2 rt
+    for rt in $FLEET; do add_node "e2e-node-$i" "$rt"; i=$((i + 1)); done
     push_agent_image
   fi
   write_env "$mode" "$kbin"
@@ -747,12 +811,12 @@ leftovers() {
   done
   # processes naming our state dir (e.g. containerd shims, which carry our socket path)
   local cmd
-  for f in $(grep -lsF -- "$STATE/" /proc/[0-9]*/cmdline); do
+  while read -r f; do
     n=${f#/proc/}; n=${n%/cmdline}
     cmd=$(tr '\0' ' ' 2>/dev/null <"$f") || continue
     case $cmd in "" | *cluster.sh* | grep\ *) continue ;; esac
     echo "process: $(echo "$cmd" | cut -c1-120) (pid $n)"; found=1
-  done
+  done < <(grep -lsF -- "$STATE/" /proc/[0-9]*/cmdline)
   while read -r _ mnt fstype _; do
     case $mnt in "$STATE"/* | /run/containerd/* | /run/netns/cni-*) echo "mount: $mnt ($fstype)"; found=1 ;; esac
   done </proc/mounts
@@ -760,6 +824,7 @@ leftovers() {
   for f in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods /sys/fs/cgroup/kubepods.slice; do
     [ -d "$f" ] && { echo "cgroup: $f"; found=1; }
   done
+  fleet_leftovers || found=1
   return $found
 }
 
@@ -768,6 +833,7 @@ down() {
   [ -d "$STATE" ] || { [ -n "$quiet" ] || log "nothing to stop ($STATE does not exist)"; return 0; }
   # 1) the cluster first, so nothing recreates pods, then the kubelet
   stop_many kube-controller-manager kube-scheduler kubelet
+  fleet_down
   # 2) every pod sandbox through CRI, so containerd itself removes netns, CNI state, shm and rootfs mounts.
   #    After a crash containerd may be gone while its shims and mounts live on: start it again to clean up.
   local rstate=$STATE/containerd/state
@@ -786,9 +852,9 @@ down() {
   stop_many etcd
   # 4) mounts left under our dirs (kubelet volume tmpfs, anything containerd did not get to), deepest first
   local mnt
-  for mnt in $(awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r); do
+  while read -r mnt; do
     umount "$mnt" 2>/dev/null || umount -l "$mnt" || true
-  done
+  done < <(awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r)
   ip link del "$BRIDGE" 2>/dev/null || true
   grep -q " $RUNTIME_ROOT " /proc/mounts || rm -f "$STATE/image-fs.img"
   # containerd's runtime state (shim bundles, sandboxes) is meaningless once it is down and nothing is
@@ -796,7 +862,7 @@ down() {
   if ! grep -q " $rstate/" /proc/mounts; then rm -rf --one-file-system "$rstate"; fi
   # CRI-O's overlay storage stays mounted on its root after shutdown; image content is not kept between runs
   if [ -d "$STATE/crio/storage" ]; then
-    for mnt in $(awk -v s="$STATE/crio/storage" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r); do umount "$mnt" 2>/dev/null || true; done
+    while read -r mnt; do umount "$mnt" 2>/dev/null || true; done < <(awk -v s="$STATE/crio/storage" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r)
   fi
   # 5) kubelet cgroups (cgroupfs driver: /kubepods under every v1 hierarchy), deepest first
   for c in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
@@ -818,14 +884,15 @@ status() {
   mode=$(cat "$STATE/mode" 2>/dev/null || echo none)
   echo "state: $STATE  mode: $mode  env file: $([ -f "$ENV_FILE" ] && echo "$ENV_FILE" || echo "none (not up)")"
   echo "runtime: $RUNTIME"
-  for n in registry registry-auth containerd crio etcd kube-apiserver kube-scheduler kube-controller-manager kubelet; do
+  for n in registry registry-auth containerd crio etcd kube-apiserver kube-scheduler kube-controller-manager kubelet \
+    apiserver-fleet registry-fleet $(for f in "$PIDS"/node-*.pid; do [ -f "$f" ] && basename "$f" .pid; done); do
     f=$PIDS/$n.pid
-    if alive $n; then echo "  $n: running (pid $(cut -d' ' -f1 "$f"))";
+    if alive "$n"; then echo "  $n: running (pid $(cut -d' ' -f1 "$f"))";
     elif [ -f "$f" ]; then echo "  $n: DEAD (recorded pid $(cut -d' ' -f1 "$f"); log $LOGS/$n.log)";
     fi
   done
   if [ "$mode" = none ]; then
-    leftovers >/dev/null && echo "nothing of ours on the machine" || { echo "left behind:"; leftovers || true; }
+    if leftovers >/dev/null; then echo "nothing of ours on the machine"; else echo "left behind:"; leftovers || true; fi
   fi
 }
 
@@ -851,6 +918,7 @@ reusable() {
   if [ "$have" = full ]; then # the node's settings must be the ones asked for
     grep -qx "export IMAGE_PREFETCHER_E2E_NODE_TAINTS='$NODE_TAINTS'" "$ENV_FILE" || return 1
     grep -qx "export IMAGE_PREFETCHER_E2E_IMAGE_GC='$IMAGE_GC'" "$ENV_FILE" || return 1
+    grep -qx "export IMAGE_PREFETCHER_E2E_FLEET='$FLEET'" "$ENV_FILE" || return 1
   fi
   for n in registry registry-auth "$RUNTIME_PROC"; do alive $n || return 1; done
   if [ "$have" = full ]; then
@@ -901,9 +969,15 @@ case ${1:-} in
   stop-component) need_root; shift; stop_component "$@" ;;
   start-component) need_root; shift; start_component "$@" ;;
   up) shift; need_root; lock; reusable "${1:-full}" || up "${1:-full}" ;;
+  add-node) need_root; lock; shift; add_node "${1:?usage: add-node NAME RUNTIME [TAINTS]}" "${2:?usage: add-node NAME RUNTIME [TAINTS]}" "${3:-}"
+    write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;
+  shape-node) need_root; shift; shape_node "${1:?usage: shape-node NAME MBIT}" "${2:?usage: shape-node NAME MBIT}" ;;
+  node-registry) need_root; shift; node_registry "${1:?usage: node-registry NAME block|allow}" "${2:?usage: node-registry NAME block|allow}" ;;
+  kill-node) need_root; lock; shift; kill_node "${1:?usage: kill-node NAME}"
+    write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;
   down) need_root; lock; down ;;
   status) status ;;
-  env) [ -f "$ENV_FILE" ] && cat "$ENV_FILE" || die "no environment is up ($ENV_FILE missing): run e2e/cluster.sh up" ;;
+  env) if [ -f "$ENV_FILE" ]; then cat "$ENV_FILE"; else die "no environment is up ($ENV_FILE missing): run e2e/cluster.sh up"; fi ;;
   push-agent-image) need_root; lock; AGENT_IMAGE_MODE=1; push_agent_image; [ -f "$STATE/mode" ] && write_env "$(cat "$STATE/mode")" "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE" 2>/dev/null)" ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

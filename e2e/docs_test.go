@@ -103,10 +103,9 @@ func TestDocQuickStartAndUninstall(t *testing.T) {
 	if !strings.HasPrefix(pinned, env.Registry+"/image-prefetcher@sha256:") || !strings.Contains(out, pinned) {
 		t.Fatalf("overlays/vanilla pins %q, want the digest reference make image-push printed", pinned)
 	}
-	if err := deploy.Wrap(filepath.Join(dir, "e2e-layer"), "../overlays/vanilla", deploy.Options{
-		Namespace: docNamespace, Instance: docInstance, AgentImage: pinned,
-		CRISocketDir: filepath.Dir(env.CRISocket), ImageFs: env.ImageFs, ListenPort: freePort(t),
-	}); err != nil {
+	opts := deploy.Options{Namespace: docNamespace, Instance: docInstance, AgentImage: pinned, ListenPort: freePort(t)}
+	opts.UseHarness(env)
+	if err := deploy.Wrap(filepath.Join(dir, "e2e-layer"), "../overlays/vanilla", opts); err != nil {
 		t.Fatal(err)
 	}
 	out = shell("kubectl apply -k e2e-layer" + after)

@@ -294,8 +294,8 @@ func requireAppStartedWithoutPull(ctx context.Context, t *testing.T, in *instanc
 	if err != nil {
 		t.Fatalf("no running pod %s in %s: %v; last pod %s status %+v\n%s", selector, ns, err, pod.Name, pod.Status, in.diagnose())
 	}
-	if pod.Spec.NodeName != in.env.NodeName {
-		t.Errorf("pod %s on node %q, want %q", pod.Name, pod.Spec.NodeName, in.env.NodeName)
+	if pod.Spec.NodeName != in.node {
+		t.Errorf("pod %s on node %q, want %q", pod.Name, pod.Spec.NodeName, in.node)
 	}
 	var pulled []string
 	err = wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {

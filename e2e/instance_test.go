@@ -39,6 +39,9 @@ type instance struct {
 	env  *clusterenv.Env
 	cs   kubernetes.Interface
 	opts deploy.Options
+	// node is the node whose label, events and pods the single-node helpers look at (the harness's
+	// first node unless a fleet test points them at another)
+	node string
 	// applied is every manifest applied so far (deleted at the end).
 	applied [][]byte
 }
@@ -62,16 +65,14 @@ func newNamedInstance(t *testing.T, env *clusterenv.Env, name string, images []s
 		t.Fatalf("no agent image in the env file: run `e2e/cluster.sh push-agent-image`")
 	}
 	in := &instance{
-		t: t, env: env, cs: env.Clientset(t),
+		t: t, env: env, cs: env.Clientset(t), node: env.NodeName,
 		opts: deploy.Options{
-			Namespace:    name,
-			Instance:     name,
-			Images:       images,
-			Components:   components,
-			AgentImage:   env.AgentImage,
-			CRISocketDir: filepath.Dir(env.CRISocket),
-			ImageFs:      env.ImageFs,
-			ListenPort:   freePort(t),
+			Namespace:  name,
+			Instance:   name,
+			Images:     images,
+			Components: components,
+			AgentImage: env.AgentImage,
+			ListenPort: freePort(t),
 		},
 	}
 	if env.Runtime == clusterenv.RuntimeCRIO {
@@ -80,6 +81,7 @@ func newNamedInstance(t *testing.T, env *clusterenv.Env, name string, images []s
 		in.opts.Flavor = bundle.FlavorOCP
 		installMinimalCRDs(t, env, sccCRD)
 	}
+	in.opts.UseHarness(env)
 	t.Cleanup(in.cleanup)
 	return in
 }
@@ -137,7 +139,7 @@ func (in *instance) waitLabel(ctx context.Context, want string) *corev1.Node {
 	in.t.Helper()
 	var node *corev1.Node
 	err := wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
-		n, err := in.cs.CoreV1().Nodes().Get(ctx, in.env.NodeName, metav1.GetOptions{})
+		n, err := in.cs.CoreV1().Nodes().Get(ctx, in.node, metav1.GetOptions{})
 		if err != nil {
 			return false, err
 		}
@@ -167,7 +169,7 @@ func (in *instance) pods(ctx context.Context) []corev1.Pod {
 // events returns the Node events the instance's agent recorded.
 func (in *instance) events(ctx context.Context) []corev1.Event {
 	in.t.Helper()
-	l, err := in.cs.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + in.env.NodeName})
+	l, err := in.cs.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + in.node})
 	if err != nil {
 		in.t.Fatalf("list node events: %v", err)
 	}
@@ -249,7 +251,7 @@ func (in *instance) cleanup() {
 
 func (in *instance) removeLabel() {
 	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null},"annotations":{%q:null}}}`, in.labelKey(), in.annotationKey())
-	if _, err := in.cs.CoreV1().Nodes().Patch(context.Background(), in.env.NodeName, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+	if _, err := in.cs.CoreV1().Nodes().Patch(context.Background(), in.node, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
 		in.t.Logf("cleanup: remove label of %s: %v", in.name(), err)
 	}
 }

@@ -90,8 +90,8 @@ func requireStartedWithoutPull(ctx context.Context, t *testing.T, in *instance, 
 	if err != nil {
 		t.Fatalf("deployment %s (%s, %s): no running pod: %v; last pod %s status %+v", name, image, policy, err, pod.Name, pod.Status)
 	}
-	if pod.Spec.NodeName != in.env.NodeName {
-		t.Errorf("pod %s on node %q, want %q", pod.Name, pod.Spec.NodeName, in.env.NodeName)
+	if pod.Spec.NodeName != in.node {
+		t.Errorf("pod %s on node %q, want %q", pod.Name, pod.Spec.NodeName, in.node)
 	}
 	// The kubelet records Pulled right before creating the container; the event can land a
 	// moment after the container runs.

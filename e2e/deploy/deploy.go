@@ -4,12 +4,15 @@
 //
 // What the e2e layer changes, and why (see ../README.md):
 //   - the agent image: the one `e2e/cluster.sh push-agent-image` pushed, by digest;
-//   - hostNetwork with ClusterFirstWithHostNet and KUBERNETES_SERVICE_HOST/PORT=127.0.0.1:6443:
-//     the cluster has no kube-proxy, so the Service VIP of the API server does not route;
+//   - hostNetwork with ClusterFirstWithHostNet and KUBERNETES_SERVICE_HOST/PORT=127.0.0.1:6443 (or the
+//     fleet gateway's address, which every node's network namespace reaches): the cluster has no
+//     kube-proxy, so the Service VIP of the API server does not route;
 //   - the metrics port: with hostNetwork it is a host port, so each instance gets its own to let
 //     several instances (and other people's) share the node;
 //   - the CRI socket directory: the harness's runtime listens below a host root of its own (the same
-//     layout as a node's /run/containerd or /run/crio), not on the host's own path;
+//     layout as a node's /run/containerd or /run/crio), not on the host's own path; likewise the
+//     image filesystem, and, when given, the CRI-O directories the vanilla overlay mounts beside
+//     containerd's;
 //   - optional agent flags (a short --recheck-interval) and the pull secret's content.
 //
 // Everything else (RBAC, names, probes, security context, components) is the product's.
@@ -26,6 +29,7 @@ import (
 	"sigs.k8s.io/kustomize/kyaml/yaml"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
+	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
 	"github.com/nodeprefetch/image-prefetcher/internal/recipe"
 )
 
@@ -50,6 +54,11 @@ type Options struct {
 	// ImageFs is the image filesystem's directory on the host as ImageFsInfo names it
 	// (required): mounted where the agent looks for it (below /host), for the disk budget.
 	ImageFs string
+	// CRIOSocketDir and CRIOImageFs, when set, are the host directories of the crio-socket and
+	// crio-image-fs volumes (the latter mounted below /host as ImageFs is), which the vanilla
+	// overlay has for CRI-O nodes beside containerd's. Unset, those volumes stay as the overlay
+	// has them, or absent (ocp): a volume patched by name is added when the overlay lacks it.
+	CRIOSocketDir, CRIOImageFs string
 	// ListenPort is the host port of the agent's /healthz, /readyz and /metrics (required).
 	ListenPort int
 	// RecheckInterval, when set, is passed as --recheck-interval.
@@ -62,6 +71,28 @@ type Options struct {
 	// components/metrics-collector on the host network at these ports and point the agent at it
 	// over loopback (the harness has no kube-proxy and no cluster DNS for the Service name).
 	CollectorGRPCPort, CollectorHTTPPort int
+	// APIServerHost is where the agents reach the API server (default 127.0.0.1, the first node's own
+	// loopback; a cluster with fleet nodes needs the fleet gateway's address).
+	APIServerHost string
+	// NodeSelector, when set, is added to the agent pods' nodeSelector (the overlay's stays).
+	NodeSelector map[string]string
+}
+
+// UseHarness sets the host paths and the API server address of the harness's nodes: for the ocp
+// flavor (CRI-O nodes only) the first node's runtime directories; otherwise containerd's and CRI-O's
+// both, as every node of the harness has them in its own mount namespace.
+func (o *Options) UseHarness(env *clusterenv.Env) {
+	if o.Flavor == bundle.FlavorOCP {
+		o.CRISocketDir, o.ImageFs = filepath.Dir(env.CRISocket), env.ImageFs
+	} else {
+		c, r := env.NodePathsOf(clusterenv.RuntimeContainerd), env.NodePathsOf(clusterenv.RuntimeCRIO)
+		o.CRISocketDir, o.ImageFs, o.CRIOSocketDir, o.CRIOImageFs = c.SocketDir, c.ImageFs, r.SocketDir, r.ImageFs
+	}
+	// fleet nodes have their own loopback: they reach the API server at the fleet gateway, as the first
+	// node does too
+	if g := env.FleetGateway(); g != "" {
+		o.APIServerHost = g
+	}
 }
 
 func (o Options) check() error {
@@ -167,6 +198,45 @@ func Wrap(dir, resource string, o Options) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("deploy %s: %w", o.Instance, err)
 	}
+	// With both runtimes' directories (the vanilla overlay), a node has only its own runtime's: the
+	// others are created, as the overlay's DirectoryOrCreate does on a real node.
+	hostPathType := "Directory"
+	if o.CRIOSocketDir != "" {
+		hostPathType = "DirectoryOrCreate"
+	}
+	apiHost := o.APIServerHost
+	if apiHost == "" {
+		apiHost = "127.0.0.1"
+	}
+	volumes := []any{map[string]any{
+		"name":     "cri-socket",
+		"hostPath": map[string]any{"path": o.CRISocketDir, "type": hostPathType},
+	}, map[string]any{
+		// The harness's image filesystem, not the node path the overlay mounts.
+		"name":     "image-fs",
+		"hostPath": map[string]any{"path": o.ImageFs, "type": hostPathType},
+	}}
+	// Where the agent looks for it: --host-root and the path the runtime names.
+	mounts := []any{map[string]any{
+		"name": "image-fs", "mountPath": path.Join("/host", o.ImageFs), "readOnly": true,
+	}}
+	// DirectoryOrCreate, as the overlay has them: a containerd node of the harness has no CRI-O
+	// directories.
+	if o.CRIOSocketDir != "" {
+		volumes = append(volumes, map[string]any{
+			"name":     "crio-socket",
+			"hostPath": map[string]any{"path": o.CRIOSocketDir, "type": "DirectoryOrCreate"},
+		})
+	}
+	if o.CRIOImageFs != "" {
+		volumes = append(volumes, map[string]any{
+			"name":     "crio-image-fs",
+			"hostPath": map[string]any{"path": o.CRIOImageFs, "type": "DirectoryOrCreate"},
+		})
+		mounts = append(mounts, map[string]any{
+			"name": "crio-image-fs", "mountPath": path.Join("/host", o.CRIOImageFs), "readOnly": true,
+		})
+	}
 	// Strategic merge: volumes, containers and env merge by name, so this works whatever order
 	// the components (or the KRM function) put them in.
 	smp := map[string]any{
@@ -176,27 +246,24 @@ func Wrap(dir, resource string, o Options) error {
 		"spec": map[string]any{"template": map[string]any{"spec": map[string]any{
 			"hostNetwork": true,
 			"dnsPolicy":   "ClusterFirstWithHostNet",
-			"volumes": []any{map[string]any{
-				"name":     "cri-socket",
-				"hostPath": map[string]any{"path": o.CRISocketDir, "type": "Directory"},
-			}, map[string]any{
-				// The harness's image filesystem, not the node path the overlay mounts.
-				"name":     "image-fs",
-				"hostPath": map[string]any{"path": o.ImageFs, "type": "Directory"},
-			}},
+			"volumes":     volumes,
 			"containers": []any{map[string]any{
-				"name":  "agent",
-				"image": o.AgentImage,
-				// Where the agent looks for it: --host-root and the path the runtime names.
-				"volumeMounts": []any{map[string]any{
-					"name": "image-fs", "mountPath": path.Join("/host", o.ImageFs), "readOnly": true,
-				}},
+				"name":         "agent",
+				"image":        o.AgentImage,
+				"volumeMounts": mounts,
 				"env": []any{
-					map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+					map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": apiHost},
 					map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": "6443"},
 				},
 			}},
 		}}},
+	}
+	if len(o.NodeSelector) > 0 {
+		sel := map[string]any{}
+		for k, v := range o.NodeSelector {
+			sel[k] = v
+		}
+		smp["spec"].(map[string]any)["template"].(map[string]any)["spec"].(map[string]any)["nodeSelector"] = sel
 	}
 	// JSON patch: container ports merge by containerPort, which is what changes here.
 	ops := []map[string]any{{
@@ -231,7 +298,7 @@ func Wrap(dir, resource string, o Options) error {
 			{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": o.AgentImage},
 			{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": fmt.Sprintf("--grpc-address=:%d", o.CollectorGRPCPort)},
 			{"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": fmt.Sprintf("--http-address=:%d", o.CollectorHTTPPort)},
-			{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"}},
+			{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": map[string]any{"name": "KUBERNETES_SERVICE_HOST", "value": apiHost}},
 			{"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": map[string]any{"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}},
 			{"op": "replace", "path": "/spec/template/spec/containers/0/ports", "value": []any{
 				map[string]any{"name": "grpc", "containerPort": o.CollectorGRPCPort, "hostPort": o.CollectorGRPCPort, "protocol": "TCP"},

@@ -24,6 +24,8 @@ func TestBuild(t *testing.T) {
 		AgentImage:        "127.0.0.1:5000/image-prefetcher@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
 		CRISocketDir:      "/var/tmp/e2e/containerd",
 		ImageFs:           "/var/tmp/e2e/root/io.containerd.snapshotter.v1.overlayfs",
+		CRIOSocketDir:     "/var/tmp/e2e/crio/run",
+		CRIOImageFs:       "/var/tmp/e2e/crio/storage/overlay-images",
 		ListenPort:        19477,
 		RecheckInterval:   "5s",
 		PullSecret:        []byte(`{"auths":{"127.0.0.1:5001":{"auth":"dTpw"}}}`),
@@ -65,6 +67,12 @@ func TestBuild(t *testing.T) {
 		if v.Name == "image-fs" && (v.HostPath == nil || v.HostPath.Path != o.ImageFs) {
 			t.Errorf("image-fs volume %+v, want %s", v.VolumeSource, o.ImageFs)
 		}
+		if v.Name == "crio-socket" && (v.HostPath == nil || v.HostPath.Path != o.CRIOSocketDir) {
+			t.Errorf("crio-socket volume %+v, want %s", v.VolumeSource, o.CRIOSocketDir)
+		}
+		if v.Name == "crio-image-fs" && (v.HostPath == nil || v.HostPath.Path != o.CRIOImageFs) {
+			t.Errorf("crio-image-fs volume %+v, want %s", v.VolumeSource, o.CRIOImageFs)
+		}
 	}
 	if !slices.ContainsFunc(agent.VolumeMounts, func(m corev1.VolumeMount) bool {
 		return m.Name == "image-fs" && m.MountPath == "/host"+o.ImageFs && m.ReadOnly
@@ -76,5 +84,79 @@ func TestBuild(t *testing.T) {
 	}
 	if cm.Data["images.txt"] != ImagesFile(o.Images) {
 		t.Errorf("image list %q, want %q", cm.Data["images.txt"], ImagesFile(o.Images))
+	}
+}
+
+// The CRI-O volumes the vanilla overlay has beside containerd's get the harness's directories
+// when given, stay the overlay's when not, and are never added to an overlay without them (ocp).
+func TestBuildCRIODirs(t *testing.T) {
+	root, err := bundle.Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const socketDir, imageFs = "/var/tmp/e2e/crio/run", "/var/tmp/e2e/crio/storage/overlay-images"
+	for _, tc := range []struct {
+		name, flavor       string
+		socketDir, imageFs string
+		wantSocket, wantFs string // host paths of crio-socket and crio-image-fs; "" for no volume
+		wantFsMount        string // where crio-image-fs is mounted besides the overlay's mount
+	}{
+		{name: "vanilla given", flavor: bundle.FlavorVanilla, socketDir: socketDir, imageFs: imageFs,
+			wantSocket: socketDir, wantFs: imageFs, wantFsMount: "/host" + imageFs},
+		{name: "vanilla unset", flavor: bundle.FlavorVanilla,
+			wantSocket: "/run/crio", wantFs: "/var/lib/containers/storage/overlay-images"},
+		{name: "ocp unset", flavor: bundle.FlavorOCP},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := Options{
+				Namespace: "e2e-ns", Instance: "e2e-images", Flavor: tc.flavor,
+				Images:        []string{"127.0.0.1:5000/e2e/small:01"},
+				AgentImage:    "127.0.0.1:5000/image-prefetcher:e2e",
+				CRISocketDir:  "/var/tmp/e2e/containerd",
+				ImageFs:       "/var/tmp/e2e/root/io.containerd.snapshotter.v1.overlayfs",
+				CRIOSocketDir: tc.socketDir, CRIOImageFs: tc.imageFs,
+				ListenPort: 19477,
+			}
+			out, err := Build(root, t.TempDir(), o)
+			if err != nil {
+				t.Fatal(err)
+			}
+			objs, err := bundle.Objects(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			dss, err := bundle.OfKind[appsv1.DaemonSet](objs, "DaemonSet")
+			if err != nil || len(dss) != 1 {
+				t.Fatalf("want one DaemonSet, got %d (%v)", len(dss), err)
+			}
+			pod := dss[0].Spec.Template.Spec
+			volumes := map[string]corev1.Volume{}
+			for _, v := range pod.Volumes {
+				volumes[v.Name] = v
+			}
+			for name, want := range map[string]string{"crio-socket": tc.wantSocket, "crio-image-fs": tc.wantFs} {
+				v, ok := volumes[name]
+				switch {
+				case want == "" && ok:
+					t.Errorf("volume %s %+v: want none", name, v.VolumeSource)
+				case want == "":
+				case v.HostPath == nil || v.HostPath.Path != want:
+					t.Errorf("volume %s %+v: want host path %s", name, v.VolumeSource, want)
+				case v.HostPath.Type == nil || *v.HostPath.Type != corev1.HostPathDirectoryOrCreate:
+					t.Errorf("volume %s type %v: want DirectoryOrCreate (the harness's node runs one runtime)", name, v.HostPath.Type)
+				}
+			}
+			agent := pod.Containers[0]
+			for _, m := range agent.VolumeMounts {
+				if _, ok := volumes[m.Name]; !ok {
+					t.Errorf("mount %s names no volume %s", m.MountPath, m.Name)
+				}
+			}
+			if tc.wantFsMount != "" && !slices.ContainsFunc(agent.VolumeMounts, func(m corev1.VolumeMount) bool {
+				return m.Name == "crio-image-fs" && m.MountPath == tc.wantFsMount && m.ReadOnly
+			}) {
+				t.Errorf("agent mounts %+v: want crio-image-fs read-only at %s, where the agent looks", agent.VolumeMounts, tc.wantFsMount)
+			}
+		})
 	}
 }

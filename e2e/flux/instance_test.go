@@ -73,13 +73,11 @@ func newInstance(t *testing.T, env *clusterenv.Env, base string, timeout time.Du
 	in := &instance{
 		t: t, env: env, cs: env.Clientset(t), images: imageClient,
 		opts: deploy.Options{
-			Namespace:    name,
-			Instance:     name,
-			Images:       images,
-			AgentImage:   env.AgentImage,
-			CRISocketDir: filepath.Dir(env.CRISocket),
-			ImageFs:      env.ImageFs,
-			ListenPort:   freePort(t),
+			Namespace:  name,
+			Instance:   name,
+			Images:     images,
+			AgentImage: env.AgentImage,
+			ListenPort: freePort(t),
 		},
 		kust: &kustomizev1.Kustomization{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: fluxNamespace},
@@ -93,6 +91,7 @@ func newInstance(t *testing.T, env *clusterenv.Env, base string, timeout time.Du
 			},
 		},
 	}
+	in.opts.UseHarness(env)
 	t.Cleanup(in.cleanup)
 	return in
 }

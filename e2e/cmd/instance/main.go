@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
@@ -52,8 +51,7 @@ func run(o deploy.Options) error {
 		return fmt.Errorf("the e2e environment at %s is %q, not full (run e2e/cluster.sh up)", env.State, env.Mode)
 	}
 	o.AgentImage = env.AgentImage
-	o.CRISocketDir = filepath.Dir(env.CRISocket)
-	o.ImageFs = env.ImageFs
+	o.UseHarness(env)
 	if o.ListenPort == 0 {
 		l, err := net.Listen("tcp", ":0")
 		if err != nil {
