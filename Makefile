@@ -17,7 +17,7 @@ E2E := e2e/cluster.sh
 CACHE := $(or $(IMAGE_PREFETCHER_CACHE),$(HOME)/.cache/image-prefetcher)
 TOOLS := $(or $(IMAGE_PREFETCHER_TOOLS),$(CACHE)/tools)
 
-.PHONY: all build test check unit fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6 cluster-up cluster-down demo bench golden clean
+.PHONY: all build test check shellcheck unit fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet cluster-up cluster-down demo bench golden clean
 
 all: build
 
@@ -27,19 +27,26 @@ build:
 
 # Everything, from cheap to real. CI runs exactly this. Needs root on Linux for the real cluster;
 # `make unit` is the quick loop without it.
-test: check fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6
+test: check fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet
 
 # Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
 # real-cluster ones under e2e/ with the race detector. Tests that need the cluster skip here.
 STATICCHECK_VERSION ?= v0.8.2
 STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)/staticcheck
 
-check: $(STATICCHECK) fn-tools
+check: $(STATICCHECK) fn-tools shellcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(GO) mod tidy -diff
 	$(STATICCHECK) $(PKGS)
 	KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -race -count=1 $$($(GO) list $(PKGS) | grep -v '/e2e')
+
+# The harness's shell scripts (e2e/cluster.sh and the files it sources, the build scripts). shellcheck is
+# Debian's (not a Go tool): installed when missing, which needs root like the e2e targets.
+shellcheck:
+	@command -v shellcheck >/dev/null || { [ "$$(id -u)" = 0 ] || { echo "shellcheck is missing: run make check as root, or apt-get install shellcheck"; exit 1; }; \
+	  echo "installing Debian's shellcheck"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends shellcheck >/dev/null; }
+	shellcheck -x $$(git ls-files '*.sh')
 
 $(STATICCHECK):
 	GOBIN=$(dir $(STATICCHECK)) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
@@ -63,7 +70,7 @@ fuzz:
 e2e: fn-tools flux-controllers
 	@set -e; trap '$(E2E) down' EXIT; $(PREBUILD_PREVIOUS_K8S); IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m \
-	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS)|$(E2E_DISK_BUDGET_TESTS))' $(PKGS); \
+	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS)|$(E2E_DISK_BUDGET_TESTS)|$(E2E_FLEET_TESTS))' $(PKGS); \
 	  $(MAKE) --no-print-directory e2e-flux
 
 # The same cluster on the other runtimes users run, with the real tests that concern the runtime:
@@ -108,6 +115,17 @@ e2e-disk-budget:
 e2e-containerd-1.6:
 	@set -e; trap '$(E2E) down' EXIT; K8S_VERSION=$(E2E_PREVIOUS_K8S) IMAGE_PREFETCHER_E2E_RUNTIME=containerd-1.6 $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS))' ./e2e/
+
+# The fleet: one cluster of nodes of every runtime (the first node containerd 2.x on Kubernetes's newest
+# kubelet; the others, each in a network and mount namespace of its own, CRI-O and containerd 1.6 on the
+# previous minor's), instances from the default overlay. The tests add and kill nodes of their own.
+E2E_FLEET := cri-o containerd-1.6
+E2E_FLEET_TESTS := TestFleet
+
+e2e-fleet: fn-tools
+	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd IMAGE_PREFETCHER_E2E_FLEET='$(E2E_FLEET)' \
+	  IMAGE_PREFETCHER_E2E_FLEET_OLDER_KUBE_VERSION=$(E2E_PREVIOUS_K8S) $(E2E) up; \
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -v -run '^($(E2E_FLEET_TESTS))' ./e2e/
 
 cluster-up:
 	$(E2E) up

@@ -1,0 +1,503 @@
+// The fleet tests: one cluster of several real nodes of different runtimes (`make e2e-fleet`: the harness's
+// first node runs containerd 2.x, IMAGE_PREFETCHER_E2E_FLEET adds a CRI-O node and a containerd 1.6 node, each
+// in a network and mount namespace of its own with its own kubelet), and instances from the default overlay.
+// What they prove is what users claim of fleets: one DaemonSet serves every runtime, the cluster-wide
+// bound holds at the registry, a dead node's slot goes to another, a node joining later is gated until its
+// images are there.
+package e2e_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+	"k8s.io/utils/ptr"
+
+	"github.com/nodeprefetch/image-prefetcher/bundle"
+	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
+)
+
+type fleet struct {
+	env   *clusterenv.Env
+	nodes []clusterenv.Node
+}
+
+// requireFleet fails the test unless the cluster has at least 3 nodes of at least 2 runtimes.
+func requireFleet(t *testing.T) *fleet {
+	t.Helper()
+	env := clusterenv.Require(t, clusterenv.Full)
+	nodes, err := env.Nodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtimes := map[string]bool{}
+	for _, n := range nodes {
+		runtimes[n.Runtime] = true
+	}
+	if len(nodes) < 3 || len(runtimes) < 2 || env.FleetGateway() == "" {
+		t.Fatalf("the fleet tests need >= 3 nodes of >= 2 runtimes; the cluster has %d (%v): e2e/cluster.sh up with "+
+			"IMAGE_PREFETCHER_E2E_FLEET='cri-o containerd-1.6' (make e2e-fleet)", len(nodes), runtimes)
+	}
+	return &fleet{env: env, nodes: nodes}
+}
+
+// reload reads the env file again (add-node and kill-node rewrite it).
+func (f *fleet) reload(t *testing.T) {
+	t.Helper()
+	env, err := clusterenv.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes, err := env.Nodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.env, f.nodes = env, nodes
+}
+
+func (f *fleet) node(t *testing.T, name string) clusterenv.Node {
+	t.Helper()
+	for _, n := range f.nodes {
+		if n.Name == name {
+			return n
+		}
+	}
+	t.Fatalf("no node %s in the harness's cluster", name)
+	return clusterenv.Node{}
+}
+
+// instance is newInstance for every node: the default overlay (vanilla: containerd's and CRI-O's
+// directories), and the API server at the fleet gateway, which every node's network namespace reaches.
+func (f *fleet) instance(t *testing.T, name string, images []string, components ...string) *instance {
+	t.Helper()
+	// registered before the instance's own cleanup, so it runs after the DaemonSet is gone
+	t.Cleanup(func() { f.removeLabels(t, labelPrefix+name, annotationPrefix+name) })
+	in := newNamedInstance(t, f.env, name, images, components...)
+	in.opts.Flavor = bundle.FlavorVanilla
+	in.opts.UseHarness(f.env)
+	return in
+}
+
+func (f *fleet) removeLabels(t *testing.T, label, annotation string) {
+	cs := f.env.Clientset(t)
+	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null},"annotations":{%q:null}}}`, label, annotation)
+	for _, n := range f.nodes {
+		_, err := cs.CoreV1().Nodes().Patch(context.Background(), n.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+		if err != nil && !apierrors.IsNotFound(err) {
+			t.Logf("cleanup: label %s of node %s: %v", label, n.Name, err)
+		}
+	}
+}
+
+// removeImages removes refs from every node through its CRI socket, so that every node has to pull them.
+func (f *fleet) removeImages(ctx context.Context, t *testing.T, refs []string) {
+	t.Helper()
+	for _, n := range f.nodes {
+		removeImages(ctx, t, n.CRI(t), refs)
+	}
+}
+
+// waitLabels waits until every one of nodes has the instance's label at want; it returns when each got it.
+func (f *fleet) waitLabels(ctx context.Context, t *testing.T, in *instance, nodes []clusterenv.Node, want string) map[string]time.Time {
+	t.Helper()
+	at := map[string]time.Time{}
+	have := map[string]string{}
+	err := wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
+		for _, n := range nodes {
+			if _, ok := at[n.Name]; ok {
+				continue
+			}
+			node, err := in.cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			have[n.Name] = node.Labels[in.labelKey()]
+			if have[n.Name] == want {
+				at[n.Name] = time.Now()
+			}
+		}
+		return len(at) == len(nodes), nil
+	})
+	if err != nil {
+		t.Fatalf("label %s: want %q on every node, have %v: %v\n%s", in.labelKey(), want, have, err, f.diagnose(t, in))
+	}
+	return at
+}
+
+// diagnose is the instance's diagnosis plus every agent's log through the API (the fleet nodes' pod logs
+// are in their own mount namespaces).
+func (f *fleet) diagnose(t *testing.T, in *instance) string {
+	out, _ := kubectl(t, f.env, nil, "-n", in.opts.Namespace, "logs", "-l", "app.kubernetes.io/instance="+in.name(),
+		"--prefix", "--tail=40", "--max-log-requests=20")
+	return in.diagnose() + "\nagent logs through the API:\n" + out
+}
+
+// harness runs e2e/cluster.sh with args (add-node, kill-node, shape-node, node-registry).
+func harness(t *testing.T, args ...string) {
+	t.Helper()
+	root, err := bundle.Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, filepath.Join(root, "e2e", "cluster.sh"), args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("e2e/cluster.sh %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// addNode adds a fleet node for this test; it is killed and its Node object deleted when the test ends.
+func (f *fleet) addNode(t *testing.T, name, runtime, taints string) clusterenv.Node {
+	t.Helper()
+	start := time.Now()
+	args := []string{"add-node", name, runtime}
+	if taints != "" {
+		args = append(args, taints)
+	}
+	t.Cleanup(func() {
+		if _, err := os.Stat(filepath.Join(f.env.State, "nodes", name)); err == nil {
+			harness(t, "kill-node", name)
+		}
+		f.forget(t, name)
+		f.reload(t)
+	})
+	harness(t, args...)
+	f.reload(t)
+	t.Logf("node %s (%s) joined and Ready in %s", name, runtime, time.Since(start).Round(100*time.Millisecond))
+	return f.node(t, name)
+}
+
+// forget deletes a dead node's Node object, as a cloud's node controller or an admin does, and its pods,
+// which no kubelet will ever confirm gone.
+func (f *fleet) forget(t *testing.T, name string) {
+	t.Helper()
+	ctx := context.Background()
+	cs := f.env.Clientset(t)
+	if err := cs.CoreV1().Nodes().Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		t.Errorf("delete node %s: %v", name, err)
+	}
+	pods, err := cs.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + name})
+	if err != nil {
+		t.Errorf("pods of node %s: %v", name, err)
+		return
+	}
+	for _, p := range pods.Items {
+		_ = cs.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)})
+	}
+}
+
+func (f *fleet) shape(t *testing.T, node string, mbit int) {
+	t.Helper()
+	harness(t, "shape-node", node, fmt.Sprint(mbit))
+	if mbit != 0 {
+		t.Cleanup(func() {
+			// a node the test killed has no link left to free
+			if _, err := os.Stat(filepath.Join(f.env.State, "nodes", node)); err == nil {
+				harness(t, "shape-node", node, "0")
+			}
+		})
+	}
+}
+
+// TestFleetQuickStartLabelsEveryNode: the quick start on a cluster of containerd 2.x, CRI-O and
+// containerd 1.6 nodes: one DaemonSet from the default overlay runs a Ready agent on every node, each
+// node holds the list (asked through its own runtime) and says succeeded.
+func TestFleetQuickStartLabelsEveryNode(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 6*time.Minute)
+	list := refs(t, f.env, "e2e/small:06", "e2e/small:07", "e2e/small:08")
+	f.removeImages(ctx, t, list)
+	in := f.instance(t, "e2e-fleet-quick-"+suffix(t), list)
+	start := time.Now()
+	in.apply()
+	in.requireRollout(4 * time.Minute)
+	at := f.waitLabels(ctx, t, in, f.nodes, "succeeded")
+	for _, n := range f.nodes {
+		requireAllPresent(ctx, t, n.CRI(t), list)
+		t.Logf("node %s (%s): succeeded %s after the apply", n.Name, n.Runtime, at[n.Name].Sub(start).Round(100*time.Millisecond))
+	}
+	perNode := map[string]int{}
+	for _, p := range in.pods(ctx) {
+		ready := slices.ContainsFunc(p.Status.Conditions, func(c corev1.PodCondition) bool {
+			return c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue
+		})
+		if ready {
+			perNode[p.Spec.NodeName]++
+		}
+	}
+	for _, n := range f.nodes {
+		if perNode[n.Name] != 1 {
+			t.Errorf("node %s (%s): %d Ready agent pods of the one DaemonSet, want 1 (all: %v)", n.Name, n.Runtime, perNode[n.Name], perNode)
+		}
+	}
+}
+
+// fetchWindow is when one node fetched from the registry: its first and last request of a repository.
+type fetchWindow struct {
+	node        string
+	first, last time.Time
+	requests    int
+}
+
+// combined log format: addr - - [02/Jan/2006:15:04:05 -0700] "METHOD /path HTTP/1.1" status bytes ...
+var accessLine = regexp.MustCompile(`^(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d+) (\d+|-)`)
+
+// fetchWindows reads the fleet registry's access log from offset: per node, the first and last request
+// for the repository repo.
+func (f *fleet) fetchWindows(t *testing.T, offset int64, repo string) []fetchWindow {
+	t.Helper()
+	byIP := map[string]string{f.env.FleetGateway(): f.env.NodeName}
+	for _, n := range f.nodes {
+		byIP[n.IP] = n.Name
+	}
+	fh, err := os.Open(f.env.FleetRegistryLog())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	if _, err := fh.Seek(offset, 0); err != nil {
+		t.Fatal(err)
+	}
+	windows := map[string]*fetchWindow{}
+	sc := bufio.NewScanner(fh)
+	for sc.Scan() {
+		m := accessLine.FindStringSubmatch(sc.Text())
+		if m == nil || !strings.HasPrefix(m[4], "/v2/"+repo+"/") {
+			continue
+		}
+		at, err := time.Parse("02/Jan/2006:15:04:05 -0700", m[2])
+		if err != nil {
+			t.Fatalf("registry log %s: time %q: %v", f.env.FleetRegistryLog(), m[2], err)
+		}
+		node := byIP[m[1]]
+		if node == "" {
+			node = m[1]
+		}
+		w := windows[node]
+		if w == nil {
+			w = &fetchWindow{node: node, first: at, last: at}
+			windows[node] = w
+		}
+		w.requests++
+		if at.Before(w.first) {
+			w.first = at
+		}
+		if at.After(w.last) {
+			w.last = at
+		}
+	}
+	out := make([]fetchWindow, 0, len(windows))
+	for _, w := range windows {
+		out = append(out, *w)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].first.Before(out[j].first) })
+	return out
+}
+
+func logSize(t *testing.T, path string) int64 {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size()
+}
+
+// TestFleetMaxConcurrentNodesOneFetchesOneNodeAtATime: with components/max-concurrent-nodes at K = 1,
+// the registry's own access log shows the nodes fetching the list one after another: no node's first
+// request comes before the previous node's last. The fleet nodes' links are capped (100 Mbit/s) and each
+// agent pulls one image at a time, so that one node's fetching spans seconds (the log's resolution).
+func TestFleetMaxConcurrentNodesOneFetchesOneNodeAtATime(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 8*time.Minute)
+	list := refs(t, f.env, "e2e/random:4mib", "e2e/random:8mib", "e2e/random:12mib", "e2e/random:16mib", "e2e/random:20mib")
+	f.removeImages(ctx, t, list)
+	for _, n := range f.nodes[1:] {
+		f.shape(t, n.Name, 100)
+	}
+	offset := logSize(t, f.env.FleetRegistryLog())
+	in := f.instance(t, "e2e-fleet-bound-"+suffix(t), list, "max-concurrent-nodes")
+	in.opts.ExtraArgs = []string{"--max-concurrent-nodes=1", "--max-parallel-pulls=1"}
+	in.apply()
+	f.waitLabels(ctx, t, in, f.nodes, "succeeded")
+	windows := f.fetchWindows(t, offset, "e2e/random")
+	for _, w := range windows {
+		t.Logf("node %s fetched e2e/random from %s to %s (%d requests)", w.node, w.first.Format(time.TimeOnly), w.last.Format(time.TimeOnly), w.requests)
+	}
+	if len(windows) != len(f.nodes) {
+		t.Fatalf("the registry saw %d nodes fetch the list, want every one of the %d: %+v", len(windows), len(f.nodes), windows)
+	}
+	for i := 1; i < len(windows); i++ {
+		if windows[i].first.Before(windows[i-1].last) {
+			t.Errorf("node %s started fetching at %s, before node %s's last request at %s: two nodes fetched at once with K = 1",
+				windows[i].node, windows[i].first.Format(time.TimeOnly), windows[i-1].node, windows[i-1].last.Format(time.TimeOnly))
+		}
+	}
+	if windows[len(windows)-1].last.Equal(windows[0].first) {
+		t.Errorf("every fetch of the list fell in one second of the log (%s): the test cannot tell one node at a time from all at once", windows[0].first)
+	}
+}
+
+// TestFleetKilledNodeHandsItsPullSlotOver: two fresh nodes share one pull slot (K = 1, a 10 s lease); the
+// node holding it while it pulls (its link capped at 4 Mbit/s, so the pull lasts) is killed hard
+// (kubelet, runtime and containers SIGKILLed, namespaces removed). The other node holds the slot within
+// the lease duration plus 5 s, pulls and says succeeded.
+func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 8*time.Minute)
+	sfx := suffix(t)
+	pool := "e2e.image-prefetcher/fleet-kill"
+	a := f.addNode(t, "e2e-kill-a-"+sfx, clusterenv.RuntimeContainerd, "")
+	b := f.addNode(t, "e2e-kill-b-"+sfx, clusterenv.RuntimeContainerd16, "")
+	cs := f.env.Clientset(t)
+	for _, n := range []clusterenv.Node{a, b} {
+		// the agent's own image before the link is capped: only the list is to come through it
+		if _, err := n.CRI(t).PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: f.env.AgentImage}}); err != nil {
+			t.Fatalf("pull the agent image on %s: %v", n.Name, err)
+		}
+		f.shape(t, n.Name, 4)
+		patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%q}}}`, pool, sfx)
+		if _, err := cs.CoreV1().Nodes().Patch(ctx, n.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const lease = 10 * time.Second
+	in := f.instance(t, "e2e-fleet-kill-"+sfx, refs(t, f.env, "e2e/random:20mib"), "max-concurrent-nodes")
+	in.opts.NodeSelector = map[string]string{pool: sfx}
+	in.opts.ExtraArgs = []string{"--max-concurrent-nodes=1", "--pull-slot-lease-duration=" + lease.String()}
+	in.apply()
+
+	slot := in.name() + "-pull-slot-0"
+	holder := func(ctx context.Context) string {
+		l, err := cs.CoordinationV1().Leases(in.opts.Namespace).Get(ctx, slot, metav1.GetOptions{})
+		if err != nil {
+			return ""
+		}
+		return ptr.Deref(l.Spec.HolderIdentity, "")
+	}
+	var first string
+	err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 3*time.Minute, true, func(ctx context.Context) (bool, error) {
+		first = holder(ctx)
+		return first == a.Name || first == b.Name, nil
+	})
+	if err != nil {
+		t.Fatalf("no node took slot %s: %v\n%s", slot, err, f.diagnose(t, in))
+	}
+	survivor := a
+	if first == a.Name {
+		survivor = b
+	}
+	t.Logf("node %s holds %s and pulls through its 4 Mbit/s link; killing it", first, slot)
+	killed := time.Now()
+	harness(t, "kill-node", first)
+	var second string
+	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		second = holder(ctx)
+		return second == survivor.Name, nil
+	})
+	took := time.Since(killed)
+	if err != nil {
+		t.Fatalf("node %s never took slot %s after %s died (holder %q): %v\n%s", survivor.Name, slot, first, second, err, f.diagnose(t, in))
+	}
+	t.Logf("node %s took the slot %s after %s was killed (lease %s)", survivor.Name, took.Round(100*time.Millisecond), first, lease)
+	if took > lease+5*time.Second {
+		t.Errorf("the slot went to %s %s after its holder died, want within the lease duration %s + 5 s", survivor.Name, took.Round(100*time.Millisecond), lease)
+	}
+	f.forget(t, first)
+	harness(t, "shape-node", survivor.Name, "0")
+	done := f.waitLabels(ctx, t, in, []clusterenv.Node{survivor}, "succeeded")
+	t.Logf("node %s succeeded %s after the kill", survivor.Name, done[survivor.Name].Sub(killed).Round(100*time.Millisecond))
+}
+
+// requirePending waits until the scheduler says the pod of the Deployment name fits no node, and
+// returns its message.
+func requirePending(ctx context.Context, t *testing.T, in *instance, name string) string {
+	t.Helper()
+	var msg string
+	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		l, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+		if err != nil {
+			return false, err
+		}
+		for _, p := range l.Items {
+			if p.Spec.NodeName != "" {
+				return false, fmt.Errorf("pod %s was scheduled to %s", p.Name, p.Spec.NodeName)
+			}
+			for _, c := range p.Status.Conditions {
+				if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
+					msg = c.Message
+					return true, nil
+				}
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("pod of %s not pending: %v\n%s", name, err, in.diagnose())
+	}
+	return msg
+}
+
+// TestFleetNodeJoiningLaterIsGatedUntilItsImagesArePresent: an instance with components/startup-taint
+// runs on the fleet; a Deployment asks for a node that is not there yet, with a nodeSelector on the
+// instance's label. A CRI-O node joins registered with the instance's startup taint: the agent lands on it
+// (it tolerates its own taint), pulls, labels the node, removes the taint, and only then the Deployment's
+// pod is scheduled there and starts from the prefetched image ("already present on machine").
+func TestFleetNodeJoiningLaterIsGatedUntilItsImagesArePresent(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 8*time.Minute)
+	sfx := suffix(t)
+	name := "e2e-fleet-join-" + sfx
+	newNode := "e2e-join-" + sfx
+	list := refs(t, f.env, "e2e/busybox:latest", "e2e/random:8mib")
+	in := f.instance(t, name, list, "startup-taint")
+	in.apply()
+	in.requireRollout(4 * time.Minute)
+	f.waitLabels(ctx, t, in, f.nodes, "succeeded")
+
+	in.node = newNode
+	createSleeper(ctx, t, in, "app", list[0], corev1.PullIfNotPresent,
+		map[string]string{in.labelKey(): "succeeded", corev1.LabelHostname: newNode})
+	pending := requirePending(ctx, t, in, "app")
+	t.Logf("before the node joins, the app is held: %s", pending)
+
+	taint := corev1.Taint{Key: labelPrefix + name, Effect: corev1.TaintEffectNoSchedule}
+	var tl nodeTimeline
+	followCtx, stopFollowing := context.WithCancel(ctx)
+	followed := make(chan struct{})
+	go func() { defer close(followed); tl.follow(followCtx, in.cs, newNode, in.labelKey(), taint) }()
+	joined := time.Now()
+	f.addNode(t, newNode, clusterenv.RuntimeCRIO, taint.Key+":"+string(taint.Effect))
+	requireStartedWithoutPull(ctx, t, in, "app", list[0], corev1.PullIfNotPresent)
+	in.node = f.env.NodeName // the joined node leaves with the test, before the instance's cleanup
+	stopFollowing()
+	<-followed
+	tl.mu.Lock()
+	succeeded, untaint := tl.succeeded, tl.untaint
+	tl.mu.Unlock()
+	if succeeded.IsZero() || untaint.IsZero() {
+		t.Fatalf("node %s: label succeeded seen at %v, taint removal at %v: want both\n%s", newNode, succeeded, untaint, f.diagnose(t, in))
+	}
+	if untaint.Before(succeeded) {
+		t.Errorf("node %s: the startup taint went (%s) before the label said succeeded (%s)", newNode, untaint.Format(time.StampMilli), succeeded.Format(time.StampMilli))
+	}
+	requireAllPresent(ctx, t, f.node(t, newNode).CRI(t), list)
+	t.Logf("node %s: joined, labelled succeeded %s and untainted %s after the join began", newNode,
+		succeeded.Sub(joined).Round(100*time.Millisecond), untaint.Sub(joined).Round(100*time.Millisecond))
+}
