@@ -71,7 +71,7 @@ type prefetcher struct {
 // pullSlots is a cluster-wide bound on pulling nodes: Acquire blocks until
 // this node may pull and returns the function that gives the slot back.
 type pullSlots interface {
-	Acquire(ctx context.Context) (release func(), err error)
+	Acquire(ctx context.Context, list string) (release func(), err error)
 }
 
 // passReport is the outcome of one pass: what the node holds, and whether
@@ -154,7 +154,7 @@ func (p *prefetcher) pass(ctx context.Context) (passReport, error) {
 	var wd *nodestate.Withdrawal
 	p.stopClaiming(ctx, list, pres, &wd)
 
-	results, problems, err := p.pull(ctx, list.Entries, pres)
+	results, problems, err := p.pull(ctx, list.Digest, list.Entries, pres)
 	if err != nil {
 		p.log.Error("pass could not pull", "error", err.Error())
 	}
@@ -400,7 +400,7 @@ func (p *prefetcher) confirm(ctx context.Context, list *imagelist.List, results 
 			"the node does not claim the list until they are pulled again", attrs...)
 		hole := presence{known: true, missing: gone}
 		p.stopClaiming(ctx, list, hole, wd)
-		again, _, err := p.pull(ctx, gone, hole)
+		again, _, err := p.pull(ctx, list.Digest, gone, hole)
 		repulled += len(gone)
 		for _, r := range again {
 			results[at[r.Image]] = r
@@ -454,7 +454,8 @@ func (p *prefetcher) absent(ctx context.Context, entries []imagelist.Entry) (gon
 
 // pull runs the engine over entries. It also returns the problems with the
 // agent's credential files, which never stop a pull.
-func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres presence) ([]pull.Result, []nodelabel.Problem, error) {
+// listDigest names the list for the cluster-wide pull slots (seeding).
+func (p *prefetcher) pull(ctx context.Context, listDigest string, entries []imagelist.Entry, pres presence) ([]pull.Result, []nodelabel.Problem, error) {
 	if p.client == nil {
 		return failAll(entries, pull.ReasonUnavailable, pres.err), nil, pres.err
 	}
@@ -495,7 +496,7 @@ func (p *prefetcher) pull(ctx context.Context, entries []imagelist.Entry, pres p
 			ctx, cancel = context.WithTimeout(ctx, p.cfg.OverallTimeout)
 			defer cancel()
 		}
-		release, err := p.slots.Acquire(ctx)
+		release, err := p.slots.Acquire(ctx, listDigest)
 		if err != nil {
 			err = fmt.Errorf("wait for a cluster-wide pull slot: %w", err)
 			return failAll(entries, pull.ReasonUnavailable, err), problems, err

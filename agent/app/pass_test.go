@@ -408,7 +408,7 @@ func TestFinalCheckIsOneListImagesCall(t *testing.T) {
 // stuckGate never hands out a slot: every holder keeps its Lease alive.
 type stuckGate struct{}
 
-func (stuckGate) Acquire(ctx context.Context) (func(), error) {
+func (stuckGate) Acquire(ctx context.Context, _ string) (func(), error) {
 	<-ctx.Done()
 	return nil, ctx.Err()
 }

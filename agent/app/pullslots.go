@@ -21,6 +21,8 @@ type PullSlotOptions struct {
 	MaxConcurrentNodes    int
 	Namespace             string
 	PullSlotLeaseDuration time.Duration
+	// SeedFirst: one node pulls a new list alone before the others take slots.
+	SeedFirst bool
 }
 
 func defaultPullSlotOptions() PullSlotOptions {
@@ -36,6 +38,8 @@ func (o *PullSlotOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Namespace, "namespace", o.Namespace, "Namespace of this instance, where the pull slot Leases live (default: $POD_NAMESPACE).")
 	fs.DurationVar(&o.PullSlotLeaseDuration, "pull-slot-lease-duration", o.PullSlotLeaseDuration,
 		"How long a pull slot stays held without renewal (renewed every third of it while pulling); a dead node's slot is free after this.")
+	fs.BoolVar(&o.SeedFirst, "seed-first", o.SeedFirst,
+		"With --max-concurrent-nodes: one node pulls a new list alone first (it holds slot 0); the others take slots once its pass has ended. With a pull-through mirror in front of the registry, the registry then serves a rollout about what one node's pull costs.")
 }
 
 func (o *PullSlotOptions) validate() error {
@@ -43,6 +47,9 @@ func (o *PullSlotOptions) validate() error {
 		return fmt.Errorf("--max-concurrent-nodes=%d: must be 0 (unbounded) or more", o.MaxConcurrentNodes)
 	}
 	if o.MaxConcurrentNodes == 0 {
+		if o.SeedFirst {
+			return errors.New("--seed-first needs --max-concurrent-nodes: the first node seeds through the pull slots")
+		}
 		return nil
 	}
 	var errs []error
@@ -80,6 +87,7 @@ func (p *prefetcher) setupPullSlots(client kubernetes.Interface, log *slog.Logge
 		Holder:        o.NodeName,
 		Process:       processID,
 		Slots:         o.MaxConcurrentNodes,
+		Seed:          o.SeedFirst,
 		LeaseDuration: o.PullSlotLeaseDuration,
 		StartJitter:   pullslots.DefaultStartJitter,
 		ClaimJitter:   pullslots.DefaultClaimJitter,

@@ -12,8 +12,9 @@ import (
 	"k8s.io/utils/ptr"
 )
 
-// hold renews the held Lease until release is called.
-func (s *Semaphore) hold(ctx context.Context, held *coordinationv1.Lease) func() {
+// hold renews the held Lease until release is called. seed, when set, is the
+// list this node pulls first: release marks it seeded unless ctx is done.
+func (s *Semaphore) hold(ctx context.Context, held *coordinationv1.Lease, seed string) func() {
 	renewCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
 	var mu sync.Mutex
 	current := held
@@ -67,10 +68,17 @@ func (s *Semaphore) hold(ctx context.Context, held *coordinationv1.Lease) func()
 			if le == nil {
 				return
 			}
+			if ctx.Err() != nil {
+				seed = "" // cut short: the next holder of the seed slot pulls the list first
+			}
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.ReleaseTimeout)
 			defer cancel()
-			if err := s.release(rctx, le); err != nil {
+			if err := s.release(rctx, le, seed); err != nil {
 				s.Log.Error("release pull slot; it frees when its lease expires", "lease", le.Name, "error", err.Error(), "leaseDuration", s.LeaseDuration)
+				return
+			}
+			if seed != "" {
+				s.Log.Info("pull slot released; the list is seeded: every slot is open to it", "lease", le.Name, "list", seed)
 				return
 			}
 			s.Log.Info("pull slot released", "lease", le.Name)
@@ -80,13 +88,20 @@ func (s *Semaphore) hold(ctx context.Context, held *coordinationv1.Lease) func()
 
 // release clears the holder, keeping the Lease for the next node (cheaper for
 // everybody than delete and create, and its leaseTransitions stay a record).
-// A Lease that is no longer ours is left alone.
-func (s *Semaphore) release(ctx context.Context, le *coordinationv1.Lease) error {
+// A Lease that is no longer ours is left alone. seed, when set, is written as
+// the Lease's SeededAnnotation in the same update.
+func (s *Semaphore) release(ctx context.Context, le *coordinationv1.Lease, seed string) error {
 	leases := s.Client.Leases(s.Namespace)
 	for attempt := 0; ; attempt++ {
 		cp := le.DeepCopy()
 		cp.Spec.HolderIdentity = nil
 		delete(cp.Annotations, ProcessAnnotation)
+		if seed != "" {
+			if cp.Annotations == nil {
+				cp.Annotations = map[string]string{}
+			}
+			cp.Annotations[SeededAnnotation] = seed
+		}
 		cp.Spec.AcquireTime = nil
 		cp.Spec.RenewTime = nil
 		_, err := leases.Update(ctx, cp, metav1.UpdateOptions{})
@@ -126,7 +141,7 @@ func (s *Semaphore) releaseByName(ctx context.Context, name string) {
 	if ptr.Deref(le.Spec.HolderIdentity, "") != s.Holder || !s.ownProcess(le) {
 		return
 	}
-	if err := s.release(rctx, le); err != nil {
+	if err := s.release(rctx, le, ""); err != nil {
 		s.Log.Warn("release pull slot after cancelled claim", "lease", name, "error", err.Error())
 	}
 }

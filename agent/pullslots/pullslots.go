@@ -17,6 +17,16 @@
 // by a random fraction of ClaimJitter and looks again, so the first to wake
 // usually wins alone and the others see the slot taken instead of all writing
 // at once. The holder's renewals and release are in hold.go.
+//
+// Seeding (Semaphore.Seed): a new list is pulled by one node first, alone. Slot
+// 0 is then also the seed slot: while its Lease does not carry the list's
+// digest in SeededAnnotation, slot 0 is the only one a node may take, and the
+// node that holds it writes the annotation when it frees the slot at the end
+// of a pass that ran to its end (a pass cut short seeds nothing: the next
+// holder of slot 0 seeds). From then on every slot is open for that list.
+// With a pull-through mirror between the nodes and the registry, the first
+// node fills the mirror and the registry serves a rollout about what one
+// node's pull costs, whatever the number of nodes.
 package pullslots
 
 import (
@@ -63,6 +73,10 @@ const (
 // holds it (Semaphore.Process).
 const ProcessAnnotation = "image-prefetcher.stackrox.io/holder-process"
 
+// SeededAnnotation on slot 0 is the digest of the list a node has pulled alone
+// first (Semaphore.Seed).
+const SeededAnnotation = "image-prefetcher.stackrox.io/seeded-list"
+
 // ErrLost is logged when a held slot was taken over by another node (this
 // node's renewals did not reach the API server for a whole lease duration).
 var ErrLost = errors.New("pull slot lost to another node")
@@ -83,6 +97,9 @@ type Semaphore struct {
 	Process string
 	// Slots is K, how many nodes may pull at once.
 	Slots int
+	// Seed makes one node pull a new list alone before the others take
+	// slots (see the package documentation).
+	Seed bool
 
 	// LeaseDuration is how long a slot stays held without renewal.
 	LeaseDuration time.Duration
@@ -181,23 +198,32 @@ func (s *Semaphore) sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// Acquire blocks until this node holds a slot, then returns the function that
-// gives it back. The slot is renewed in the background until release. release
-// is safe to call more than once and after ctx is done: it uses its own
-// ReleaseTimeout on a context detached from ctx, so a shutdown still frees the
-// slot at once instead of leaving it to expire.
-func (s *Semaphore) Acquire(ctx context.Context) (release func(), err error) {
+// Acquire blocks until this node holds a slot for the list with digest list,
+// then returns the function that gives it back. The slot is renewed in the
+// background until release. release is safe to call more than once and after
+// ctx is done: it uses its own ReleaseTimeout on a context detached from ctx,
+// so a shutdown still frees the slot at once instead of leaving it to expire.
+// With Seed, the holder of an unseeded list's seed slot marks the list seeded
+// when it releases the slot while ctx is not done (its pass ran to its end).
+func (s *Semaphore) Acquire(ctx context.Context, list string) (release func(), err error) {
 	start := s.Clock.Now()
 	if err := s.sleep(ctx, s.jitter(s.StartJitter)); err != nil {
 		return nil, err
 	}
-	w := &waiter{s: s, slots: make([]slotState, s.Slots)}
+	w := &waiter{s: s, slots: make([]slotState, s.Slots), list: list}
 	held, err := w.wait(ctx)
 	if err != nil {
 		return nil, err
 	}
-	s.Log.Info("pull slot acquired", "lease", held.Name, "waited", s.Clock.Since(start).Round(time.Millisecond))
-	return s.hold(ctx, held), nil
+	seed := ""
+	if w.seeding() && held.Annotations[SeededAnnotation] != list {
+		seed = list
+		s.Log.Info("pull slot acquired: this node pulls the list first, alone; the others wait until it has",
+			"lease", held.Name, "list", list, "waited", s.Clock.Since(start).Round(time.Millisecond))
+	} else {
+		s.Log.Info("pull slot acquired", "lease", held.Name, "waited", s.Clock.Since(start).Round(time.Millisecond))
+	}
+	return s.hold(ctx, held, seed), nil
 }
 
 // permanent reports errors that waiting does not cure (missing RBAC, a

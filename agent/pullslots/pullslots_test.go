@@ -162,10 +162,10 @@ type result struct {
 	err     error
 }
 
-func acquireAsync(ctx context.Context, s *Semaphore) <-chan result {
+func acquireAsync(ctx context.Context, s *Semaphore, list string) <-chan result {
 	ch := make(chan result, 1)
 	go func() {
-		r, err := s.Acquire(ctx)
+		r, err := s.Acquire(ctx, list)
 		ch <- result{r, err}
 	}()
 	return ch
@@ -176,11 +176,11 @@ func TestAcquireCreatesLabelledSlotsAndReleaseClearsHolder(t *testing.T) {
 	c := newClient(t)
 	a, b := newSem(t, c, "node-a", 2, nil), newSem(t, c, "node-b", 2, nil)
 	ctx := context.Background()
-	ra, err := a.Acquire(ctx)
+	ra, err := a.Acquire(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	rb, err := b.Acquire(ctx)
+	rb, err := b.Acquire(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,11 +214,11 @@ func TestContentionWaitsForRelease(t *testing.T) {
 	c := newClient(t)
 	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
 	ctx := context.Background()
-	ra, err := a.Acquire(ctx)
+	ra, err := a.Acquire(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ch := acquireAsync(ctx, b)
+	ch := acquireAsync(ctx, b, "")
 	eventually(t, "b to watch", func() bool { return countActions(c, "watch") >= 1 })
 	select {
 	case r := <-ch:
@@ -258,7 +258,7 @@ func TestBoundHoldsUnderContention(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			release, err := s.Acquire(context.Background())
+			release, err := s.Acquire(context.Background(), "")
 			if err != nil {
 				errs <- err
 				return
@@ -300,7 +300,7 @@ func TestExpiredSlotOfDeadNodeIsReclaimed(t *testing.T) {
 		Spec: coordinationv1.LeaseSpec{HolderIdentity: &dead, LeaseDurationSeconds: &secs, RenewTime: &renew, LeaseTransitions: ptr.To[int32](4)},
 	})
 	b := newSem(t, c, "node-b", 1, clk)
-	ch := acquireAsync(context.Background(), b)
+	ch := acquireAsync(context.Background(), b, "")
 	// The renewTime written by the dead node's clock is not trusted: b waits a
 	// whole duration on its own clock from when it first saw the Lease.
 	eventually(t, "b to wait on the expiry timer", func() bool { return countActions(c, "watch") >= 1 && clk.HasWaiters() })
@@ -340,7 +340,7 @@ func TestHolderCannotStretchItsLease(t *testing.T) {
 		Spec: coordinationv1.LeaseSpec{HolderIdentity: &bad, LeaseDurationSeconds: &secs},
 	})
 	b := newSem(t, c, "node-b", 1, clk)
-	ch := acquireAsync(context.Background(), b)
+	ch := acquireAsync(context.Background(), b, "")
 	eventually(t, "b to wait on the expiry timer", func() bool { return countActions(c, "watch") >= 1 && clk.HasWaiters() })
 	clk.Step(31 * time.Second)
 	var r result
@@ -363,7 +363,7 @@ func TestRenewedWhileHeld(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, clk)
-	release, err := a.Acquire(context.Background())
+	release, err := a.Acquire(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -393,7 +393,7 @@ func TestOwnSlotFromBeforeRestartIsTakenBack(t *testing.T) {
 	a := newSem(t, c, me, 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	release, err := a.Acquire(ctx)
+	release, err := a.Acquire(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -404,13 +404,13 @@ func TestCancelWhileWaitingHoldsNothing(t *testing.T) {
 	t.Parallel()
 	c := newClient(t)
 	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
-	ra, err := a.Acquire(context.Background())
+	ra, err := a.Acquire(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ra()
 	ctx, cancel := context.WithCancel(context.Background())
-	ch := acquireAsync(ctx, b)
+	ch := acquireAsync(ctx, b, "")
 	eventually(t, "b to watch", func() bool { return countActions(c, "watch") >= 1 })
 	cancel()
 	r := <-ch
@@ -429,7 +429,7 @@ func TestReleaseAfterCancelStillFreesTheSlot(t *testing.T) {
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, nil)
 	ctx, cancel := context.WithCancel(context.Background())
-	release, err := a.Acquire(ctx)
+	release, err := a.Acquire(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -447,7 +447,7 @@ func TestLostSlotIsNotReleasedOverTheNewHolder(t *testing.T) {
 	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 10, 0, 0, 0, time.UTC))
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, clk)
-	release, err := a.Acquire(context.Background())
+	release, err := a.Acquire(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -494,7 +494,7 @@ func TestForbiddenFailsInsteadOfWaiting(t *testing.T) {
 	s := newSem(t, c, "node-a", 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := s.Acquire(ctx); !apierrors.IsForbidden(err) {
+	if _, err := s.Acquire(ctx, ""); !apierrors.IsForbidden(err) {
 		t.Fatalf("Acquire: %v, want Forbidden", err)
 	}
 }
@@ -506,7 +506,7 @@ func TestFailingWatchBacksOff(t *testing.T) {
 	t.Parallel()
 	c := newClient(t)
 	a := newSem(t, c, "node-a", 1, nil)
-	ra, err := a.Acquire(context.Background())
+	ra, err := a.Acquire(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -517,7 +517,7 @@ func TestFailingWatchBacksOff(t *testing.T) {
 	b := newSem(t, c, "node-b", 1, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	ch := acquireAsync(ctx, b)
+	ch := acquireAsync(ctx, b, "")
 	lists := func() int { return countActions(c, "list") - 1 } // a's list is the first
 	eventually(t, "b's second list", func() bool { return lists() >= 2 })
 	// The third list comes at least 1.6 s after the second.
@@ -540,7 +540,7 @@ func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
 	run, fetch := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-a", 1, nil)
 	run.Process, fetch.Process = "agent-pod/1", "init-container/1"
 	ctx := context.Background()
-	release, err := run.Acquire(ctx)
+	release, err := run.Acquire(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -549,7 +549,7 @@ func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
 	}
 	watches := countWatches(c)
 	waitCtx, cancel := context.WithCancel(ctx)
-	ch := acquireAsync(waitCtx, fetch)
+	ch := acquireAsync(waitCtx, fetch, "")
 	eventually(t, "the second process's watch", func() bool { return watches.Load() >= 1 })
 	select {
 	case r := <-ch:
@@ -564,7 +564,7 @@ func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
 		t.Fatalf("after the second process gave up: holder %q process %q, want the first's", holderOf(h), h.Annotations[ProcessAnnotation])
 	}
 	before := watches.Load()
-	ch = acquireAsync(ctx, fetch)
+	ch = acquireAsync(ctx, fetch, "")
 	eventually(t, "the second process's new watch", func() bool { return watches.Load() > before })
 	release()
 	r := <-ch
@@ -575,4 +575,116 @@ func TestSecondProcessOfANodeWaitsForTheFirstsSlot(t *testing.T) {
 		t.Errorf("slot names process %q after the hand-over, want %q", p, fetch.Process)
 	}
 	r.release()
+}
+
+func newSeedSem(t *testing.T, c *fake.Clientset, holder string, slots int) *Semaphore {
+	t.Helper()
+	s := newSem(t, c, holder, slots, nil)
+	s.Seed = true
+	return s
+}
+
+// With Seed, a new list goes to one node alone: the others wait although a slot is free, until the
+// seed slot's holder releases it at the end of its pass; then every slot is open to that list.
+func TestSeedFirstPullsAloneUntilSeeded(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	a, b, d := newSeedSem(t, c, "node-a", 2), newSeedSem(t, c, "node-b", 2), newSeedSem(t, c, "node-d", 2)
+	ctx := context.Background()
+	ra, err := a.Acquire(ctx, "list-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := holders(t, c); h["my-images-pull-slot-0"] != "node-a" {
+		t.Fatalf("the seeder holds %v, want slot 0", h)
+	}
+	chB, chD := acquireAsync(ctx, b, "list-1"), acquireAsync(ctx, d, "list-1")
+	select {
+	case r := <-chB:
+		t.Fatalf("node-b took a slot while the list was being seeded (err %v); holders %v", r.err, holders(t, c))
+	case r := <-chD:
+		t.Fatalf("node-d took a slot while the list was being seeded (err %v); holders %v", r.err, holders(t, c))
+	case <-time.After(300 * time.Millisecond):
+	}
+	ra()
+	if got := getLease(t, c, "my-images-pull-slot-0").Annotations[SeededAnnotation]; got != "list-1" {
+		t.Fatalf("after the seeder's release slot 0 says seeded %q, want list-1", got)
+	}
+	// Both waiters hold a slot at once: seeded, the list has every slot.
+	rb, rd := <-chB, <-chD
+	if rb.err != nil || rd.err != nil {
+		t.Fatalf("after seeding: %v, %v", rb.err, rd.err)
+	}
+	if h := holders(t, c); len(h) != 2 || h["my-images-pull-slot-0"] == "" || h["my-images-pull-slot-1"] == "" {
+		t.Errorf("after seeding both slots should be held, got %v", h)
+	}
+	rb.release()
+	rd.release()
+	if got := getLease(t, c, "my-images-pull-slot-0").Annotations[SeededAnnotation]; got != "list-1" {
+		t.Errorf("a later holder's release changed the seed mark to %q", got)
+	}
+
+	// A new list is seeded again: its first node takes slot 0 (slot 1 is free too) and marks it.
+	r2, err := b.Acquire(ctx, "list-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := holders(t, c); h["my-images-pull-slot-0"] != "node-b" {
+		t.Fatalf("a new list's first node holds %v, want slot 0", h)
+	}
+	r2()
+	if got := getLease(t, c, "my-images-pull-slot-0").Annotations[SeededAnnotation]; got != "list-2" {
+		t.Errorf("after the new list's seeding slot 0 says %q, want list-2", got)
+	}
+}
+
+// A seeder whose pass is cut short (its context done: shutdown, the pass's deadline) seeds nothing: the
+// next node to take slot 0 pulls the list first.
+func TestSeedCutShortSeedsNothing(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	a, b := newSeedSem(t, c, "node-a", 3), newSeedSem(t, c, "node-b", 3)
+	ctx, cancel := context.WithCancel(context.Background())
+	ra, err := a.Acquire(ctx, "list-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	ra()
+	le := getLease(t, c, "my-images-pull-slot-0")
+	if got, ok := le.Annotations[SeededAnnotation]; ok || ptr.Deref(le.Spec.HolderIdentity, "") != "" {
+		t.Fatalf("a cut-short seeder left seeded=%q (set %v), holder %q", got, ok, ptr.Deref(le.Spec.HolderIdentity, ""))
+	}
+	rb, err := b.Acquire(context.Background(), "list-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := holders(t, c); h["my-images-pull-slot-0"] != "node-b" || h["my-images-pull-slot-1"] != "" {
+		t.Errorf("the next node should seed through slot 0 alone, holders %v", h)
+	}
+	rb()
+}
+
+// Without Seed (or without a list digest) every free slot is taken at once, as before.
+func TestNoSeedTakesAnyFreeSlot(t *testing.T) {
+	t.Parallel()
+	c := newClient(t)
+	a, b := newSem(t, c, "node-a", 2, nil), newSeedSem(t, c, "node-b", 2)
+	ctx := context.Background()
+	ra, err := a.Acquire(ctx, "list-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, err := b.Acquire(ctx, "") // no digest: nothing to seed
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h := holders(t, c); len(h) != 2 || h["my-images-pull-slot-0"] == "" || h["my-images-pull-slot-1"] == "" {
+		t.Errorf("holders %v, want both slots", h)
+	}
+	ra()
+	rb()
+	if _, ok := getLease(t, c, "my-images-pull-slot-0").Annotations[SeededAnnotation]; ok {
+		t.Errorf("a semaphore without Seed marked a list seeded")
+	}
 }

@@ -114,13 +114,13 @@ func TestComponentRoleIsEnoughAgainstRealAPIServer(t *testing.T) {
 		return s
 	}
 	a, b := mk("node-a"), mk("node-b")
-	ra, err := a.Acquire(ctx)
+	ra, err := a.Acquire(ctx, "")
 	if err != nil {
 		t.Fatalf("acquire as the ServiceAccount: %v", err)
 	}
 	got := make(chan error, 1)
 	go func() {
-		rb, err := b.Acquire(ctx)
+		rb, err := b.Acquire(ctx, "")
 		if err == nil {
 			rb()
 		}

@@ -23,6 +23,17 @@ type waiter struct {
 	slots []slotState
 	// losses counts the claims this waiter lost; it widens the claim jitter.
 	losses int
+	// list is the digest of the list the slot is for (seeding).
+	list string
+}
+
+// seeding reports whether this waiter's list waits for its seed: only slot 0
+// may be taken until the seed slot's Lease names the list seeded.
+func (w *waiter) seeding() bool { return w.s.Seed && w.list != "" }
+
+func (w *waiter) seeded(store cache.Store) bool {
+	le := w.lease(store, 0)
+	return le != nil && le.Annotations[SeededAnnotation] == w.list
 }
 
 // slotState is what a waiter knows of one slot beyond the informer's copy.
@@ -77,7 +88,11 @@ func (w *waiter) wait(ctx context.Context) (*coordinationv1.Lease, error) {
 				}
 				claimNow = false
 				if !logged {
-					s.Log.Info("waiting for a cluster-wide pull slot", "slots", s.Slots, "namespace", s.Namespace)
+					if w.seeding() && !w.seeded(inf.GetStore()) {
+						s.Log.Info("waiting for another node to pull the list first (seeding)", "lease", slotName(s.Instance, 0), "namespace", s.Namespace)
+					} else {
+						s.Log.Info("waiting for a cluster-wide pull slot", "slots", s.Slots, "namespace", s.Namespace)
+					}
 					logged = true
 				}
 			case claimNow || s.ClaimJitter == 0:
@@ -242,7 +257,11 @@ func (w *waiter) candidates(store cache.Store) ([]int, time.Time) {
 	now := w.s.Clock.Now()
 	var out []int
 	var next time.Time
-	for i := range w.slots {
+	slots := len(w.slots)
+	if w.seeding() && !w.seeded(store) {
+		slots = 1 // the seed slot alone until the list is seeded
+	}
+	for i := range slots {
 		le := w.lease(store, i)
 		w.observe(i, le, now)
 		ok, exp := w.free(i, le, now)
