@@ -15,6 +15,8 @@
 #   e2e/cluster.sh kill-node NAME      # SIGKILL that node's kubelet, runtime and containers, remove its namespaces
 #   e2e/cluster.sh shape-node NAME MBIT  # cap what the node's link delivers to it (0: no cap)
 #   e2e/cluster.sh node-registry NAME block|allow  # refuse (or allow again) the node's connections to the registry
+#   e2e/cluster.sh fleet-registry plain|mirror [UPSTREAM]  # the nodes' registry: the plain one's storage, or
+#                                      # an empty pull-through cache of it (or of UPSTREAM, host:port, in front of it)
 #
 # Settings (environment): IMAGE_PREFETCHER_E2E_STATE (default /var/tmp/image-prefetcher-e2e),
 # IMAGE_PREFETCHER_E2E_RUNTIME (containerd = containerd 2.x, the default | containerd-1.6 = Debian's | cri-o),
@@ -267,14 +269,15 @@ start_registries() {
   (umask 077; printf '{"auths":{"%s":{"auth":"%s"}}}\n' "$AUTH_REGISTRY" \
     "$(printf '%s:%s' "$AUTH_USER" "$(cat "$r/password")" | base64 -w0)" >"$r/auth-dockerconfig.json")
   for name in registry registry-auth; do
-    local addr=$REGISTRY data=$r/data auth=""
+    # the plain registry's access log counts what it serves (a fleet's mirror fetches from it)
+    local addr=$REGISTRY data=$r/data auth="" nolog=false
     if [ $name = registry-auth ]; then
-      addr=$AUTH_REGISTRY data=$r/data-auth
+      addr=$AUTH_REGISTRY data=$r/data-auth nolog=true
       auth="auth: {htpasswd: {realm: image-prefetcher-e2e, path: $r/htpasswd}}"
     fi
     cat >"$r/$name.yml" <<EOF
 version: 0.1
-log: {level: warn, accesslog: {disabled: true}}
+log: {level: warn, accesslog: {disabled: $nolog}}
 storage: {filesystem: {rootdirectory: $data}, delete: {enabled: true}}
 http: {addr: $addr}
 $auth
@@ -727,6 +730,7 @@ write_env() {
     echo "export IMAGE_PREFETCHER_E2E_CRI_ENDPOINT='unix://$SOCK'"
     echo "export IMAGE_PREFETCHER_E2E_CONTAINERD_NAMESPACE='k8s.io'"
     echo "export IMAGE_PREFETCHER_E2E_REGISTRY='$REGISTRY'"
+    echo "export IMAGE_PREFETCHER_E2E_REGISTRY_LOG='$LOGS/registry.log'"
     echo "export IMAGE_PREFETCHER_E2E_AUTH_REGISTRY='$AUTH_REGISTRY'"
     echo "export IMAGE_PREFETCHER_E2E_AUTH_USER='$AUTH_USER'"
     echo "export IMAGE_PREFETCHER_E2E_AUTH_PASSWORD_FILE='$STATE/registry/password'"
@@ -972,6 +976,7 @@ case ${1:-} in
   add-node) need_root; lock; shift; add_node "${1:?usage: add-node NAME RUNTIME [TAINTS]}" "${2:?usage: add-node NAME RUNTIME [TAINTS]}" "${3:-}"
     write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;
   shape-node) need_root; shift; shape_node "${1:?usage: shape-node NAME MBIT}" "${2:?usage: shape-node NAME MBIT}" ;;
+  fleet-registry) need_root; shift; fleet_registry "${1:?usage: fleet-registry plain|mirror [UPSTREAM]}" "${2:-}"; write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;
   node-registry) need_root; shift; node_registry "${1:?usage: node-registry NAME block|allow}" "${2:?usage: node-registry NAME block|allow}" ;;
   kill-node) need_root; lock; shift; kill_node "${1:?usage: kill-node NAME}"
     write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;

@@ -7,13 +7,11 @@
 package e2e_test
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"sort"
 	"strings"
@@ -28,8 +26,10 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/nodeprefetch/image-prefetcher/bench/shaper"
 	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
+	"github.com/nodeprefetch/image-prefetcher/e2e/registrylog"
 )
 
 type fleet struct {
@@ -255,9 +255,6 @@ type fetchWindow struct {
 	requests    int
 }
 
-// combined log format: addr - - [02/Jan/2006:15:04:05 -0700] "METHOD /path HTTP/1.1" status bytes ...
-var accessLine = regexp.MustCompile(`^(\S+) \S+ \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d+) (\d+|-)`)
-
 // fetchWindows reads the fleet registry's access log from offset: per node, the first and last request
 // for the repository repo.
 func (f *fleet) fetchWindows(t *testing.T, offset int64, repo string) []fetchWindow {
@@ -266,40 +263,30 @@ func (f *fleet) fetchWindows(t *testing.T, offset int64, repo string) []fetchWin
 	for _, n := range f.nodes {
 		byIP[n.IP] = n.Name
 	}
-	fh, err := os.Open(f.env.FleetRegistryLog())
+	entries, err := registrylog.ReadFrom(f.env.FleetRegistryLog(), offset)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer fh.Close()
-	if _, err := fh.Seek(offset, 0); err != nil {
-		t.Fatal(err)
-	}
 	windows := map[string]*fetchWindow{}
-	sc := bufio.NewScanner(fh)
-	for sc.Scan() {
-		m := accessLine.FindStringSubmatch(sc.Text())
-		if m == nil || !strings.HasPrefix(m[4], "/v2/"+repo+"/") {
+	for _, e := range entries {
+		if e.Repository() != repo {
 			continue
 		}
-		at, err := time.Parse("02/Jan/2006:15:04:05 -0700", m[2])
-		if err != nil {
-			t.Fatalf("registry log %s: time %q: %v", f.env.FleetRegistryLog(), m[2], err)
-		}
-		node := byIP[m[1]]
+		node := byIP[e.Addr]
 		if node == "" {
-			node = m[1]
+			node = e.Addr
 		}
 		w := windows[node]
 		if w == nil {
-			w = &fetchWindow{node: node, first: at, last: at}
+			w = &fetchWindow{node: node, first: e.At, last: e.At}
 			windows[node] = w
 		}
 		w.requests++
-		if at.Before(w.first) {
-			w.first = at
+		if e.At.Before(w.first) {
+			w.first = e.At
 		}
-		if at.After(w.last) {
-			w.last = at
+		if e.At.After(w.last) {
+			w.last = e.At
 		}
 	}
 	out := make([]fetchWindow, 0, len(windows))
@@ -308,15 +295,6 @@ func (f *fleet) fetchWindows(t *testing.T, offset int64, repo string) []fetchWin
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].first.Before(out[j].first) })
 	return out
-}
-
-func logSize(t *testing.T, path string) int64 {
-	t.Helper()
-	st, err := os.Stat(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st.Size()
 }
 
 // TestFleetMaxConcurrentNodesOneFetchesOneNodeAtATime: with components/max-concurrent-nodes at K = 1,
@@ -331,7 +309,10 @@ func TestFleetMaxConcurrentNodesOneFetchesOneNodeAtATime(t *testing.T) {
 	for _, n := range f.nodes[1:] {
 		f.shape(t, n.Name, 100)
 	}
-	offset := logSize(t, f.env.FleetRegistryLog())
+	offset, err := registrylog.Size(f.env.FleetRegistryLog())
+	if err != nil {
+		t.Fatal(err)
+	}
 	in := f.instance(t, "e2e-fleet-bound-"+suffix(t), list, "max-concurrent-nodes")
 	in.opts.ExtraArgs = []string{"--max-concurrent-nodes=1", "--max-parallel-pulls=1"}
 	in.apply()
@@ -500,4 +481,104 @@ func TestFleetNodeJoiningLaterIsGatedUntilItsImagesArePresent(t *testing.T) {
 	requireAllPresent(ctx, t, f.node(t, newNode).CRI(t), list)
 	t.Logf("node %s: joined, labelled succeeded %s and untainted %s after the join began", newNode,
 		succeeded.Sub(joined).Round(100*time.Millisecond), untaint.Sub(joined).Round(100*time.Millisecond))
+}
+
+// TestFleetSeedFirstThroughAMirror: the nodes pull through a pull-through mirror of the registry
+// (distribution's proxy mode, empty before each rollout, reaching the registry over a 20 Mbit/s link as a
+// site mirror reaches a remote registry), every node at once (K = number of nodes). With --seed-first one
+// node fetches the list alone and the others only after its pass; the registry serves fewer bytes than
+// the same rollout without seeding, in which nodes that start together miss the same blobs in the mirror
+// at the same time and each miss is fetched from the registry.
+func TestFleetSeedFirstThroughAMirror(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 10*time.Minute)
+	list := refs(t, f.env, "e2e/random:4mib", "e2e/random:8mib", "e2e/random:12mib")
+	link, err := shaper.Listen("127.0.0.1:0", shaper.Config{Upstream: f.env.Registry, BitsPerSecond: 20_000_000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { link.Close() })
+	t.Cleanup(func() { harness(t, "fleet-registry", "plain") })
+	upstream := f.env.Var("IMAGE_PREFETCHER_E2E_REGISTRY_LOG")
+
+	rollout := func(seed bool) (windows []fetchWindow, served int64) {
+		t.Helper()
+		f.removeImages(ctx, t, list)
+		harness(t, "fleet-registry", "mirror", link.Addr())
+		offset, err := registrylog.Size(upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		in := f.instance(t, "e2e-fleet-seed-"+suffix(t), list, "max-concurrent-nodes")
+		in.opts.ExtraArgs = []string{fmt.Sprintf("--max-concurrent-nodes=%d", len(f.nodes))}
+		if seed {
+			in.opts.ExtraArgs = append(in.opts.ExtraArgs, "--seed-first")
+		}
+		in.apply()
+		f.waitLabels(ctx, t, in, f.nodes, "succeeded")
+		windows = f.fetchWindows(t, 0, "e2e/random") // the mirror's log starts with it
+		entries, err := registrylog.ReadFrom(upstream, offset)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range entries {
+			if e.Repository() == "e2e/random" {
+				served += e.Bytes
+			}
+		}
+		for _, w := range windows {
+			t.Logf("seed-first=%v: node %s fetched the list from the mirror from %s to %s (%d requests)", seed, w.node,
+				w.first.Format(time.TimeOnly), w.last.Format(time.TimeOnly), w.requests)
+		}
+		t.Logf("seed-first=%v: the registry served the mirror %.1f MiB", seed, float64(served)/(1<<20))
+		if len(windows) != len(f.nodes) {
+			t.Fatalf("the mirror saw %d nodes fetch the list, want %d: %+v", len(windows), len(f.nodes), windows)
+		}
+		return windows, served
+	}
+
+	_, unseeded := rollout(false)
+	windows, seeded := rollout(true)
+	for _, w := range windows[1:] {
+		if w.first.Before(windows[0].last) {
+			t.Errorf("with --seed-first node %s fetched from %s, before the seeding node %s was done (%s)", w.node,
+				w.first.Format(time.TimeOnly), windows[0].node, windows[0].last.Format(time.TimeOnly))
+		}
+	}
+	if seeded >= unseeded {
+		t.Errorf("with --seed-first the registry served %d bytes, without %d: seeding should save registry egress", seeded, unseeded)
+	}
+}
+
+// TestFleetNodeCutOffFromTheRegistrySaysFailed: one node cannot reach the registry (its connections are
+// refused in its own network namespace): it says failed and its agent is not Ready, so the DaemonSet's
+// rollout does not complete, while every other node says succeeded. Allowed again, it catches up.
+func TestFleetNodeCutOffFromTheRegistrySaysFailed(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 8*time.Minute)
+	list := refs(t, f.env, "e2e/small:09", "e2e/small:10")
+	f.removeImages(ctx, t, list)
+	cut := f.nodes[len(f.nodes)-1]
+	others := f.nodes[:len(f.nodes)-1]
+	// the agent's own image first: only the list is to be out of reach
+	if _, err := cut.CRI(t).PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: f.env.AgentImage}}); err != nil {
+		t.Fatal(err)
+	}
+	harness(t, "node-registry", cut.Name, "block")
+	t.Cleanup(func() { harness(t, "node-registry", cut.Name, "allow") })
+	in := f.instance(t, "e2e-fleet-cut-"+suffix(t), list)
+	in.opts.RecheckInterval = "10s"
+	// a pass that gives up within seconds (the defaults retry an unreachable registry for many minutes,
+	// during which the node makes no claim either way)
+	in.opts.ExtraArgs = []string{"--max-attempts=3", "--max-pull-attempt-delay=2s"}
+	in.apply()
+	f.waitLabels(ctx, t, in, others, "succeeded")
+	f.waitLabels(ctx, t, in, []clusterenv.Node{cut}, "failed")
+	if out, err := in.rollout(20 * time.Second); err == nil {
+		t.Errorf("rollout status completed while node %s cannot pull the list:\n%s", cut.Name, out)
+	}
+	harness(t, "node-registry", cut.Name, "allow")
+	f.waitLabels(ctx, t, in, []clusterenv.Node{cut}, "succeeded")
+	in.requireRollout(2 * time.Minute)
+	requireAllPresent(ctx, t, cut.CRI(t), list)
 }

@@ -48,18 +48,7 @@ fleet_net() {
     wait_for 20 "the API server at $FLEET_GW:6443" apiserver-fleet \
       sh -c "curl -sf --cacert '$PKI/ca.crt' https://$FLEET_GW:6443/readyz | grep -qx ok"
   fi
-  if ! alive registry-fleet; then
-    # the plain registry's storage, served at the fleet gateway with an access log: its lines name the
-    # node (source address) and the bytes of every request
-    cat >"$STATE/registry/registry-fleet.yml" <<EOF
-version: 0.1
-log: {level: warn, accesslog: {disabled: false}}
-storage: {filesystem: {rootdirectory: $STATE/registry/data}, delete: {enabled: true}}
-http: {addr: $FLEET_GW:5000}
-EOF
-    start_bg registry-fleet docker-registry serve "$STATE/registry/registry-fleet.yml"
-    wait_for 20 "registry on $FLEET_GW:5000" registry-fleet curl -sf "http://$FLEET_GW:5000/v2/"
-  fi
+  alive registry-fleet || fleet_registry plain
   # the first node fetches through the fleet registry too, so that its log shows every node's fetches
   # (containerd reads its hosts files at each pull)
   case $RUNTIME in containerd | containerd-1.6) containerd_hosts "$STATE/containerd" "$FLEET_GW:5000" ;; esac
@@ -68,6 +57,34 @@ EOF
     mount --bind "$FLEET_NS" "$FLEET_NS"
     mount --make-private "$FLEET_NS"
   fi
+}
+
+# fleet_registry plain|mirror [upstream]: the registry the nodes reach at the fleet gateway, with an access log whose
+# lines name the node (source address) and the bytes of every request. plain: the plain registry's own
+# storage; mirror: a pull-through cache of the plain registry (distribution's proxy mode, as a site mirror
+# in front of a remote registry), started empty, so that the plain registry's log counts what the
+# registry itself serves through it; upstream (host:port, default the plain registry) may be a shaping
+# proxy in front of it, a remote registry's link.
+fleet_registry() {
+  local mode=$1 conf=$STATE/registry/registry-fleet.yml storage=$STATE/registry/data proxy=""
+  case $mode in
+    plain) ;;
+    mirror) storage=$STATE/registry/mirror-cache proxy="proxy: {remoteurl: http://${2:-$REGISTRY}}" ;;
+    *) die "fleet-registry: plain or mirror, not '$mode'" ;;
+  esac
+  stop_many registry-fleet
+  rm -rf "$STATE/registry/mirror-cache"
+  cat >"$conf" <<EOF
+version: 0.1
+log: {level: warn, accesslog: {disabled: false}}
+storage: {filesystem: {rootdirectory: $storage}, delete: {enabled: true}}
+http: {addr: $FLEET_GW:5000}
+$proxy
+EOF
+  # its access log starts empty: a reader takes its offset after a switch
+  start_bg registry-fleet docker-registry serve "$conf"
+  wait_for 20 "registry on $FLEET_GW:5000" registry-fleet curl -sf "http://$FLEET_GW:5000/v2/"
+  echo "$mode" >"$STATE/registry/fleet-mode"
 }
 
 # node_run <name> <cmd...>: run in the node's network and mount namespaces (nsenter execs: the PID is the command's)

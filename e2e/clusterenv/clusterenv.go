@@ -325,15 +325,24 @@ func (e *Env) AuthConfig(t testing.TB) *runtimeapi.AuthConfig {
 // Images returns the test image catalogue.
 func (e *Env) Images(t testing.TB) []Image {
 	t.Helper()
+	images, err := e.Catalogue()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return images
+}
+
+// Catalogue reads the test image catalogue (Images, for a program rather than a test).
+func (e *Env) Catalogue() ([]Image, error) {
 	b, err := os.ReadFile(e.ImagesFile)
 	if err != nil {
-		t.Fatalf("read test image catalogue: %v", err)
+		return nil, fmt.Errorf("read test image catalogue: %w", err)
 	}
 	var images []Image
 	if err := json.Unmarshal(b, &images); err != nil {
-		t.Fatalf("parse %s: %v", e.ImagesFile, err)
+		return nil, fmt.Errorf("parse %s: %w", e.ImagesFile, err)
 	}
-	return images
+	return images, nil
 }
 
 // Image returns the catalogue entry with the given tagged reference, e.g. Image(t, "e2e/busybox:latest")
