@@ -49,6 +49,8 @@ type options struct {
 	artifactMbit int64
 	artifactCap  time.Duration
 	artifactOff  bool
+	fleetImages  string
+	fleetMbit    int
 }
 
 func main() {
@@ -58,7 +60,7 @@ func main() {
 	flag.Int64Var(&o.mbit, "mbit", 200, "shaping proxy: bandwidth cap in Mbit/s per direction")
 	flag.DurationVar(&o.stall, "stall", 20*time.Second, "stalled registry: connections made this long after the stall begins are never answered")
 	flag.StringVar(&o.agentBin, "agent-bin", "bin/image-prefetcher", "the agent binary, for the memory and CPU measurements")
-	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,midstall,big,artifact,resources,experiment (default: all)")
+	flag.StringVar(&o.only, "only", "", "comma-separated parts to run: pulls,stall,midstall,big,artifact,resources,experiment (default: all of them), fleet (only when named: a full cluster with fleet nodes, make bench-fleet)")
 	flag.BoolVar(&o.experiment, "experiment", true, "run the concurrent-PullImage experiment (does containerd let a second pull of a stalled ref progress?)")
 	flag.BoolVar(&o.stallNoHedge, "stall-without-hedging", true, "also time the stall with --hedge-after=0, for comparison")
 	flag.Int64Var(&o.holdAfter, "hold-after", 5*imageset.MiB, "mid-layer stall: bytes the held connection gets before it goes silent")
@@ -69,6 +71,8 @@ func main() {
 	flag.Int64Var(&o.artifactMbit, "artifact-mbit", 400, "OCI artifact: the shaped link in Mbit/s")
 	flag.DurationVar(&o.artifactCap, "artifact-cap", 10*time.Second, "OCI artifact: --max-pull-attempt-timeout, shorter than the transfer time")
 	flag.BoolVar(&o.artifactOff, "artifact-progress-off", true, "OCI artifact: also run the agent with --pull-progress-timeout=0 (no resume; bounded by --overall-timeout)")
+	flag.StringVar(&o.fleetImages, "fleet-images", "e2e/random:4mib,e2e/random:8mib,e2e/random:12mib,e2e/random:16mib", "fleet: the list, test images of the harness (comma-separated)")
+	flag.IntVar(&o.fleetMbit, "fleet-mbit", 100, "fleet: each fleet node's link in Mbit/s")
 	flag.Parse()
 	for _, w := range strings.Split(*windows, ",") {
 		if w = strings.TrimSpace(w); w == "" {
@@ -102,11 +106,13 @@ type bench struct {
 	hosts  []string // every registry name the sets are pulled under
 	out    io.Writer
 	store  *store // containerd's own API; nil on other runtimes
+	// fleetMode is the fleet registry's mode (plain or mirror) as the fleet benchmark last set it.
+	fleetMode string
 }
 
 func (b *bench) want(part string) bool {
 	if b.o.only == "" {
-		return part != "experiment" || b.o.experiment
+		return (part != "experiment" || b.o.experiment) && part != "fleet"
 	}
 	for _, p := range strings.Split(b.o.only, ",") {
 		if p == part {
@@ -120,6 +126,15 @@ func run(ctx context.Context, o options) error {
 	env, err := clusterenv.Load()
 	if err != nil {
 		return err
+	}
+	if o.only == "fleet" {
+		b := &bench{o: o, env: env, out: os.Stdout, fleetMode: "plain"}
+		if b.dir, err = os.MkdirTemp("", "prefetchbench"); err != nil {
+			return err
+		}
+		defer os.RemoveAll(b.dir)
+		fmt.Fprintf(b.out, "# prefetchbench %s\n\n", time.Now().UTC().Format(time.RFC3339))
+		return b.fleet(ctx)
 	}
 	client, err := cri.Dial(ctx, env.CRIEndpoint, 10*time.Second)
 	if err != nil {
