@@ -36,26 +36,14 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/agent/imagelist"
 	"github.com/nodeprefetch/image-prefetcher/bench/shaper"
-	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
 )
 
-// harnessComponent runs `e2e/cluster.sh <action>-component <name>` from the repository root. start
-// returns once the component answers again (the harness waits for it).
+// harnessComponent runs `e2e/cluster.sh <action>-component <name>`; start returns once the component
+// answers again (the harness waits for it).
 func harnessComponent(t *testing.T, action, name string) {
 	t.Helper()
-	root, err := bundle.Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(root, "e2e", "cluster.sh"), action+"-component", name)
-	cmd.Dir = root
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("e2e/cluster.sh %s-component %s: %v\n%s", action, name, err, out)
-	}
+	harness(t, action+"-component", name)
 }
 
 // stopped is a harness component this test stopped; start starts it again once (also from the test's

@@ -10,11 +10,9 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
-	"strings"
 	"testing"
 	"time"
 
@@ -145,21 +143,6 @@ func (f *fleet) diagnose(t *testing.T, in *instance) string {
 	out, _ := kubectl(t, f.env, nil, "-n", in.opts.Namespace, "logs", "-l", "app.kubernetes.io/instance="+in.name(),
 		"--prefix", "--tail=40", "--max-log-requests=20")
 	return in.diagnose() + "\nagent logs through the API:\n" + out
-}
-
-// harness runs e2e/cluster.sh with args (add-node, kill-node, shape-node, node-registry).
-func harness(t *testing.T, args ...string) {
-	t.Helper()
-	root, err := bundle.Root()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, filepath.Join(root, "e2e", "cluster.sh"), args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("e2e/cluster.sh %s: %v\n%s", strings.Join(args, " "), err, out)
-	}
 }
 
 // addNode adds a fleet node for this test; it is killed and its Node object deleted when the test ends.
@@ -406,35 +389,6 @@ func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
 	t.Logf("node %s succeeded %s after the kill", survivor.Name, done[survivor.Name].Sub(killed).Round(100*time.Millisecond))
 }
 
-// requirePending waits until the scheduler says the pod of the Deployment name fits no node, and
-// returns its message.
-func requirePending(ctx context.Context, t *testing.T, in *instance, name string) string {
-	t.Helper()
-	var msg string
-	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
-		l, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
-		if err != nil {
-			return false, err
-		}
-		for _, p := range l.Items {
-			if p.Spec.NodeName != "" {
-				return false, fmt.Errorf("pod %s was scheduled to %s", p.Name, p.Spec.NodeName)
-			}
-			for _, c := range p.Status.Conditions {
-				if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
-					msg = c.Message
-					return true, nil
-				}
-			}
-		}
-		return false, nil
-	})
-	if err != nil {
-		t.Fatalf("pod of %s not pending: %v\n%s", name, err, in.diagnose())
-	}
-	return msg
-}
-
 // TestFleetNodeJoiningLaterIsGatedUntilItsImagesArePresent: an instance with components/startup-taint
 // runs on the fleet; a Deployment asks for a node that is not there yet, with a nodeSelector on the
 // instance's label. A CRI-O node joins registered with the instance's startup taint: the agent lands on it
@@ -455,7 +409,7 @@ func TestFleetNodeJoiningLaterIsGatedUntilItsImagesArePresent(t *testing.T) {
 	in.node = newNode
 	createSleeper(ctx, t, in, "app", list[0], corev1.PullIfNotPresent,
 		map[string]string{in.labelKey(): "succeeded", corev1.LabelHostname: newNode})
-	pending := requirePending(ctx, t, in, "app")
+	pending := requireUnschedulable(ctx, t, in, "app", "")
 	t.Logf("before the node joins, the app is held: %s", pending)
 
 	taint := corev1.Taint{Key: labelPrefix + name, Effect: corev1.TaintEffectNoSchedule}

@@ -4,11 +4,9 @@
 package e2e_test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -261,13 +259,7 @@ func kubectl(t *testing.T, env *clusterenv.Env, stdin []byte, args ...string) (s
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "kubectl", args...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Kubeconfig)
-	if stdin != nil {
-		cmd.Stdin = bytes.NewReader(stdin)
-	}
-	out, err := cmd.CombinedOutput()
-	return string(out), err
+	return env.Kubectl(ctx, stdin, args...)
 }
 
 func refs(t *testing.T, env *clusterenv.Env, names ...string) []string { return env.Refs(t, names...) }

@@ -129,7 +129,7 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	if c := nodeCondition(node, condType); c == nil || c.Status != corev1.ConditionFalse || c.Reason != "ImagesMissing" || !strings.Contains(c.Message, missing) {
 		t.Errorf("condition %s with an image missing: %+v, want False/ImagesMissing naming %s", condType, c, missing)
 	}
-	pending := requireUnschedulable(ctx, t, in, "app")
+	pending := requireUnschedulable(ctx, t, in, "app", "untolerated taint")
 	t.Logf("the app's pod is held off the gated node: %s", pending)
 
 	// 2. The list without the missing tag: the agent pulls, then the taint goes, and the app starts.
@@ -242,9 +242,10 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	}
 }
 
-// requireUnschedulable waits for the pod of Deployment name to be reported unschedulable and returns the
-// scheduler's message; the pod must not be running.
-func requireUnschedulable(ctx context.Context, t *testing.T, in *instance, name string) string {
+// requireUnschedulable waits until the scheduler says the pod of the Deployment name fits no node, for
+// a reason whose message holds want (any reason: ""), and returns the message; a pod scheduled meanwhile
+// fails the test.
+func requireUnschedulable(ctx context.Context, t *testing.T, in *instance, name, want string) string {
 	t.Helper()
 	var msg string
 	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
@@ -254,19 +255,19 @@ func requireUnschedulable(ctx context.Context, t *testing.T, in *instance, name 
 		}
 		for _, p := range l.Items {
 			if p.Spec.NodeName != "" {
-				return false, fmt.Errorf("pod %s was scheduled to %s through the startup taint", p.Name, p.Spec.NodeName)
+				return false, fmt.Errorf("pod %s was scheduled to %s while it should be held", p.Name, p.Spec.NodeName)
 			}
 			for _, c := range p.Status.Conditions {
 				if c.Type == corev1.PodScheduled && c.Status == corev1.ConditionFalse && c.Reason == corev1.PodReasonUnschedulable {
 					msg = c.Message
-					return strings.Contains(c.Message, "untolerated taint"), nil
+					return strings.Contains(c.Message, want), nil
 				}
 			}
 		}
 		return false, nil
 	})
 	if err != nil {
-		t.Fatalf("pod of %s not held off by the taint: %v (last scheduler message %q)\n%s", name, err, msg, in.diagnose())
+		t.Fatalf("pod of %s not held off (want a reason with %q): %v (last scheduler message %q)\n%s", name, want, err, msg, in.diagnose())
 	}
 	return msg
 }

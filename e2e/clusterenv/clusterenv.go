@@ -9,6 +9,7 @@ package clusterenv
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -255,6 +257,18 @@ func (e *Env) check(mode Mode) error {
 		return fmt.Errorf("kube-apiserver /readyz: %s", resp.Status)
 	}
 	return nil
+}
+
+// Kubectl runs kubectl with the environment's admin kubeconfig (stdin, when not nil, as its input) and
+// returns what it printed, stdout and stderr together.
+func (e *Env) Kubectl(ctx context.Context, stdin []byte, args ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, "kubectl", args...)
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+e.Kubeconfig)
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
+	}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
 }
 
 // RESTConfig is the admin (system:masters) client configuration.

@@ -32,14 +32,7 @@ func TestBuild(t *testing.T) {
 		ExtraArgs:         []string{"--log-format=json"},
 		CollectorGRPCPort: 19478, CollectorHTTPPort: 19479,
 	}
-	out, err := Build(root, t.TempDir(), o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := bundle.Objects(out)
-	if err != nil {
-		t.Fatal(err)
-	}
+	objs := buildObjects(t, root, o)
 	dss, err1 := bundle.OfKind[appsv1.DaemonSet](objs, "DaemonSet")
 	secrets, err2 := bundle.OfKind[corev1.Secret](objs, "Secret")
 	cms, err3 := bundle.OfKind[corev1.ConfigMap](objs, "ConfigMap")
@@ -117,14 +110,7 @@ func TestBuildCRIODirs(t *testing.T) {
 				CRIOSocketDir: tc.socketDir, CRIOImageFs: tc.imageFs,
 				ListenPort: 19477,
 			}
-			out, err := Build(root, t.TempDir(), o)
-			if err != nil {
-				t.Fatal(err)
-			}
-			objs, err := bundle.Objects(out)
-			if err != nil {
-				t.Fatal(err)
-			}
+			objs := buildObjects(t, root, o)
 			dss, err := bundle.OfKind[appsv1.DaemonSet](objs, "DaemonSet")
 			if err != nil || len(dss) != 1 {
 				t.Fatalf("want one DaemonSet, got %d (%v)", len(dss), err)
@@ -159,4 +145,18 @@ func TestBuildCRIODirs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// buildObjects is Build's output as objects.
+func buildObjects(t *testing.T, root string, o Options) []bundle.Object {
+	t.Helper()
+	out, err := Build(root, t.TempDir(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs, err := bundle.Objects(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return objs
 }

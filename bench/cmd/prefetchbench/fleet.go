@@ -1,13 +1,11 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log"
 	"math"
 	"net"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -268,11 +266,11 @@ func (b *bench) rollout(ctx context.Context, cs kubernetes.Interface, root strin
 		return res, err
 	}
 	start := time.Now()
-	if out, err := kubectl(ctx, env, manifests, "apply", "-f", "-"); err != nil {
+	if out, err := env.Kubectl(ctx, manifests, "apply", "-f", "-"); err != nil {
 		return res, fmt.Errorf("kubectl apply: %w\n%s", err, out)
 	}
 	defer func() {
-		if out, err := kubectl(context.WithoutCancel(ctx), env, manifests, "delete", "-f", "-", "--wait", "--timeout=2m"); err != nil {
+		if out, err := env.Kubectl(context.WithoutCancel(ctx), manifests, "delete", "-f", "-", "--wait", "--timeout=2m"); err != nil {
 			log.Printf("delete %s: %v\n%s", name, err, out)
 		}
 	}()
@@ -414,16 +412,6 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-func kubectl(ctx context.Context, env *clusterenv.Env, stdin []byte, args ...string) (string, error) {
-	cmd := exec.CommandContext(ctx, "kubectl", args...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+env.Kubeconfig)
-	if stdin != nil {
-		cmd.Stdin = bytes.NewReader(stdin)
-	}
-	out, err := cmd.CombinedOutput()
-	return string(out), err
 }
 
 // harness runs e2e/cluster.sh (shape-node).
