@@ -536,3 +536,82 @@ func TestFleetNodeCutOffFromTheRegistrySaysFailed(t *testing.T) {
 	in.requireRollout(2 * time.Minute)
 	requireAllPresent(ctx, t, cut.CRI(t), list)
 }
+
+// TestFleetNodeRelabelledOutLosesItsLabel: with components/node-placement every node opted in says
+// succeeded; the CRI-O node's opt-in label removed, the DaemonSet controller stops its agent, which takes
+// the instance's label and list annotation off that node on its way out, while the other nodes keep theirs.
+func TestFleetNodeRelabelledOutLosesItsLabel(t *testing.T) {
+	f := requireFleet(t)
+	ctx := ctxFor(t, 6*time.Minute)
+	cs := f.env.Clientset(t)
+	optIn := func(node string, value *string) {
+		t.Helper()
+		if err := labelNodeValue(ctx, t, f, node, placementLabel, value); err != nil {
+			t.Fatal(err)
+		}
+	}
+	yes := "true"
+	for _, n := range f.nodes {
+		optIn(n.Name, &yes)
+		t.Cleanup(func() { optIn(n.Name, nil) })
+	}
+	list := refs(t, f.env, "e2e/small:11", "e2e/small:12")
+	in := f.instance(t, "e2e-fleet-out-"+suffix(t), list, "node-placement")
+	in.apply()
+	f.waitLabels(ctx, t, in, f.nodes, "succeeded")
+
+	var out clusterenv.Node
+	var stay []clusterenv.Node
+	for _, n := range f.nodes {
+		if n.Runtime == clusterenv.RuntimeCRIO && out.Name == "" {
+			out = n
+		} else {
+			stay = append(stay, n)
+		}
+	}
+	if out.Name == "" {
+		t.Fatalf("no CRI-O node in the fleet: %+v", f.nodes)
+	}
+	optIn(out.Name, nil)
+	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		for _, p := range in.pods(ctx) {
+			if p.Spec.NodeName == out.Name {
+				return false, nil
+			}
+		}
+		n, err := cs.CoreV1().Nodes().Get(ctx, out.Name, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		_, labelled := n.Labels[in.labelKey()]
+		_, annotated := n.Annotations[in.annotationKey()]
+		return !labelled && !annotated, nil
+	})
+	if err != nil {
+		t.Fatalf("node %s relabelled out of the placement: its agent, label or annotation stayed: %v\n%s", out.Name, err, f.diagnose(t, in))
+	}
+	for _, n := range stay {
+		node, err := cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if node.Labels[in.labelKey()] != "succeeded" {
+			t.Errorf("node %s, still placed, says %q, want succeeded", n.Name, node.Labels[in.labelKey()])
+		}
+	}
+}
+
+// labelNodeValue sets (value) or removes (nil) a label of a node.
+func labelNodeValue(ctx context.Context, t *testing.T, f *fleet, node, key string, value *string) error {
+	t.Helper()
+	v := "null"
+	if value != nil {
+		v = fmt.Sprintf("%q", *value)
+	}
+	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%s}}}`, key, v)
+	_, err := f.env.Clientset(t).CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}

@@ -103,6 +103,10 @@ func (in *instance) withReconciler() *instance {
 	if err != nil {
 		in.t.Fatalf("rest config: %v", err)
 	}
+	// kustomize-controller's own client limits (--kube-api-qps=50, --kube-api-burst=300): with
+	// client-go's defaults (5, 10) the health check's polling can end on the rate limiter's wait instead
+	// of the check's own timeout, whose error names the object that was not ready.
+	cfg.QPS, cfg.Burst = 50, 300
 	in.rec, err = flux.New(cfg, in.kust)
 	if err != nil {
 		in.t.Fatal(err)
