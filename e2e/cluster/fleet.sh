@@ -84,13 +84,6 @@ EOF
   # its access log starts empty: a reader takes its offset after a switch
   start_bg registry-fleet docker-registry serve "$conf"
   wait_for 20 "registry on $FLEET_GW:5000" registry-fleet curl -sf "http://$FLEET_GW:5000/v2/"
-  echo "$mode" >"$STATE/registry/fleet-mode"
-}
-
-# node_run <name> <cmd...>: run in the node's network and mount namespaces (nsenter execs: the PID is the command's)
-node_run() {
-  local name=$1; shift
-  nsenter --net="/run/netns/ipfe2e-$name" --mount="$FLEET_NS/$name" -- "$@"
 }
 
 # node_socket <name>: the node's CRI socket as the host sees it
