@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -141,8 +142,32 @@ func (f *fleet) waitLabels(ctx context.Context, t *testing.T, in *instance, node
 // are in their own mount namespaces).
 func (f *fleet) diagnose(t *testing.T, in *instance) string {
 	out, _ := kubectl(t, f.env, nil, "-n", in.opts.Namespace, "logs", "-l", "app.kubernetes.io/instance="+in.name(),
-		"--prefix", "--tail=40", "--max-log-requests=20")
+		"--prefix", "--timestamps", "--tail=40", "--max-log-requests=20")
 	return in.diagnose() + "\nagent logs through the API:\n" + out
+}
+
+// waitLog waits until the log of the instance's agent on node holds line.
+func (f *fleet) waitLog(ctx context.Context, t *testing.T, in *instance, node, line string) {
+	t.Helper()
+	var last string
+	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		pods, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{
+			LabelSelector: "app.kubernetes.io/instance=" + in.name(), FieldSelector: "spec.nodeName=" + node})
+		if err != nil || len(pods.Items) == 0 {
+			last = fmt.Sprintf("no agent pod yet (%v)", err)
+			return false, nil
+		}
+		out, err := in.cs.CoreV1().Pods(in.opts.Namespace).GetLogs(pods.Items[0].Name, &corev1.PodLogOptions{}).DoRaw(ctx)
+		if err != nil {
+			last = fmt.Sprintf("logs of %s: %v", pods.Items[0].Name, err)
+			return false, nil
+		}
+		last = string(out)
+		return strings.Contains(last, line), nil
+	})
+	if err != nil {
+		t.Fatalf("the agent on %s never logged %q: %v\nlast seen: %s\n%s", node, line, err, last, f.diagnose(t, in))
+	}
 }
 
 // addNode adds a fleet node for this test; it is killed and its Node object deleted when the test ends.
@@ -367,7 +392,11 @@ func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
 	if first == a.Name {
 		survivor = b
 	}
-	t.Logf("node %s holds %s and pulls through its 4 Mbit/s link; killing it", first, slot)
+	// The claim is about a node that waits for the slot: an agent that starts after the holder died sees
+	// the Lease for the first time then and, trusting no other node's clock, waits a whole lease from
+	// that moment. So the survivor's agent must be waiting before the kill.
+	f.waitLog(ctx, t, in, survivor.Name, "waiting for a cluster-wide pull slot")
+	t.Logf("node %s holds %s and pulls through its 4 Mbit/s link, %s waits for it; killing %s", first, slot, survivor.Name, first)
 	killed := time.Now()
 	harness(t, "kill-node", first)
 	var second string
@@ -381,7 +410,7 @@ func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
 	}
 	t.Logf("node %s took the slot %s after %s was killed (lease %s)", survivor.Name, took.Round(100*time.Millisecond), first, lease)
 	if took > lease+5*time.Second {
-		t.Errorf("the slot went to %s %s after its holder died, want within the lease duration %s + 5 s", survivor.Name, took.Round(100*time.Millisecond), lease)
+		t.Errorf("the slot went to %s %s after its holder died, want within the lease duration %s + 5 s\n%s", survivor.Name, took.Round(100*time.Millisecond), lease, f.diagnose(t, in))
 	}
 	f.forget(t, first)
 	harness(t, "shape-node", survivor.Name, "0")
