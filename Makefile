@@ -122,10 +122,11 @@ e2e-containerd-1.6:
 E2E_FLEET := cri-o containerd-1.6
 E2E_FLEET_TESTS := TestFleet
 
-e2e-fleet: fn-tools
+e2e-fleet: fn-tools flux-controllers
 	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd IMAGE_PREFETCHER_E2E_FLEET='$(E2E_FLEET)' \
 	  IMAGE_PREFETCHER_E2E_FLEET_OLDER_KUBE_VERSION=$(E2E_PREVIOUS_K8S) $(E2E) up; \
-	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -v -run '^($(E2E_FLEET_TESTS))' ./e2e/
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -v -run '^($(E2E_FLEET_TESTS))' ./e2e/; \
+	  $(MAKE) --no-print-directory e2e-flux-fleet
 
 cluster-up:
 	$(E2E) up

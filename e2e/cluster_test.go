@@ -4,8 +4,6 @@ package e2e_test
 
 import (
 	"context"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +17,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/nodeprefetch/image-prefetcher/agent/pull"
-	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
 )
 
@@ -249,15 +246,9 @@ func contains(list []string, s string) bool {
 // shape-node, node-registry, fleet-registry).
 func harness(t *testing.T, args ...string) {
 	t.Helper()
-	root, err := bundle.Root()
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(root, "e2e", "cluster.sh"), args...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("e2e/cluster.sh %s: %v\n%s", strings.Join(args, " "), err, out)
+	if err := clusterenv.Harness(ctx, args...); err != nil {
+		t.Fatal(err)
 	}
 }

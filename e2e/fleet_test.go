@@ -22,7 +22,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/utils/ptr"
 
 	"github.com/nodeprefetch/image-prefetcher/bench/shaper"
@@ -40,19 +39,7 @@ type fleet struct {
 func requireFleet(t *testing.T) *fleet {
 	t.Helper()
 	env := clusterenv.Require(t, clusterenv.Full)
-	nodes, err := env.Nodes()
-	if err != nil {
-		t.Fatal(err)
-	}
-	runtimes := map[string]bool{}
-	for _, n := range nodes {
-		runtimes[n.Runtime] = true
-	}
-	if len(nodes) < 3 || len(runtimes) < 2 || env.FleetGateway() == "" {
-		t.Fatalf("the fleet tests need >= 3 nodes of >= 2 runtimes; the cluster has %d (%v): e2e/cluster.sh up with "+
-			"IMAGE_PREFETCHER_E2E_FLEET='cri-o containerd-1.6' (make e2e-fleet)", len(nodes), runtimes)
-	}
-	return &fleet{env: env, nodes: nodes}
+	return &fleet{env: env, nodes: env.RequireFleet(t)}
 }
 
 // reload reads the env file again (add-node and kill-node rewrite it).
@@ -356,10 +343,8 @@ func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
 	b := f.addNode(t, "e2e-kill-b-"+sfx, clusterenv.RuntimeContainerd16, "")
 	cs := f.env.Clientset(t)
 	for _, n := range []clusterenv.Node{a, b} {
-		// the agent's own image before the link is capped: only the list is to come through it
-		if _, err := n.CRI(t).PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: f.env.AgentImage}}); err != nil {
-			t.Fatalf("pull the agent image on %s: %v", n.Name, err)
-		}
+		// the agent's own images before the link is capped: only the list is to come through it
+		f.env.PullAgentImages(ctx, t, n)
 		f.shape(t, n.Name, 4)
 		patch := fmt.Sprintf(`{"metadata":{"labels":{%q:%q}}}`, pool, sfx)
 		if _, err := cs.CoreV1().Nodes().Patch(ctx, n.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
@@ -543,10 +528,8 @@ func TestFleetNodeCutOffFromTheRegistrySaysFailed(t *testing.T) {
 	f.removeImages(ctx, t, list)
 	cut := f.nodes[len(f.nodes)-1]
 	others := f.nodes[:len(f.nodes)-1]
-	// the agent's own image first: only the list is to be out of reach
-	if _, err := cut.CRI(t).PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: f.env.AgentImage}}); err != nil {
-		t.Fatal(err)
-	}
+	// the agent's own images first: only the list is to be out of reach
+	f.env.PullAgentImages(ctx, t, cut)
 	harness(t, "node-registry", cut.Name, "block")
 	t.Cleanup(func() { harness(t, "node-registry", cut.Name, "allow") })
 	in := f.instance(t, "e2e-fleet-cut-"+suffix(t), list)

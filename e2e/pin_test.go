@@ -182,7 +182,7 @@ func TestAgentPinImages(t *testing.T) {
 	}
 
 	// The sandbox image: containerd 2.x pins it itself (pinned_images.sandbox) when CRI pulls it.
-	sandbox := env.Registry + "/e2e/pause:latest"
+	sandbox := env.SandboxImage()
 	if _, err := images.PullImage(ctxFor(t, time.Minute), &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: sandbox}}); err != nil {
 		t.Fatalf("pull the sandbox image %s: %v", sandbox, err)
 	}

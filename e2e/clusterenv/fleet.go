@@ -1,6 +1,7 @@
 package clusterenv
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"testing"
@@ -35,6 +36,22 @@ func (n Node) CRI(t testing.TB) runtimeapi.ImageServiceClient {
 	return runtimeapi.NewImageServiceClient(conn)
 }
 
+// SandboxImage is the pause image every node's runtime runs pod sandboxes from (e2e/cluster.sh writes it
+// into each runtime's configuration).
+func (e *Env) SandboxImage() string { return e.Registry + "/e2e/pause:latest" }
+
+// PullAgentImages pulls onto the node what the agent's pod needs before its list (the sandbox image and the
+// agent's image), so that a test can then cut the node off from the registry and still have an agent.
+func (e *Env) PullAgentImages(ctx context.Context, t testing.TB, n Node) {
+	t.Helper()
+	images := n.CRI(t)
+	for _, ref := range []string{e.SandboxImage(), e.AgentImage} {
+		if _, err := images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}}); err != nil {
+			t.Fatalf("pull %s on node %s: %v", ref, n.Name, err)
+		}
+	}
+}
+
 // Nodes are every node of the cluster, the first one first.
 func (e *Env) Nodes() ([]Node, error) {
 	nodes := []Node{{Name: e.NodeName, Runtime: e.Runtime, IP: e.NodeIP, CRISocket: e.CRISocket}}
@@ -50,6 +67,25 @@ func (e *Env) Nodes() ([]Node, error) {
 		nodes = append(nodes, Node{Name: f[0], Runtime: f[1], IP: f[2], CRISocket: f[3]})
 	}
 	return nodes, nil
+}
+
+// RequireFleet fails the test unless the cluster has at least 3 nodes of at least 2 runtimes on the fleet
+// network; it returns them, the first one first.
+func (e *Env) RequireFleet(t testing.TB) []Node {
+	t.Helper()
+	nodes, err := e.Nodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtimes := map[string]bool{}
+	for _, n := range nodes {
+		runtimes[n.Runtime] = true
+	}
+	if len(nodes) < 3 || len(runtimes) < 2 || e.FleetGateway() == "" {
+		t.Fatalf("the fleet tests need >= 3 nodes of >= 2 runtimes; the cluster has %d (%v): e2e/cluster.sh up with "+
+			"IMAGE_PREFETCHER_E2E_FLEET='cri-o containerd-1.6' (make e2e-fleet)", len(nodes), runtimes)
+	}
+	return nodes
 }
 
 // FleetGateway is the machine's address on the fleet bridge, where fleet nodes reach the API server and

@@ -41,11 +41,22 @@ import (
 // sets it.
 const ControllersVar = "IMAGE_PREFETCHER_FLUX_CONTROLLERS"
 
-func TestFluxControllersReconcileTheBundle(t *testing.T) {
+// TestFleetFluxControllersRollTheBundleOut: Flux's source-controller and kustomize-controller, as
+// released, reconcile the bundle from a Git repository onto the fleet (nodes of every runtime):
+//  1. one node cannot reach the registry: the Kustomization's health check fails at its timeout naming
+//     the DaemonSet, that node says failed, the others succeeded; the node reaches the registry again:
+//     Ready, and not before every node said succeeded;
+//  2. the list changed in Git: the DaemonSet rolls through every node, no node says succeeded for the
+//     old list once its new one started, Ready comes after every node said succeeded for the new list,
+//     the old list's ConfigMap is pruned;
+//  3. the instance removed from Git: every object goes but its Namespace, and each node keeps its
+//     label and annotation or both were withdrawn.
+func TestFleetFluxControllersRollTheBundleOut(t *testing.T) {
 	env := clusterenv.Require(t, clusterenv.Full)
+	nodes := env.RequireFleet(t)
 	dir := os.Getenv(ControllersVar)
 	if dir == "" {
-		t.Fatalf("%s is not set: run `e2e/flux/build-controllers.sh` and set it to the directory it prints (make e2e-flux does)", ControllersVar)
+		t.Fatalf("%s is not set: run `e2e/flux/build-controllers.sh` and set it to the directory it prints (make e2e-fleet does)", ControllersVar)
 	}
 	ctx := ctxFor(t, 12*time.Minute)
 	c := fluxClient(t, env)
@@ -55,13 +66,21 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 
 	oldList := refs(t, env, "e2e/small:14", "e2e/small:16", "e2e/random:8mib")
 	newList := refs(t, env, "e2e/small:14", "e2e/small:17", "e2e/random:12mib")
-	missing := env.Registry + "/e2e/random:no-such-tag"
-	const timeout = 30 * time.Second
+	// Long enough for a rollout through the fleet one node at a time (the base's maxUnavailable).
+	const timeout = 45 * time.Second
 	in := newInstance(t, env, "ctl", timeout, oldList)
+	// A pass that gives up on an unreachable registry within seconds, and a node that looks again
+	// soon after (the defaults retry for minutes, during which the node claims nothing either way).
+	in.opts.RecheckInterval = "10s"
+	in.opts.ExtraArgs = []string{"--max-attempts=3", "--max-pull-attempt-delay=2s"}
 	in.removeImages(ctx, append(oldList, newList...))
 	repo := newGitRepo(t)
 
-	// 1. The instance committed, its GitRepository and Kustomization created.
+	// 1. One node cut off from the registry (the agent's own images are there already).
+	cut := nodes[len(nodes)-1]
+	env.PullAgentImages(ctx, t, cut)
+	harness(t, "node-registry", cut.Name, "block")
+	t.Cleanup(func() { harness(t, "node-registry", cut.Name, "allow") })
 	rev := repo.commit(in, true, "image prefetcher instance")
 	gitRepo := &sourcev1.GitRepository{
 		ObjectMeta: metav1.ObjectMeta{Name: in.name(), Namespace: fluxNamespace},
@@ -71,8 +90,7 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 			Reference: &sourcev1.GitRepositoryRef{Branch: "main"},
 		},
 	}
-	from := in.node(ctx)
-	rec := in.record(ctx, from)
+	rec := in.record(ctx)
 	start := time.Now()
 	if err := c.Create(ctx, gitRepo); err != nil {
 		t.Fatalf("create GitRepository: %v", err)
@@ -82,12 +100,37 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 		t.Fatalf("create Kustomization: %v", err)
 	}
 	t.Cleanup(func() { deleteAndWait(t, c, in.kust.DeepCopy()) }) // its finalizer prunes what is left
-	k := waitKustomization(ctx, t, c, in, rev, true)
+	k := waitKustomization(ctx, t, c, in, rev, false)
+	t.Logf("flux controllers: %s Ready=False %s after the GitRepository and Kustomization were created, node %s cut off (%s): %q",
+		rev, time.Since(start).Round(100*time.Millisecond), cut.Name, lastReconcile(k), readyMessage(k))
+	cond := apimeta.FindStatusCondition(k.Status.Conditions, meta.ReadyCondition)
+	ds := "DaemonSet/" + in.opts.Namespace + "/" + in.name()
+	if cond.Reason != meta.HealthCheckFailedReason || !strings.Contains(cond.Message, ds) {
+		t.Errorf("Ready=False with reason %s and message %q, want %s naming %s", cond.Reason, cond.Message, meta.HealthCheckFailedReason, ds)
+	}
+	for _, n := range nodes {
+		want := "succeeded"
+		if n.Name == cut.Name {
+			want = "failed"
+		}
+		if s := in.nodeState(ctx, n.Name); s.label != want {
+			t.Errorf("node %s (%s) while %s is cut off: %s, want %s", n.Name, n.Runtime, cut.Name, s, want)
+		}
+	}
+	requireFailedEvent(ctx, t, in, cut.Name, oldList...)
+
+	harness(t, "node-registry", cut.Name, "allow")
+	allowed := time.Now()
+	in.waitNodeLabel(ctx, cut.Name, "succeeded")
+	requestReconcile(ctx, t, c, in.kust.DeepCopy()) // as `flux reconcile kustomization` does
+	k = waitKustomization(ctx, t, c, in, rev, true)
 	ready := time.Now()
 	states := rec.finish(t)
-	t.Logf("flux controllers: %s Ready %s after the GitRepository and Kustomization were created (%s): %q", rev, ready.Sub(start).Round(100*time.Millisecond), lastReconcile(k), readyMessage(k))
-	if first := firstSucceeded(states, ""); first.IsZero() || first.After(ready) {
-		t.Errorf("the Kustomization was Ready at %s before the node said succeeded: %v", ready.Format(time.StampMilli), states)
+	t.Logf("flux controllers: %s Ready %s after node %s reached the registry again (%s): %q", rev, ready.Sub(allowed).Round(100*time.Millisecond), cut.Name, lastReconcile(k), readyMessage(k))
+	for _, n := range nodes {
+		if first := firstSucceeded(states[n.Name], ""); first.IsZero() || first.After(ready) {
+			t.Errorf("the Kustomization was Ready at %s before node %s said succeeded: %v", ready.Format(time.StampMilli), n.Name, states[n.Name])
+		}
 	}
 	in.requirePresent(ctx, oldList)
 	healthy := apimeta.FindStatusCondition(k.Status.Conditions, meta.HealthyCondition)
@@ -95,30 +138,39 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 		t.Errorf("Kustomization %s: Healthy condition %+v, want True", in.name(), healthy)
 	}
 	oldCM := inventoryConfigMap(t, k)
-	before := in.node(ctx)
 
-	// 2. The list changed in Git: the DaemonSet rolls, the label never claims the old list after
-	// the new one started, Ready comes with the new list on the node, the old ConfigMap is pruned.
+	// 2. The list changed in Git.
+	before := map[string]nodeState{}
+	for _, n := range nodes {
+		before[n.Name] = in.nodeState(ctx, n.Name)
+	}
 	in.opts.Images = newList
-	rec = in.record(ctx, before)
+	rec = in.record(ctx)
 	start = time.Now()
 	rev = repo.commit(in, true, "new image list")
 	requestReconcile(ctx, t, c, gitRepo)
 	k = waitKustomization(ctx, t, c, in, rev, true)
 	ready = time.Now()
 	states = rec.finish(t)
-	t.Logf("flux controllers: list change %s Ready %s after the commit (%s); label states: %v", rev, ready.Sub(start).Round(100*time.Millisecond), lastReconcile(k), states)
-	newStarted := false
-	for i, s := range states[1:] {
-		if s.list != before.list {
-			newStarted = true
+	t.Logf("flux controllers: list change %s Ready %s after the commit (%s)", rev, ready.Sub(start).Round(100*time.Millisecond), lastReconcile(k))
+	for _, n := range nodes {
+		old := before[n.Name].list
+		t.Logf("node %s (%s) label states: %v", n.Name, n.Runtime, states[n.Name])
+		newStarted := false
+		for i, s := range states[n.Name][1:] {
+			if s.list != old {
+				newStarted = true
+			}
+			if newStarted && s.list == old && s.label == "succeeded" {
+				t.Errorf("node %s, state %d: succeeded for the old list after the new list started: %v", n.Name, i+1, states[n.Name])
+			}
 		}
-		if newStarted && s.list == before.list && s.label == "succeeded" {
-			t.Errorf("state %d: succeeded for the old list after the new list started: %v", i+1, states)
+		first := firstSucceeded(states[n.Name], old)
+		if first.IsZero() || first.After(ready) {
+			t.Errorf("Ready at %s without node %s saying succeeded for the new list first: %v", ready.Format(time.StampMilli), n.Name, states[n.Name])
+		} else {
+			t.Logf("node %s said succeeded for the new list %s after the commit", n.Name, first.Sub(start).Round(100*time.Millisecond))
 		}
-	}
-	if first := firstSucceeded(states, before.list); first.IsZero() || first.After(ready) {
-		t.Errorf("Ready at %s without the node saying succeeded for the new list first: %v", ready.Format(time.StampMilli), states)
 	}
 	in.requirePresent(ctx, newList)
 	if newCM := inventoryConfigMap(t, k); newCM == oldCM {
@@ -128,27 +180,8 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 		t.Errorf("old list ConfigMap %s: %v, want pruned (NotFound)", oldCM, err)
 	}
 
-	// 3. A missing tag in Git: the health check fails at the timeout, Ready=False names the
-	// DaemonSet, the node says failed and its event names the image.
-	in.opts.Images = append(newList[:1:1], missing)
-	start = time.Now()
-	rev = repo.commit(in, true, "a missing tag")
-	requestReconcile(ctx, t, c, gitRepo)
-	k = waitKustomization(ctx, t, c, in, rev, false)
-	t.Logf("flux controllers: missing tag %s Ready=False %s after the commit (%s): %q", rev, time.Since(start).Round(100*time.Millisecond), lastReconcile(k), readyMessage(k))
-	cond := apimeta.FindStatusCondition(k.Status.Conditions, meta.ReadyCondition)
-	ds := "DaemonSet/" + in.opts.Namespace + "/" + in.name()
-	if cond.Reason != meta.HealthCheckFailedReason || !strings.Contains(cond.Message, ds) {
-		t.Errorf("Ready=False with reason %s and message %q, want %s naming %s", cond.Reason, cond.Message, meta.HealthCheckFailedReason, ds)
-	}
-	if s := in.waitLabel(ctx, "failed"); !s.hasLabel {
-		t.Errorf("node: %s, want failed", s)
-	}
-	requireFailedEvent(ctx, t, in, missing)
-
-	// 4. The instance removed from Git: every object goes but its Namespace, which the overlays
-	// mark for Flux never to prune (another instance may share it); the node keeps label and
-	// annotation.
+	// 3. The instance removed from Git: every object goes but its Namespace, which the overlays
+	// mark for Flux never to prune (another instance may share it).
 	applied := inventoryIDs(k)
 	start = time.Now()
 	rev = repo.commit(in, false, "remove the instance")
@@ -172,10 +205,22 @@ func TestFluxControllersReconcileTheBundle(t *testing.T) {
 	} else if err := c.Delete(ctx, &ns); err != nil {
 		t.Errorf("delete namespace %s: %v", in.opts.Namespace, err)
 	}
-	// The stopping agent withdraws them when its RBAC outlived its DaemonSet (Flux prunes them in
-	// one go, so either may happen); nothing else may be there.
-	if s := in.node(ctx); (s.label != "failed" || s.list == "") && (s.hasLabel || s.list != "") {
-		t.Errorf("node after the removal: %s, want label and annotation left as they were, or both withdrawn", s)
+	// The stopping agents withdraw them when their RBAC outlived the DaemonSet (Flux prunes them in
+	// one go, so either may happen, node by node); nothing else may be there.
+	for _, n := range nodes {
+		if s := in.nodeState(ctx, n.Name); (s.label != "succeeded" || s.list == "") && (s.hasLabel || s.list != "") {
+			t.Errorf("node %s after the removal: %s, want label and annotation left as they were, or both withdrawn", n.Name, s)
+		}
+	}
+}
+
+// harness runs e2e/cluster.sh (node-registry).
+func harness(t *testing.T, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := clusterenv.Harness(ctx, args...); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -390,17 +435,19 @@ func git(t *testing.T, dir string, args ...string) string {
 	return string(out)
 }
 
-// requestReconcile asks source-controller to fetch the repository now, as `flux reconcile source
-// git` (or a webhook receiver) does, instead of waiting for the interval.
-func requestReconcile(ctx context.Context, t *testing.T, c client.Client, obj *sourcev1.GitRepository) {
+// requestReconcile asks the object's controller to reconcile it now, as `flux reconcile` (or a
+// webhook receiver) does, instead of waiting for the interval.
+func requestReconcile(ctx context.Context, t *testing.T, c client.Client, obj client.Object) {
 	t.Helper()
-	patch := client.MergeFrom(obj.DeepCopy())
-	if obj.Annotations == nil {
-		obj.Annotations = map[string]string{}
+	patch := client.MergeFrom(obj.DeepCopyObject().(client.Object))
+	a := obj.GetAnnotations()
+	if a == nil {
+		a = map[string]string{}
 	}
-	obj.Annotations[meta.ReconcileRequestAnnotation] = time.Now().Format(time.RFC3339Nano)
+	a[meta.ReconcileRequestAnnotation] = time.Now().Format(time.RFC3339Nano)
+	obj.SetAnnotations(a)
 	if err := c.Patch(ctx, obj, patch); err != nil {
-		t.Fatalf("request reconciliation of GitRepository %s: %v", obj.Name, err)
+		t.Fatalf("request reconciliation of %T %s: %v", obj, obj.GetName(), err)
 	}
 }
 
@@ -482,25 +529,25 @@ func inventoryConfigMap(t *testing.T, k *kustomizev1.Kustomization) string {
 	return ""
 }
 
-// requireFailedEvent waits for the agent's PrefetchFailed Node event that names image.
-func requireFailedEvent(ctx context.Context, t *testing.T, in *instance, image string) {
+// requireFailedEvent waits for the agent's PrefetchFailed event about the node that names one of
+// images.
+func requireFailedEvent(ctx context.Context, t *testing.T, in *instance, node string, images ...string) {
 	t.Helper()
 	var event string
-	err := wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
-		for _, e := range in.nodeEvents(ctx) {
-			if e.Type == corev1.EventTypeWarning && e.Reason == "PrefetchFailed" && strings.Contains(e.Message, image) {
-				event = e.Message
+	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		for _, e := range in.nodeEvents(ctx, node) {
+			for _, image := range images {
+				if e.Type == corev1.EventTypeWarning && e.Reason == "PrefetchFailed" && strings.Contains(e.Message, image) {
+					event = e.Message
+				}
 			}
 		}
 		return event != "", nil
 	})
 	if err != nil {
-		t.Fatalf("no PrefetchFailed Node event of %s names %s: %v\n%s", in.name(), image, err, in.diagnose())
+		t.Fatalf("no PrefetchFailed event of %s about node %s names one of %v: %v\n%s", in.name(), node, images, err, in.diagnose())
 	}
-	if !strings.Contains(event, "NotFound") {
-		t.Errorf("PrefetchFailed event %q does not give the reason NotFound", event)
-	}
-	t.Logf("node event of the failing DaemonSet: %s", event)
+	t.Logf("node %s event of the failing DaemonSet: %s", node, event)
 }
 
 // deleteAndWait deletes obj and waits until it is gone (finalizers done).

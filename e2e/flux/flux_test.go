@@ -30,11 +30,11 @@ func TestFluxReconcileReadyWhenNodeHoldsList(t *testing.T) {
 	in := newInstance(t, env, "ready", 3*time.Minute, list).withReconciler()
 	in.removeImages(ctx, list)
 
-	rec := in.record(ctx, in.node(ctx))
+	rec := in.record(ctx)
 	start := time.Now()
 	res := in.requireReconciled(ctx, "new instance, images absent")
 	ready := time.Now()
-	states := rec.finish(t)
+	states := rec.finish(t)[env.NodeName]
 	t.Logf("label states during the reconciliation: %v", states)
 
 	// The apply returned before the node held the list, and the health check waited for it.
@@ -109,10 +109,10 @@ func TestFluxListChangeRollsOut(t *testing.T) {
 	oldPods := agentPods(ctx, t, in)
 
 	in.opts.Images = newList
-	rec := in.record(ctx, before)
+	rec := in.record(ctx)
 	res := in.requireReconciled(ctx, "list changed in the source")
 	ready := time.Now()
-	states := rec.finish(t)
+	states := rec.finish(t)[env.NodeName]
 	t.Logf("old list %.12s; label states after the change: %v", before.list, states)
 
 	newStarted := false
@@ -235,7 +235,7 @@ func TestFluxMissingTagFailsHealthCheck(t *testing.T) {
 	}
 	var event string
 	err = wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
-		for _, e := range in.nodeEvents(ctx) {
+		for _, e := range in.nodeEvents(ctx, env.NodeName) {
 			if e.Type == corev1.EventTypeWarning && e.Reason == "PrefetchFailed" && strings.Contains(e.Message, missing) {
 				event = e.Message
 			}

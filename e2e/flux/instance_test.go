@@ -46,12 +46,13 @@ const (
 
 // instance is one image prefetcher instance reconciled the Flux way.
 type instance struct {
-	t      *testing.T
-	env    *clusterenv.Env
-	cs     kubernetes.Interface
-	images runtimeapi.ImageServiceClient
-	opts   deploy.Options
-	kust   *kustomizev1.Kustomization
+	t   *testing.T
+	env *clusterenv.Env
+	cs  kubernetes.Interface
+	// nodes are the cluster's nodes, where the instance's agents run (one on the single-node cluster).
+	nodes []clusterenv.Node
+	opts  deploy.Options
+	kust  *kustomizev1.Kustomization
 	// rec reconciles kust with Flux's libraries (withReconciler); nil when Flux's controllers do.
 	rec *flux.Reconciler
 }
@@ -69,9 +70,12 @@ func newInstance(t *testing.T, env *clusterenv.Env, base string, timeout time.Du
 		t.Fatalf("the Flux tests deploy overlays/vanilla and need a containerd node, the cluster runs %s", env.Runtime)
 	}
 	name := "flux-" + base + "-" + suffix(t)
-	_, imageClient := env.CRI(t)
+	nodes, err := env.Nodes()
+	if err != nil {
+		t.Fatal(err)
+	}
 	in := &instance{
-		t: t, env: env, cs: env.Clientset(t), images: imageClient,
+		t: t, env: env, cs: env.Clientset(t), nodes: nodes,
 		opts: deploy.Options{
 			Namespace:  name,
 			Instance:   name,
@@ -175,12 +179,18 @@ func (in *instance) requireReconciled(ctx context.Context, what string) flux.Res
 	return res
 }
 
-// node returns the node's current label and list annotation of the instance.
+// node returns the first node's current label and list annotation of the instance.
 func (in *instance) node(ctx context.Context) nodeState {
 	in.t.Helper()
-	n, err := in.cs.CoreV1().Nodes().Get(ctx, in.env.NodeName, metav1.GetOptions{})
+	return in.nodeState(ctx, in.env.NodeName)
+}
+
+// nodeState returns the named node's current label and list annotation of the instance.
+func (in *instance) nodeState(ctx context.Context, name string) nodeState {
+	in.t.Helper()
+	n, err := in.cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
-		in.t.Fatalf("get node: %v", err)
+		in.t.Fatalf("get node %s: %v", name, err)
 	}
 	return in.stateOf(n)
 }
@@ -190,16 +200,22 @@ func (in *instance) stateOf(n *corev1.Node) nodeState {
 	return nodeState{label: label, hasLabel: has, list: n.Annotations[in.annotationKey()], at: time.Now(), rv: n.ResourceVersion}
 }
 
-// waitLabel waits until the node's label of the instance has the value want.
+// waitLabel waits until the first node's label of the instance has the value want.
 func (in *instance) waitLabel(ctx context.Context, want string) nodeState {
+	in.t.Helper()
+	return in.waitNodeLabel(ctx, in.env.NodeName, want)
+}
+
+// waitNodeLabel waits until the named node's label of the instance has the value want.
+func (in *instance) waitNodeLabel(ctx context.Context, name, want string) nodeState {
 	in.t.Helper()
 	var s nodeState
 	err := wait.PollUntilContextCancel(ctx, 250*time.Millisecond, true, func(ctx context.Context) (bool, error) {
-		s = in.node(ctx)
+		s = in.nodeState(ctx, name)
 		return s.hasLabel && s.label == want, nil
 	})
 	if err != nil {
-		in.t.Fatalf("label %s: want %q, have %s: %v\n%s", in.labelKey(), want, s, err, in.diagnose())
+		in.t.Fatalf("label %s of node %s: want %q, have %s: %v\n%s", in.labelKey(), name, want, s, err, in.diagnose())
 	}
 	return s
 }
@@ -220,29 +236,37 @@ func (s nodeState) String() string {
 	return fmt.Sprintf("%s list=%.12s at %s", l, s.list, s.at.Format("15:04:05.000"))
 }
 
-// recorder records every change of the instance's label and annotation from a node watch.
+// recorder records every change of the instance's label and annotation on every node of the
+// instance from a watch of the Nodes.
 type recorder struct {
 	mu     sync.Mutex
-	states []nodeState
+	states map[string][]nodeState // by node name, the first state the one listed at the start
 	stop   func()
 	done   chan struct{}
 	err    error
 }
 
-// record watches the node from the resource version of from (so nothing between the read and
-// the watch is missed) until stop.
-func (in *instance) record(ctx context.Context, from nodeState) *recorder {
+// record lists the nodes and watches them from the list's resource version (so nothing between the
+// two is missed) until stop.
+func (in *instance) record(ctx context.Context) *recorder {
 	in.t.Helper()
 	ctx, cancel := context.WithCancel(ctx)
-	w, err := in.cs.CoreV1().Nodes().Watch(ctx, metav1.ListOptions{
-		FieldSelector:   "metadata.name=" + in.env.NodeName,
-		ResourceVersion: from.rv,
-	})
+	l, err := in.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		cancel()
-		in.t.Fatalf("watch node: %v", err)
+		in.t.Fatalf("list nodes: %v", err)
 	}
-	r := &recorder{states: []nodeState{from}, done: make(chan struct{})}
+	r := &recorder{states: map[string][]nodeState{}, done: make(chan struct{})}
+	for i := range l.Items {
+		if in.isNode(l.Items[i].Name) {
+			r.states[l.Items[i].Name] = []nodeState{in.stateOf(&l.Items[i])}
+		}
+	}
+	w, err := in.cs.CoreV1().Nodes().Watch(ctx, metav1.ListOptions{ResourceVersion: l.ResourceVersion})
+	if err != nil {
+		cancel()
+		in.t.Fatalf("watch nodes: %v", err)
+	}
 	// Cancelled first: the error event the stop causes then finds ctx done and is not taken for a failure.
 	r.stop = func() { cancel(); w.Stop(); <-r.done }
 	go func() {
@@ -258,14 +282,16 @@ func (in *instance) record(ctx context.Context, from nodeState) *recorder {
 				return
 			}
 			n, ok := ev.Object.(*corev1.Node)
-			if !ok {
+			if !ok || !in.isNode(n.Name) {
 				continue
 			}
 			s := in.stateOf(n)
 			r.mu.Lock()
-			last := r.states[len(r.states)-1]
-			if last.label != s.label || last.hasLabel != s.hasLabel || last.list != s.list {
-				r.states = append(r.states, s) // others' labels and the kubelet's updates are not ours
+			states := r.states[n.Name]
+			if len(states) == 0 {
+				r.states[n.Name] = []nodeState{s}
+			} else if last := states[len(states)-1]; last.label != s.label || last.hasLabel != s.hasLabel || last.list != s.list {
+				r.states[n.Name] = append(states, s) // others' labels and the kubelet's updates are not ours
 			}
 			r.mu.Unlock()
 		}
@@ -273,14 +299,23 @@ func (in *instance) record(ctx context.Context, from nodeState) *recorder {
 	return r
 }
 
-// finish stops the watch and returns the states it saw.
-func (r *recorder) finish(t *testing.T) []nodeState {
+// finish stops the watch and returns the states it saw, by node name.
+func (r *recorder) finish(t *testing.T) map[string][]nodeState {
 	t.Helper()
 	r.stop()
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
 	return r.states
+}
+
+func (in *instance) isNode(name string) bool {
+	for _, n := range in.nodes {
+		if n.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // diagnose says what a failing test needs to know: the agent pods and the instance's events.
@@ -290,23 +325,25 @@ func (in *instance) diagnose() string {
 	var b strings.Builder
 	if l, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{}); err == nil {
 		for _, p := range l.Items {
-			fmt.Fprintf(&b, "pod %s phase=%s", p.Name, p.Status.Phase)
+			fmt.Fprintf(&b, "pod %s phase=%s node=%s", p.Name, p.Status.Phase, p.Spec.NodeName)
 			for _, c := range p.Status.ContainerStatuses {
 				fmt.Fprintf(&b, " %s ready=%v restarts=%d", c.Name, c.Ready, c.RestartCount)
 			}
 			b.WriteString("\n")
 		}
 	}
-	for _, e := range in.nodeEvents(ctx) {
-		fmt.Fprintf(&b, "node event %s %s: %s\n", e.Type, e.Reason, e.Message)
+	for _, n := range in.nodes {
+		for _, e := range in.nodeEvents(ctx, n.Name) {
+			fmt.Fprintf(&b, "node %s event %s %s: %s\n", n.Name, e.Type, e.Reason, e.Message)
+		}
 	}
 	return b.String()
 }
 
-// nodeEvents returns the Node events the instance's agent recorded.
-func (in *instance) nodeEvents(ctx context.Context) []corev1.Event {
+// nodeEvents returns the Node events the instance's agents recorded about the named node.
+func (in *instance) nodeEvents(ctx context.Context, name string) []corev1.Event {
 	l, err := in.cs.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
-		FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + in.env.NodeName,
+		FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + name,
 	})
 	if err != nil {
 		in.t.Logf("list node events: %v", err)
@@ -338,8 +375,10 @@ func (in *instance) cleanup() {
 		}
 	}
 	patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null},"annotations":{%q:null}}}`, in.labelKey(), in.annotationKey())
-	if _, err := in.cs.CoreV1().Nodes().Patch(ctx, in.env.NodeName, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
-		in.t.Logf("cleanup of %s: remove label: %v", in.name(), err)
+	for _, n := range in.nodes {
+		if _, err := in.cs.CoreV1().Nodes().Patch(ctx, n.Name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+			in.t.Logf("cleanup of %s: remove the label of node %s: %v", in.name(), n.Name, err)
+		}
 	}
 	if in.rec == nil {
 		return
@@ -355,27 +394,34 @@ func freePort(t *testing.T) int { return clusterenv.FreePort(t) }
 
 func refs(t *testing.T, env *clusterenv.Env, names ...string) []string { return env.Refs(t, names...) }
 
-// removeImages removes images through CRI so the agent has to pull them (absent is fine).
+// removeImages removes images from every node through CRI so the agents have to pull them (absent is
+// fine).
 func (in *instance) removeImages(ctx context.Context, refs []string) {
 	in.t.Helper()
-	for _, r := range refs {
-		_, err := in.images.RemoveImage(ctx, &runtimeapi.RemoveImageRequest{Image: &runtimeapi.ImageSpec{Image: r}})
-		if err != nil && status.Code(err) != codes.NotFound {
-			in.t.Fatalf("remove %s: %v", r, err)
+	for _, n := range in.nodes {
+		images := n.CRI(in.t)
+		for _, r := range refs {
+			_, err := images.RemoveImage(ctx, &runtimeapi.RemoveImageRequest{Image: &runtimeapi.ImageSpec{Image: r}})
+			if err != nil && status.Code(err) != codes.NotFound {
+				in.t.Fatalf("remove %s from node %s: %v", r, n.Name, err)
+			}
 		}
 	}
 }
 
-// requirePresent fails unless CRI reports every image of refs on the node.
+// requirePresent fails unless CRI reports every image of refs on every node.
 func (in *instance) requirePresent(ctx context.Context, refs []string) {
 	in.t.Helper()
-	for _, r := range refs {
-		st, err := in.images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: r}})
-		if err != nil {
-			in.t.Fatalf("image status %s: %v", r, err)
-		}
-		if st.Image == nil {
-			in.t.Errorf("%s is not on the node according to CRI", r)
+	for _, n := range in.nodes {
+		images := n.CRI(in.t)
+		for _, r := range refs {
+			st, err := images.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: r}})
+			if err != nil {
+				in.t.Fatalf("image status %s on node %s: %v", r, n.Name, err)
+			}
+			if st.Image == nil {
+				in.t.Errorf("%s is not on node %s according to CRI", r, n.Name)
+			}
 		}
 	}
 }

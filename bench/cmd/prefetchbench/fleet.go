@@ -6,7 +6,6 @@ import (
 	"log"
 	"math"
 	"net"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"sort"
@@ -102,10 +101,10 @@ func (b *bench) fleet(ctx context.Context) error {
 		}); err != nil {
 			return fmt.Errorf("pull the agent image on %s: %w", n.Name, err)
 		}
-		if err := harness(ctx, "shape-node", n.Name, fmt.Sprint(b.o.fleetMbit)); err != nil {
+		if err := clusterenv.Harness(ctx, "shape-node", n.Name, fmt.Sprint(b.o.fleetMbit)); err != nil {
 			return err
 		}
-		defer func() { _ = harness(context.WithoutCancel(ctx), "shape-node", n.Name, "0") }()
+		defer func() { _ = clusterenv.Harness(context.WithoutCancel(ctx), "shape-node", n.Name, "0") }()
 	}
 	var runs []fleetKey
 	for m := 1; m <= len(nodes); m++ {
@@ -118,7 +117,7 @@ func (b *bench) fleet(ctx context.Context) error {
 	n := len(nodes)
 	mirrored := []fleetKey{{m: n, k: n, mirror: true}, {m: n, k: n, mirror: true, seed: true}}
 	runs = append(runs, mirrored...)
-	defer func() { _ = harness(context.WithoutCancel(ctx), "fleet-registry", "plain") }()
+	defer func() { _ = clusterenv.Harness(context.WithoutCancel(ctx), "fleet-registry", "plain") }()
 	results := map[fleetKey][]fleetResult{}
 	for round := 0; round < b.o.rounds; round++ {
 		// rotate the order every round; the baseline (1, 1) is one of the runs
@@ -212,7 +211,7 @@ func (b *bench) rollout(ctx context.Context, cs kubernetes.Interface, root strin
 	}
 	// a mirror starts empty for every rollout; the plain registry is switched to only when it is not on
 	if r.mirror || b.fleetMode != "plain" {
-		if err := harness(ctx, "fleet-registry", mode); err != nil {
+		if err := clusterenv.Harness(ctx, "fleet-registry", mode); err != nil {
 			return res, err
 		}
 		b.fleetMode = mode
@@ -412,17 +411,4 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-// harness runs e2e/cluster.sh (shape-node).
-func harness(ctx context.Context, args ...string) error {
-	root, err := bundle.Root()
-	if err != nil {
-		return err
-	}
-	out, err := exec.CommandContext(ctx, filepath.Join(root, "e2e", "cluster.sh"), args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("e2e/cluster.sh %s: %w\n%s", strings.Join(args, " "), err, out)
-	}
-	return nil
 }
