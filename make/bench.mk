@@ -25,7 +25,7 @@ bench-pulls:
 # make bench-fleet: the fleet rollout benchmark (docs/benchmarks.md, "Fleet rollout"): a full cluster whose
 # first node runs the control plane, and BENCH_FLEET's nodes (each in namespaces of its own, its link capped)
 # that the rollouts go to. Always a fresh cluster, stopped afterwards. BENCH_FLEET_FLAGS passes flags to
-# prefetchbench (-rounds, -fleet-images, -fleet-mbit). Keeps a copy in _output/bench/fleet.md.
+# prefetchbench (-rounds, -fleet-images, -fleet-mbit, -fleet-upstream-mbit). Keeps a copy in _output/bench/fleet.md.
 BENCH_FLEET ?= containerd containerd containerd containerd
 BENCH_FLEET_FLAGS ?= -rounds 3
 

@@ -21,6 +21,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/nodeprefetch/image-prefetcher/bench/shaper"
 	"github.com/nodeprefetch/image-prefetcher/bundle"
 	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
 	"github.com/nodeprefetch/image-prefetcher/e2e/deploy"
@@ -167,9 +168,9 @@ func (b *bench) fleet(ctx context.Context) error {
 	fmt.Fprintln(b.out)
 
 	fmt.Fprintf(b.out, "Through a pull-through mirror (distribution's proxy mode, empty before each rollout) in front of the "+
-		"registry, all %d nodes at once (K = %d): the registry's bytes are what it served the mirror (its own access log), "+
+		"registry, its link to the registry capped at %d Mbit/s, all %d nodes at once (K = %d): the registry's bytes are what it served the mirror (its own access log), "+
 		"against L; the nodes' are what the mirror served them, against L x M; time against the M = K = 1 rollout "+
-		"(plain registry) of the same round.\n\n", n, n)
+		"(plain registry) of the same round.\n\n", b.o.fleetUpstreamMbit, n, n)
 	fmt.Fprintf(b.out, "| seeding | all succeeded | / one node | registry MiB | / L | nodes MiB | / (L x M) |\n|---|---|---|---|---|---|---|\n")
 	for _, r := range mirrored {
 		var totals []time.Duration
@@ -209,8 +210,19 @@ func (b *bench) rollout(ctx context.Context, cs kubernetes.Interface, root strin
 			name += "-seed"
 		}
 	}
-	// a mirror starts empty for every rollout; the plain registry is switched to only when it is not on
-	if r.mirror || b.fleetMode != "plain" {
+	// a mirror starts empty for every rollout, and reaches the registry through a link of its own (a site's
+	// uplink); the plain registry is switched to only when it is not on
+	if r.mirror {
+		uplink, err := shaper.Listen("127.0.0.1:0", shaper.Config{Upstream: env.Registry, BitsPerSecond: int64(b.o.fleetUpstreamMbit) * 1_000_000})
+		if err != nil {
+			return res, err
+		}
+		defer uplink.Close()
+		if err := clusterenv.Harness(ctx, "fleet-registry", mode, uplink.Addr()); err != nil {
+			return res, err
+		}
+		b.fleetMode = mode
+	} else if b.fleetMode != "plain" {
 		if err := clusterenv.Harness(ctx, "fleet-registry", mode); err != nil {
 			return res, err
 		}

@@ -51,6 +51,8 @@ type options struct {
 	artifactOff  bool
 	fleetImages  string
 	fleetMbit    int
+	// fleetUpstreamMbit caps the pull-through mirror's link to the registry
+	fleetUpstreamMbit int
 }
 
 func main() {
@@ -73,6 +75,7 @@ func main() {
 	flag.BoolVar(&o.artifactOff, "artifact-progress-off", true, "OCI artifact: also run the agent with --pull-progress-timeout=0 (no resume; bounded by --overall-timeout)")
 	flag.StringVar(&o.fleetImages, "fleet-images", "e2e/random:4mib,e2e/random:8mib,e2e/random:12mib,e2e/random:16mib", "fleet: the list, test images of the harness (comma-separated)")
 	flag.IntVar(&o.fleetMbit, "fleet-mbit", 100, "fleet: each fleet node's link in Mbit/s")
+	flag.IntVar(&o.fleetUpstreamMbit, "fleet-upstream-mbit", 50, "fleet: the pull-through mirror's link to the registry in Mbit/s")
 	flag.Parse()
 	for _, w := range strings.Split(*windows, ",") {
 		if w = strings.TrimSpace(w); w == "" {
