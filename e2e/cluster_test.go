@@ -241,14 +241,3 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
-
-// harness runs e2e/cluster.sh with args from the repository root (stop-component, add-node, kill-node,
-// shape-node, node-registry, fleet-registry).
-func harness(t *testing.T, args ...string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	if err := clusterenv.Harness(ctx, args...); err != nil {
-		t.Fatal(err)
-	}
-}

@@ -43,7 +43,7 @@ import (
 // answers again (the harness waits for it).
 func harnessComponent(t *testing.T, action, name string) {
 	t.Helper()
-	harness(t, action+"-component", name)
+	clusterenv.RunHarness(t, action+"-component", name)
 }
 
 // stopped is a harness component this test stopped; start starts it again once (also from the test's

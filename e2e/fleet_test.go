@@ -167,12 +167,12 @@ func (f *fleet) addNode(t *testing.T, name, runtime, taints string) clusterenv.N
 	}
 	t.Cleanup(func() {
 		if _, err := os.Stat(filepath.Join(f.env.State, "nodes", name)); err == nil {
-			harness(t, "kill-node", name)
+			clusterenv.RunHarness(t, "kill-node", name)
 		}
 		f.forget(t, name)
 		f.reload(t)
 	})
-	harness(t, args...)
+	clusterenv.RunHarness(t, args...)
 	f.reload(t)
 	t.Logf("node %s (%s) joined and Ready in %s", name, runtime, time.Since(start).Round(100*time.Millisecond))
 	return f.node(t, name)
@@ -199,12 +199,12 @@ func (f *fleet) forget(t *testing.T, name string) {
 
 func (f *fleet) shape(t *testing.T, node string, mbit int) {
 	t.Helper()
-	harness(t, "shape-node", node, fmt.Sprint(mbit))
+	clusterenv.RunHarness(t, "shape-node", node, fmt.Sprint(mbit))
 	if mbit != 0 {
 		t.Cleanup(func() {
 			// a node the test killed has no link left to free
 			if _, err := os.Stat(filepath.Join(f.env.State, "nodes", node)); err == nil {
-				harness(t, "shape-node", node, "0")
+				clusterenv.RunHarness(t, "shape-node", node, "0")
 			}
 		})
 	}
@@ -383,7 +383,7 @@ func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
 	f.waitLog(ctx, t, in, survivor.Name, "waiting for a cluster-wide pull slot")
 	t.Logf("node %s holds %s and pulls through its 4 Mbit/s link, %s waits for it; killing %s", first, slot, survivor.Name, first)
 	killed := time.Now()
-	harness(t, "kill-node", first)
+	clusterenv.RunHarness(t, "kill-node", first)
 	var second string
 	err = wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
 		second = holder(ctx)
@@ -398,7 +398,7 @@ func TestFleetKilledNodeHandsItsPullSlotOver(t *testing.T) {
 		t.Errorf("the slot went to %s %s after its holder died, want within the lease duration %s + 5 s\n%s", survivor.Name, took.Round(100*time.Millisecond), lease, f.diagnose(t, in))
 	}
 	f.forget(t, first)
-	harness(t, "shape-node", survivor.Name, "0")
+	clusterenv.RunHarness(t, "shape-node", survivor.Name, "0")
 	done := f.waitLabels(ctx, t, in, []clusterenv.Node{survivor}, "succeeded")
 	t.Logf("node %s succeeded %s after the kill", survivor.Name, done[survivor.Name].Sub(killed).Round(100*time.Millisecond))
 }
@@ -466,13 +466,13 @@ func TestFleetSeedFirstThroughAMirror(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { link.Close() })
-	t.Cleanup(func() { harness(t, "fleet-registry", "plain") })
+	t.Cleanup(func() { clusterenv.RunHarness(t, "fleet-registry", "plain") })
 	upstream := f.env.Var("IMAGE_PREFETCHER_E2E_REGISTRY_LOG")
 
 	rollout := func(seed bool) (windows []fetchWindow, served int64) {
 		t.Helper()
 		f.removeImages(ctx, t, list)
-		harness(t, "fleet-registry", "mirror", link.Addr())
+		clusterenv.RunHarness(t, "fleet-registry", "mirror", link.Addr())
 		offset, err := registrylog.Size(upstream)
 		if err != nil {
 			t.Fatal(err)
@@ -530,8 +530,8 @@ func TestFleetNodeCutOffFromTheRegistrySaysFailed(t *testing.T) {
 	others := f.nodes[:len(f.nodes)-1]
 	// the agent's own images first: only the list is to be out of reach
 	f.env.PullAgentImages(ctx, t, cut)
-	harness(t, "node-registry", cut.Name, "block")
-	t.Cleanup(func() { harness(t, "node-registry", cut.Name, "allow") })
+	clusterenv.RunHarness(t, "node-registry", cut.Name, "block")
+	t.Cleanup(func() { clusterenv.RunHarness(t, "node-registry", cut.Name, "allow") })
 	in := f.instance(t, "e2e-fleet-cut-"+suffix(t), list)
 	in.opts.RecheckInterval = "10s"
 	// a pass that gives up within seconds (the defaults retry an unreachable registry for many minutes,
@@ -543,7 +543,7 @@ func TestFleetNodeCutOffFromTheRegistrySaysFailed(t *testing.T) {
 	if out, err := in.rollout(20 * time.Second); err == nil {
 		t.Errorf("rollout status completed while node %s cannot pull the list:\n%s", cut.Name, out)
 	}
-	harness(t, "node-registry", cut.Name, "allow")
+	clusterenv.RunHarness(t, "node-registry", cut.Name, "allow")
 	f.waitLabels(ctx, t, in, []clusterenv.Node{cut}, "succeeded")
 	in.requireRollout(2 * time.Minute)
 	requireAllPresent(ctx, t, cut.CRI(t), list)

@@ -6,6 +6,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"testing"
+	"time"
 
 	"github.com/nodeprefetch/image-prefetcher/bundle"
 )
@@ -23,4 +25,14 @@ func Harness(ctx context.Context, args ...string) error {
 		return fmt.Errorf("e2e/cluster.sh %s: %w\n%s", strings.Join(args, " "), err, out)
 	}
 	return nil
+}
+
+// RunHarness is Harness for a test: it fails the test when the command fails.
+func RunHarness(t testing.TB, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if err := Harness(ctx, args...); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -79,8 +79,8 @@ func TestFleetFluxControllersRollTheBundleOut(t *testing.T) {
 	// 1. One node cut off from the registry (the agent's own images are there already).
 	cut := nodes[len(nodes)-1]
 	env.PullAgentImages(ctx, t, cut)
-	harness(t, "node-registry", cut.Name, "block")
-	t.Cleanup(func() { harness(t, "node-registry", cut.Name, "allow") })
+	clusterenv.RunHarness(t, "node-registry", cut.Name, "block")
+	t.Cleanup(func() { clusterenv.RunHarness(t, "node-registry", cut.Name, "allow") })
 	rev := repo.commit(in, true, "image prefetcher instance")
 	gitRepo := &sourcev1.GitRepository{
 		ObjectMeta: metav1.ObjectMeta{Name: in.name(), Namespace: fluxNamespace},
@@ -119,7 +119,7 @@ func TestFleetFluxControllersRollTheBundleOut(t *testing.T) {
 	}
 	requireFailedEvent(ctx, t, in, cut.Name, oldList...)
 
-	harness(t, "node-registry", cut.Name, "allow")
+	clusterenv.RunHarness(t, "node-registry", cut.Name, "allow")
 	allowed := time.Now()
 	in.waitNodeLabel(ctx, cut.Name, "succeeded")
 	requestReconcile(ctx, t, c, in.kust.DeepCopy()) // as `flux reconcile kustomization` does
@@ -211,16 +211,6 @@ func TestFleetFluxControllersRollTheBundleOut(t *testing.T) {
 		if s := in.nodeState(ctx, n.Name); (s.label != "succeeded" || s.list == "") && (s.hasLabel || s.list != "") {
 			t.Errorf("node %s after the removal: %s, want label and annotation left as they were, or both withdrawn", n.Name, s)
 		}
-	}
-}
-
-// harness runs e2e/cluster.sh (node-registry).
-func harness(t *testing.T, args ...string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if err := clusterenv.Harness(ctx, args...); err != nil {
-		t.Fatal(err)
 	}
 }
 
