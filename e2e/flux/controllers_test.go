@@ -109,12 +109,13 @@ func TestFleetFluxControllersRollTheBundleOut(t *testing.T) {
 		t.Errorf("Ready=False with reason %s and message %q, want %s naming %s", cond.Reason, cond.Message, meta.HealthCheckFailedReason, ds)
 	}
 	for _, n := range nodes {
-		want := "succeeded"
 		if n.Name == cut.Name {
-			want = "failed"
-		}
-		if s := in.nodeState(ctx, n.Name); s.label != want {
-			t.Errorf("node %s (%s) while %s is cut off: %s, want %s", n.Name, n.Runtime, cut.Name, s, want)
+			// polled: a re-check pass (every 10 s here) may be under way at any one read
+			short, cancel := context.WithTimeout(ctx, time.Minute)
+			in.waitNodeLabel(short, n.Name, "failed")
+			cancel()
+		} else if s := in.nodeState(ctx, n.Name); s.label != "succeeded" {
+			t.Errorf("node %s (%s) while %s is cut off: %s, want succeeded", n.Name, n.Runtime, cut.Name, s)
 		}
 	}
 	requireFailedEvent(ctx, t, in, cut.Name, oldList...)
