@@ -10,8 +10,9 @@
 #   e2e/cluster.sh push-agent-image    # build + push the agent image to the local registry (make image-push)
 #   e2e/cluster.sh stop-component NAME   # stop one running component by its recorded PID (fault tests)
 #   e2e/cluster.sh start-component NAME  # start it again with the command line it had, wait until it answers
-#   e2e/cluster.sh add-node NAME RUNTIME [TAINTS]  # one more node (own network and mount namespace, runtime,
-#                                      # kubelet; registers with TAINTS, e.g. key=:NoSchedule); Ready on return
+#   e2e/cluster.sh add-node NAME RUNTIME [TAINTS] [--image-gc]  # one more node (own network and mount
+#                                      # namespace, runtime, kubelet; registers with TAINTS, e.g. key=:NoSchedule;
+#                                      # --image-gc: its kubelet collects every unused, unpinned image); Ready on return
 #   e2e/cluster.sh kill-node NAME      # SIGKILL that node's kubelet, runtime and containers, remove its namespaces
 #   e2e/cluster.sh shape-node NAME MBIT  # cap what the node's link delivers to it (0: no cap)
 #   e2e/cluster.sh node-registry NAME block|allow  # refuse (or allow again) the node's connections to the registry
@@ -361,7 +362,7 @@ case ${1:-} in
   stop-component) need_root; shift; stop_component "$@" ;;
   start-component) need_root; shift; start_component "$@" ;;
   up) shift; need_root; lock; reusable "${1:-full}" || up "${1:-full}" ;;
-  add-node) need_root; lock; shift; add_node "${1:?usage: add-node NAME RUNTIME [TAINTS]}" "${2:?usage: add-node NAME RUNTIME [TAINTS]}" "${3:-}"
+  add-node) need_root; lock; shift; add_node "$@"
     write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;
   shape-node) need_root; shift; shape_node "${1:?usage: shape-node NAME MBIT}" "${2:?usage: shape-node NAME MBIT}" ;;
   fleet-registry) need_root; shift; fleet_registry "${1:?usage: fleet-registry plain|mirror [UPSTREAM]}" "${2:-}"; write_env full "$(sed -n "s/^export IMAGE_PREFETCHER_E2E_KUBE_BIN='\(.*\)'/\1/p" "$ENV_FILE")" ;;

@@ -93,9 +93,20 @@ node_socket() {
   (use_runtime "$rt"; echo "$FLEET_NODES/$name/host/${SOCK#"$HOSTROOT"/}")
 }
 
-# add_node <name> <runtime> [taints]: a new node joins the cluster (Ready when this returns)
+# add_node <name> <runtime> [taints] [--image-gc]: a new node joins the cluster (Ready when this returns);
+# --image-gc: its kubelet collects every unused, unpinned image (IMAGE_PREFETCHER_E2E_IMAGE_GC=1's
+# configuration for this node alone)
 add_node() {
-  local name=$1 rt=$2 taints=${3:-}
+  local name=${1:?usage: add-node NAME RUNTIME [TAINTS] [--image-gc]} rt=${2:?usage: add-node NAME RUNTIME [TAINTS] [--image-gc]}
+  local taints="" gc="" a
+  shift 2
+  for a in "$@"; do
+    case $a in
+      --image-gc) gc=1 ;;
+      -*) die "add-node: unknown option '$a'" ;;
+      *) taints=$a ;;
+    esac
+  done
   [ "$(cat "$STATE/mode" 2>/dev/null)" = full ] || die "add-node needs a running full environment (e2e/cluster.sh up)"
   [[ $name =~ ^[a-z0-9][a-z0-9-]{0,30}$ ]] || die "add-node: '$name' is not a usable node name"
   if [ "$name" = "$NODE_NAME" ] || [ -e "$FLEET_NODES/$name" ]; then die "add-node: node $name exists"; fi
@@ -112,6 +123,7 @@ add_node() {
   local d
   for d in "${FLEET_NODE_DIRS[@]}"; do mkdir -p "$n/$d" "$STATE/$d"; done
   echo "$idx" >"$n/index"; echo "$rt" >"$n/runtime"; echo "$ip" >"$n/ip"; echo "$podnet" >"$n/podnet"
+  echo "$gc" >"$n/image-gc"
 
   # network: a veth into the node's namespace, the node's address, a route to its pods
   local netns=ipfe2e-$name
@@ -187,7 +199,7 @@ add_node() {
   )
   kubeconfig "$n/kubelet/kubeconfig" "node-$name" "https://$FLEET_GW:6443"
   mkdir -p "$n/kubelet/root" "$n/kubelet/pki" "$n/kubelet/pod-logs"
-  (use_runtime "$rt"; kubelet_config "$ip" "/$netns") >"$n/kubelet/config.yaml"
+  (use_runtime "$rt"; kubelet_config "$ip" "/$netns" "$gc") >"$n/kubelet/config.yaml"
   start_bg "node-$name-kubelet" nsenter --net="/run/netns/$netns" --mount="$FLEET_NS/$name" -- \
     "$kbin/kubelet" --config="$STATE/kubelet/config.yaml" --kubeconfig="$STATE/kubelet/kubeconfig" \
     --root-dir="$STATE/kubelet/root" --cert-dir="$STATE/kubelet/pki" --hostname-override="$name" --node-ip="$ip" \
@@ -195,7 +207,7 @@ add_node() {
   wait_for 120 "node $name Ready" "node-$name-kubelet" sh -c \
     "$(declare -f api_get); PKI='$PKI'; api_get /api/v1/nodes/$name | tr -d ' \n' | grep -q '\"type\":\"Ready\",\"status\":\"True\"'"
   echo $((SECONDS - t0)) >"$n/bringup-seconds"
-  log "node $name ($rt $("$BIN/crireset" --probe --socket "$sock" | cut -d' ' -f2), kubelet $kv, $ip, pods $podnet) Ready in $((SECONDS - t0))s"
+  log "node $name ($rt $("$BIN/crireset" --probe --socket "$sock" | cut -d' ' -f2), kubelet $kv${gc:+ collecting unused images}, $ip, pods $podnet) Ready in $((SECONDS - t0))s"
 }
 
 # node_kill <name>: SIGKILL every process of the node: kubelet, runtime, shims, monitors, containers
@@ -222,6 +234,9 @@ node_remove() {
   umount "$FLEET_NS/$name" 2>/dev/null || true
   rm -f "$FLEET_NS/$name"
   if [ -f "$n/podnet" ]; then ip route del "$(cat "$n/podnet")" 2>/dev/null || true; fi
+  # the veth goes with its namespace, unless something still holds the namespace (seen once after a
+  # containerd 1.6 node's down): deleting the host's end removes both, so the index can be used again
+  if [ -f "$n/index" ]; then ip link del "ipfe2e-v$(cat "$n/index")" 2>/dev/null || true; fi
   ip netns del "ipfe2e-$name" 2>/dev/null || true
   local c
   for c in /sys/fs/cgroup/*/"ipfe2e-$name" "/sys/fs/cgroup/ipfe2e-$name"; do
@@ -282,6 +297,11 @@ fleet_down() {
     node_remove "$name"
   done
   stop_many apiserver-fleet registry-fleet
+  # a node veth whose namespace outlived an earlier run (see node_remove)
+  local link
+  for link in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^ipfe2e-v[0-9]/ {sub(/@.*/, "", $2); print $2}'); do
+    ip link del "$link" 2>/dev/null || true
+  done
   ip link del "$FLEET_BRIDGE" 2>/dev/null || true
   if mountpoint -q "$FLEET_NS" 2>/dev/null; then umount "$FLEET_NS" || umount -l "$FLEET_NS"; fi
   rm -rf --one-file-system "$FLEET_NODES"
@@ -296,6 +316,7 @@ fleet_leftovers() {
   local found=0 x
   for x in $(ip netns list 2>/dev/null | awk '$1 ~ /^ipfe2e-/ {print $1}'); do echo "netns: $x"; found=1; done
   ip link show "$FLEET_BRIDGE" >/dev/null 2>&1 && { echo "bridge: $FLEET_BRIDGE"; found=1; }
+  for x in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^ipfe2e-v[0-9]/ {sub(/@.*/, "", $2); print $2}'); do echo "link: $x"; found=1; done
   for x in /sys/fs/cgroup/*/ipfe2e-* /sys/fs/cgroup/ipfe2e-*; do [ -d "$x" ] && { echo "cgroup: $x"; found=1; }; done
   return $found
 }
@@ -304,7 +325,9 @@ fleet_leftovers() {
 fleet_env() {
   local name recs=""
   for name in $(fleet_nodes); do
-    recs+="$name,$(cat "$FLEET_NODES/$name/runtime"),$(cat "$FLEET_NODES/$name/ip"),$(node_socket "$name");"
+    recs+="$name,$(cat "$FLEET_NODES/$name/runtime"),$(cat "$FLEET_NODES/$name/ip"),$(node_socket "$name")"
+    if [ "$(cat "$FLEET_NODES/$name/image-gc" 2>/dev/null)" = 1 ]; then recs+=",image-gc"; fi
+    recs+=";"
   done
   echo "export IMAGE_PREFETCHER_E2E_FLEET_NODES='${recs%;}'"
   echo "export IMAGE_PREFETCHER_E2E_FLEET_OLDER_KUBE_VERSION='$FLEET_OLDER_KUBE_VERSION'"

@@ -1,6 +1,7 @@
 # shellcheck shell=bash disable=SC2153  # STATE, SOCK, PIDS, LOGS, PKI and the rest come from e2e/cluster.sh
 # The first node's kubelet and the configuration every node's kubelet shares; sourced by e2e/cluster.sh.
 
+# kubelet_config <address> [cgroup root] [image gc: 1 = collect every unused image]
 kubelet_config() {
   local k=$STATE/kubelet
   cat <<EOF
@@ -22,10 +23,10 @@ failSwapOn: false
 podLogsDir: $k/pod-logs
 resolvConf: /etc/resolv.conf
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"}
-$(if [ "$IMAGE_GC" = 1 ]; then cat <<'GC'
-# IMAGE_PREFETCHER_E2E_IMAGE_GC=1: any disk usage is over the threshold and no image is too young, so every
-# GC run (at the kubelet's start, then every 5 minutes) removes every image that no container uses and the
-# runtime does not report pinned
+$(if [ "${3:-}" = 1 ]; then cat <<'GC'
+# image GC on (IMAGE_PREFETCHER_E2E_IMAGE_GC=1, add-node --image-gc): any disk usage is over the threshold
+# and no image is too young, so every GC run (at the kubelet's start, then every 5 minutes) removes every
+# image that no container uses and the runtime does not report pinned
 imageGCHighThresholdPercent: 1
 imageGCLowThresholdPercent: 0
 imageMinimumGCAge: 0s
@@ -44,7 +45,7 @@ EOF
 start_kubelet() {
   local kb=$1 k=$STATE/kubelet
   mkdir -p "$k/root" "$k/pki" "$k/pod-logs"
-  kubelet_config "$NODE_IP" >"$k/config.yaml"
+  kubelet_config "$NODE_IP" "" "$IMAGE_GC" >"$k/config.yaml"
   start_bg kubelet "$kb/kubelet" --config="$k/config.yaml" --kubeconfig="$STATE/node.kubeconfig" \
     --root-dir="$k/root" --cert-dir="$k/pki" --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" \
     ${NODE_TAINTS:+--register-with-taints="$NODE_TAINTS"}

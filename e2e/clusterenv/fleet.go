@@ -18,6 +18,8 @@ type Node struct {
 	Name, Runtime, IP string
 	// CRISocket is the node's CRI socket as this machine's namespaces see it.
 	CRISocket string
+	// ImageGC: the node's kubelet collects every unused, unpinned image (add-node --image-gc).
+	ImageGC bool
 }
 
 // IsContainerd says whether the node runs a containerd (either version).
@@ -61,19 +63,36 @@ func (e *Env) Nodes() ([]Node, error) {
 	}
 	for _, r := range strings.Split(recs, ";") {
 		f := strings.Split(r, ",")
-		if len(f) != 4 || f[0] == "" || f[3] == "" {
-			return nil, fmt.Errorf("IMAGE_PREFETCHER_E2E_FLEET_NODES: record %q is not name,runtime,ip,socket", r)
+		if len(f) < 4 || len(f) > 5 || f[0] == "" || f[3] == "" || (len(f) == 5 && f[4] != "image-gc") {
+			return nil, fmt.Errorf("IMAGE_PREFETCHER_E2E_FLEET_NODES: record %q is not name,runtime,ip,socket[,image-gc]", r)
 		}
-		nodes = append(nodes, Node{Name: f[0], Runtime: f[1], IP: f[2], CRISocket: f[3]})
+		nodes = append(nodes, Node{Name: f[0], Runtime: f[1], IP: f[2], CRISocket: f[3], ImageGC: len(f) == 5})
+	}
+	return nodes, nil
+}
+
+// FleetNodes are the nodes the fleet tests' instances serve, the first one first: every node but those a
+// test added with image GC on for itself (their kubelet removes every image no container uses, so no
+// other test's list stays there; the test that adds one taints it against every other instance).
+func (e *Env) FleetNodes() ([]Node, error) {
+	all, err := e.Nodes()
+	if err != nil {
+		return nil, err
+	}
+	var nodes []Node
+	for _, n := range all {
+		if !n.ImageGC {
+			nodes = append(nodes, n)
+		}
 	}
 	return nodes, nil
 }
 
 // RequireFleet fails the test unless the cluster has at least 3 nodes of at least 2 runtimes on the fleet
-// network; it returns them, the first one first.
+// network; it returns them (FleetNodes), the first one first.
 func (e *Env) RequireFleet(t testing.TB) []Node {
 	t.Helper()
-	nodes, err := e.Nodes()
+	nodes, err := e.FleetNodes()
 	if err != nil {
 		t.Fatal(err)
 	}

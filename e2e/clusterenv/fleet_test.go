@@ -32,7 +32,7 @@ export IMAGE_PREFETCHER_E2E_NODE_CONTAINERD_IMAGE_FS='/s/containerd/root/io.cont
 `
 
 func TestNodes(t *testing.T) {
-	env, err := loadText(t, fleetEnvBase+`export IMAGE_PREFETCHER_E2E_FLEET_NODES='e2e-node-2,cri-o,10.89.0.12,/s/nodes/e2e-node-2/host/run/crio/crio.sock;e2e-node-3,containerd-1.6,10.89.0.13,/s/nodes/e2e-node-3/host/run/containerd/containerd.sock'
+	env, err := loadText(t, fleetEnvBase+`export IMAGE_PREFETCHER_E2E_FLEET_NODES='e2e-node-2,cri-o,10.89.0.12,/s/nodes/e2e-node-2/host/run/crio/crio.sock;e2e-node-3,containerd-1.6,10.89.0.13,/s/nodes/e2e-node-3/host/run/containerd/containerd.sock;e2e-gc,containerd,10.89.0.14,/s/nodes/e2e-gc/host/run/containerd/containerd.sock,image-gc'
 export IMAGE_PREFETCHER_E2E_FLEET_GATEWAY='10.89.0.1'
 `)
 	if err != nil {
@@ -46,6 +46,7 @@ export IMAGE_PREFETCHER_E2E_FLEET_GATEWAY='10.89.0.1'
 		{Name: "e2e-node", Runtime: RuntimeContainerd, IP: "10.88.0.1", CRISocket: "/s/host/run/containerd/containerd.sock"},
 		{Name: "e2e-node-2", Runtime: RuntimeCRIO, IP: "10.89.0.12", CRISocket: "/s/nodes/e2e-node-2/host/run/crio/crio.sock"},
 		{Name: "e2e-node-3", Runtime: RuntimeContainerd16, IP: "10.89.0.13", CRISocket: "/s/nodes/e2e-node-3/host/run/containerd/containerd.sock"},
+		{Name: "e2e-gc", Runtime: RuntimeContainerd, IP: "10.89.0.14", CRISocket: "/s/nodes/e2e-gc/host/run/containerd/containerd.sock", ImageGC: true},
 	}
 	if !reflect.DeepEqual(nodes, want) {
 		t.Errorf("Nodes() = %+v\nwant %+v", nodes, want)
@@ -76,11 +77,13 @@ func TestNodesWithoutFleetIsTheFirstNode(t *testing.T) {
 }
 
 func TestNodesRejectsABadRecord(t *testing.T) {
-	env, err := loadText(t, fleetEnvBase+"export IMAGE_PREFETCHER_E2E_FLEET_NODES='e2e-node-2,cri-o'\n")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := env.Nodes(); err == nil || !strings.Contains(err.Error(), `"e2e-node-2,cri-o"`) {
-		t.Errorf("Nodes() error = %v, want one naming the record", err)
+	for _, rec := range []string{"e2e-node-2,cri-o", "e2e-node-2,cri-o,10.89.0.12,/s/crio.sock,gc"} {
+		env, err := loadText(t, fleetEnvBase+"export IMAGE_PREFETCHER_E2E_FLEET_NODES='"+rec+"'\n")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := env.Nodes(); err == nil || !strings.Contains(err.Error(), `"`+rec+`"`) {
+			t.Errorf("Nodes() error = %v, want one naming the record %q", err, rec)
+		}
 	}
 }

@@ -70,7 +70,7 @@ func newInstance(t *testing.T, env *clusterenv.Env, base string, timeout time.Du
 		t.Fatalf("the Flux tests deploy overlays/vanilla and need a containerd node, the cluster runs %s", env.Runtime)
 	}
 	name := "flux-" + base + "-" + suffix(t)
-	nodes, err := env.Nodes()
+	nodes, err := env.FleetNodes()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,7 +53,7 @@ type fleetResult struct {
 
 func (b *bench) fleet(ctx context.Context) error {
 	env := b.env
-	all, err := env.Nodes()
+	all, err := env.FleetNodes()
 	if err != nil {
 		return err
 	}
