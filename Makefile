@@ -17,7 +17,7 @@ E2E := e2e/cluster.sh
 CACHE := $(or $(IMAGE_PREFETCHER_CACHE),$(HOME)/.cache/image-prefetcher)
 TOOLS := $(or $(IMAGE_PREFETCHER_TOOLS),$(CACHE)/tools)
 
-.PHONY: all build test check shellcheck unit fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet cluster-up cluster-down demo bench golden clean
+.PHONY: all build test check shellcheck unit fuzz e2e e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet cluster-up cluster-down demo bench golden clean
 
 all: build
 
@@ -27,19 +27,25 @@ build:
 
 # Everything, from cheap to real. CI runs exactly this. Needs root on Linux for the real cluster;
 # `make unit` is the quick loop without it.
-test: check fuzz e2e e2e-node-lifecycle e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet
+test: check fuzz e2e e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet
 
 # Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
-# real-cluster ones under e2e/ with the race detector. Tests that need the cluster skip here.
+# real-cluster ones under e2e/: with the race detector, but for the trees of single-goroutine rendering
+# code (NORACE: the KRM function, the bundle builds, the image builder), whose race builds of kustomize
+# and kyaml cost minutes on a cold machine and find nothing. Tests that need the cluster skip here.
 STATICCHECK_VERSION ?= v0.8.2
 STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)/staticcheck
+NORACE := /fn /bundle /build /internal
+UNIT_PKGS = $(GO) list $(PKGS) | grep -v '/e2e'
+NORACE_MATCH := $(foreach d,$(NORACE),-e 'image-prefetcher$(d)\(/\|$$\)')
 
 check: $(STATICCHECK) fn-tools shellcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(GO) mod tidy -diff
 	$(STATICCHECK) $(PKGS)
-	KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -race -count=1 $$($(GO) list $(PKGS) | grep -v '/e2e')
+	KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -race -count=1 $$($(UNIT_PKGS) | grep -v $(NORACE_MATCH))
+	KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 $$($(UNIT_PKGS) | grep $(NORACE_MATCH))
 
 # The harness's shell scripts (e2e/cluster.sh and the files it sources, the build scripts). shellcheck is
 # Debian's (not a Go tool): installed when missing, which needs root like the e2e targets.
@@ -63,14 +69,17 @@ fuzz:
 	  done; \
 	done
 
-# Brings the real single-node cluster up on containerd 2.x (the default runtime), runs every test
-# of the module with the real-component tests enabled (they fail, not skip, when the cluster is
-# missing), then Flux's controllers and libraries on the same cluster (make/flux.mk), and tears
-# the cluster down.
+# Brings the real single-node cluster up on containerd 2.x (the default runtime), runs the tests of
+# the packages with real-component tests (e2e/ and those whose tests use e2e/clusterenv; they fail, not
+# skip, when the cluster is missing), then Flux's controllers and libraries on the same cluster
+# (make/flux.mk), and tears the cluster down.
+E2E_PKGS = $(GO) list -f '{{.ImportPath}} {{join .TestImports " "}} {{join .XTestImports " "}}' $(PKGS) | \
+  awk '$$1 ~ /\/e2e(\/|$$)/ || / [^ ]*\/e2e\/clusterenv( |$$)/ {print $$1}'
+
 e2e: fn-tools flux-controllers
 	@set -e; trap '$(E2E) down' EXIT; $(PREBUILD_PREVIOUS_K8S); IMAGE_PREFETCHER_E2E_RUNTIME=containerd $(E2E) up; \
 	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 45m \
-	    -skip '^($(E2E_NODE_LIFECYCLE_TESTS)|$(E2E_DISK_BUDGET_TESTS)|$(E2E_FLEET_TESTS))' $(PKGS); \
+	    -skip '^($(E2E_DISK_BUDGET_TESTS)|$(E2E_FLEET_TESTS))' $$($(E2E_PKGS)); \
 	  $(MAKE) --no-print-directory e2e-flux
 
 # The same cluster on the other runtimes users run, with the real tests that concern the runtime:
@@ -92,16 +101,6 @@ e2e-cri-o: fn-tools
 	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -run '^($(E2E_RUNTIME_TESTS)|$(E2E_CRIO_SCENARIOS)$$)' \
 	    -skip '^TestAgentProgress' ./e2e/
 
-# A node that registers with a startup taint and whose kubelet garbage-collects every unused, unpinned
-# image: the startup-taint gate and pinning against the kubelet's image GC, on containerd 2.x.
-E2E_GATE_TAINT := image-prefetcher.stackrox.io/e2e-gate:NoSchedule
-E2E_NODE_LIFECYCLE_TESTS := TestStartupTaint|TestImageGC
-
-e2e-node-lifecycle:
-	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd \
-	  IMAGE_PREFETCHER_E2E_NODE_TAINTS='$(E2E_GATE_TAINT)' IMAGE_PREFETCHER_E2E_IMAGE_GC=1 $(E2E) up; \
-	  IMAGE_PREFETCHER_E2E=1 $(GO) test -count=1 -timeout 30m -run '^($(E2E_NODE_LIFECYCLE_TESTS))' ./e2e/
-
 # containerd 2.x whose image store is a filesystem of its own, too small for the list: the disk budget.
 # The runtime alone (no Kubernetes): the agent runs as `fetch` on the host.
 E2E_DISK_BUDGET_TESTS := TestDiskBudget
@@ -118,7 +117,9 @@ e2e-containerd-1.6:
 
 # The fleet: one cluster of nodes of every runtime (the first node containerd 2.x on Kubernetes's newest
 # kubelet; the others, each in a network and mount namespace of its own, CRI-O and containerd 1.6 on the
-# previous minor's), instances from the default overlay. The tests add and kill nodes of their own.
+# previous minor's), instances from the default overlay. The tests add and kill nodes of their own: among
+# them a node whose kubelet collects every unused image (the image-GC test, which waits for that collection
+# while the others run) and one that registers with a startup taint (the startup-taint gate).
 E2E_FLEET := cri-o containerd-1.6
 E2E_FLEET_TESTS := TestFleet
 

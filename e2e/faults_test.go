@@ -26,6 +26,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
@@ -182,43 +183,52 @@ func runAgent(t *testing.T, timeout time.Duration, args ...string) (int, string)
 	return code, a.out.String()
 }
 
-// faultInstance is a throwaway instance name on the harness's node; its label and annotation are removed
-// when the test ends.
+// faultInstance is a throwaway instance name on one node (the harness's first, unless on says another);
+// its label and annotation are removed when the test ends.
 type faultInstance struct {
 	t    *testing.T
 	env  *clusterenv.Env
 	cs   kubernetes.Interface
 	name string
+	// node is the node the agent runs as, and socket its CRI socket
+	node, socket string
 }
 
 func newFaultInstance(t *testing.T, env *clusterenv.Env, base string) *faultInstance {
 	t.Helper()
-	in := &faultInstance{t: t, env: env, cs: env.Clientset(t), name: "e2e-fault-" + base + "-" + suffix(t)}
+	in := &faultInstance{t: t, env: env, cs: env.Clientset(t), name: "e2e-fault-" + base + "-" + suffix(t),
+		node: env.NodeName, socket: env.CRISocket}
 	t.Cleanup(func() {
 		// The API server may just have come back: try for a while.
 		patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null},"annotations":{%q:null}}}`, in.labelKey(), in.annotationKey())
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		_ = wait.PollUntilContextCancel(ctx, time.Second, true, func(ctx context.Context) (bool, error) {
-			_, err := in.cs.CoreV1().Nodes().Patch(ctx, env.NodeName, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
-			return err == nil, nil
+			_, err := in.cs.CoreV1().Nodes().Patch(ctx, in.node, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+			return err == nil || apierrors.IsNotFound(err), nil
 		})
 	})
+	return in
+}
+
+// on makes n the instance's node.
+func (in *faultInstance) on(n clusterenv.Node) *faultInstance {
+	in.node, in.socket = n.Name, n.CRISocket
 	return in
 }
 
 func (in *faultInstance) labelKey() string      { return labelPrefix + in.name }
 func (in *faultInstance) annotationKey() string { return annotationPrefix + in.name }
 
-// flags are the agent flags that label the harness's node as this instance.
+// flags are the agent flags that label the instance's node as this instance.
 func (in *faultInstance) flags(list string) []string {
-	return []string{"--cri-socket", in.env.CRISocket, "--kubeconfig", in.env.Kubeconfig, "--node-name", in.env.NodeName,
+	return []string{"--cri-socket", in.socket, "--kubeconfig", in.env.Kubeconfig, "--node-name", in.node,
 		"--instance", in.name, "--image-list-file", list}
 }
 
 // state reads the instance's label and annotation; ok is false when the API server did not answer.
 func (in *faultInstance) state(ctx context.Context) (s nodeState, ok bool) {
-	n, err := in.cs.CoreV1().Nodes().Get(ctx, in.env.NodeName, metav1.GetOptions{})
+	n, err := in.cs.CoreV1().Nodes().Get(ctx, in.node, metav1.GetOptions{})
 	if err != nil {
 		return nodeState{}, false
 	}
@@ -249,7 +259,7 @@ func (in *faultInstance) waitState(ctx context.Context, what string, cond func(n
 func (in *faultInstance) events(ctx context.Context) []corev1.Event {
 	in.t.Helper()
 	l, err := in.cs.CoreV1().Events(metav1.NamespaceDefault).List(ctx, metav1.ListOptions{
-		FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + in.env.NodeName})
+		FieldSelector: "involvedObject.kind=Node,involvedObject.name=" + in.node})
 	if err != nil {
 		in.t.Fatalf("list node events: %v", err)
 	}
@@ -303,12 +313,19 @@ func viaProxy(ctx context.Context, t *testing.T, env *clusterenv.Env, images run
 	return ref
 }
 
-// waitNodeReady waits until the node is Ready again after a fault, so later tests find a healthy cluster.
+// waitNodeReady waits until the harness's node is Ready again after a fault, so later tests find a healthy
+// cluster.
 func waitNodeReady(t *testing.T, env *clusterenv.Env, cs kubernetes.Interface) {
+	t.Helper()
+	waitNodeNamedReady(t, cs, env.NodeName)
+}
+
+// waitNodeNamedReady waits until the node name is Ready.
+func waitNodeNamedReady(t *testing.T, cs kubernetes.Interface, name string) {
 	t.Helper()
 	ctx := ctxFor(t, 2*time.Minute)
 	err := wait.PollUntilContextCancel(ctx, time.Second, true, func(ctx context.Context) (bool, error) {
-		n, err := cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+		n, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false, nil
 		}
@@ -320,7 +337,7 @@ func waitNodeReady(t *testing.T, env *clusterenv.Env, cs kubernetes.Interface) {
 		return false, nil
 	})
 	if err != nil {
-		t.Errorf("node %s not Ready again after the fault: %v", env.NodeName, err)
+		t.Errorf("node %s not Ready again after the fault: %v", name, err)
 	}
 }
 

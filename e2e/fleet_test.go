@@ -49,16 +49,21 @@ func (f *fleet) reload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nodes, err := env.Nodes()
+	nodes, err := env.FleetNodes()
 	if err != nil {
 		t.Fatal(err)
 	}
 	f.env, f.nodes = env, nodes
 }
 
+// node is any node of the cluster by name, an image-GC node too.
 func (f *fleet) node(t *testing.T, name string) clusterenv.Node {
 	t.Helper()
-	for _, n := range f.nodes {
+	all, err := f.env.Nodes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range all {
 		if n.Name == name {
 			return n
 		}
@@ -133,23 +138,35 @@ func (f *fleet) diagnose(t *testing.T, in *instance) string {
 	return in.diagnose() + "\nagent logs through the API:\n" + out
 }
 
+// agentLog is the log of the instance's agent on node, through the API (a fleet node's pod logs are in its
+// own mount namespace).
+func (f *fleet) agentLog(ctx context.Context, in *instance, node string) (string, error) {
+	pods, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{
+		LabelSelector: "app.kubernetes.io/instance=" + in.name(), FieldSelector: "spec.nodeName=" + node})
+	if err != nil {
+		return "", err
+	}
+	if len(pods.Items) == 0 {
+		return "", fmt.Errorf("no agent pod on node %s", node)
+	}
+	out, err := in.cs.CoreV1().Pods(in.opts.Namespace).GetLogs(pods.Items[0].Name, &corev1.PodLogOptions{}).DoRaw(ctx)
+	if err != nil {
+		return "", fmt.Errorf("logs of %s: %w", pods.Items[0].Name, err)
+	}
+	return string(out), nil
+}
+
 // waitLog waits until the log of the instance's agent on node holds line.
 func (f *fleet) waitLog(ctx context.Context, t *testing.T, in *instance, node, line string) {
 	t.Helper()
 	var last string
 	err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
-		pods, err := in.cs.CoreV1().Pods(in.opts.Namespace).List(ctx, metav1.ListOptions{
-			LabelSelector: "app.kubernetes.io/instance=" + in.name(), FieldSelector: "spec.nodeName=" + node})
-		if err != nil || len(pods.Items) == 0 {
-			last = fmt.Sprintf("no agent pod yet (%v)", err)
-			return false, nil
-		}
-		out, err := in.cs.CoreV1().Pods(in.opts.Namespace).GetLogs(pods.Items[0].Name, &corev1.PodLogOptions{}).DoRaw(ctx)
+		out, err := f.agentLog(ctx, in, node)
 		if err != nil {
-			last = fmt.Sprintf("logs of %s: %v", pods.Items[0].Name, err)
+			last = err.Error()
 			return false, nil
 		}
-		last = string(out)
+		last = out
 		return strings.Contains(last, line), nil
 	})
 	if err != nil {
@@ -157,14 +174,16 @@ func (f *fleet) waitLog(ctx context.Context, t *testing.T, in *instance, node, l
 	}
 }
 
-// addNode adds a fleet node for this test; it is killed and its Node object deleted when the test ends.
-func (f *fleet) addNode(t *testing.T, name, runtime, taints string) clusterenv.Node {
+// addNode adds a fleet node for this test (options: add-node's, e.g. --image-gc); it is killed and its
+// Node object deleted when the test ends.
+func (f *fleet) addNode(t *testing.T, name, runtime, taints string, options ...string) clusterenv.Node {
 	t.Helper()
 	start := time.Now()
 	args := []string{"add-node", name, runtime}
 	if taints != "" {
 		args = append(args, taints)
 	}
+	args = append(args, options...)
 	t.Cleanup(func() {
 		if _, err := os.Stat(filepath.Join(f.env.State, "nodes", name)); err == nil {
 			clusterenv.RunHarness(t, "kill-node", name)

@@ -1,6 +1,6 @@
-// New nodes take no workloads before their images are there: the node registers with the instance's
-// startup taint (e2e/cluster.sh up with IMAGE_PREFETCHER_E2E_NODE_TAINTS; `make e2e-node-lifecycle`) and
-// the agent of components/startup-taint removes it once the whole list is present.
+// New nodes take no workloads before their images are there: a fleet node registers with the instance's
+// startup taint (`e2e/cluster.sh add-node NAME RUNTIME <taint>`; `make e2e-fleet`) and the agent of
+// components/startup-taint removes it once the whole list is present.
 package e2e_test
 
 import (
@@ -21,20 +21,6 @@ import (
 
 	"github.com/nodeprefetch/image-prefetcher/e2e/clusterenv"
 )
-
-// gateTaint is the startup taint the harness's kubelet registered the node with; its key names the
-// instance that removes it.
-func gateTaint(t *testing.T, env *clusterenv.Env) corev1.Taint {
-	t.Helper()
-	spec := env.Var("IMAGE_PREFETCHER_E2E_NODE_TAINTS")
-	key, effect, ok := strings.Cut(spec, ":")
-	key, _, _ = strings.Cut(key, "=")
-	if !ok || !strings.HasPrefix(key, labelPrefix) || strings.Contains(spec, ",") {
-		t.Fatalf("this test needs a node registered with one startup taint %s<instance>:<effect>: e2e/cluster.sh up with "+
-			"IMAGE_PREFETCHER_E2E_NODE_TAINTS (make e2e-node-lifecycle); the environment has %q", labelPrefix, spec)
-	}
-	return corev1.Taint{Key: key, Effect: corev1.TaintEffect(effect)}
-}
 
 func nodeHasTaint(n *corev1.Node, want corev1.Taint) bool {
 	return slices.ContainsFunc(n.Spec.Taints, func(t corev1.Taint) bool { return t.Key == want.Key && t.Effect == want.Effect })
@@ -75,33 +61,43 @@ func (tl *nodeTimeline) follow(ctx context.Context, cs kubernetes.Interface, nod
 	})
 }
 
-// TestStartupTaintGatesANewNode: the real kubelet registered the node with the instance's startup taint. A
-// Deployment with neither toleration nor nodeSelector stays Pending while the list has a missing tag (taint
-// kept, the Node event names the image, the condition says False); with the list fixed, the agent pulls,
-// removes exactly its taint, and the Deployment's pod starts without pulling. With the admission policy on,
-// the agent's pod-bound token may remove only its own taint and write only its own condition.
-func TestStartupTaintGatesANewNode(t *testing.T) {
-	env := clusterenv.Require(t, clusterenv.Full)
-	gate := gateTaint(t, env)
+// TestFleetStartupTaintGatesANewNode: a containerd 2.x node joins with the instance's startup taint (its
+// kubelet registers it so) and the pool's opt-in label (components/node-placement). A Deployment bound to
+// that node without a toleration stays Pending while the list has a missing tag (taint kept, the Node event
+// names the image, the condition says False); with the list fixed, the agent pulls, removes exactly its
+// taint, and the Deployment's pod starts without pulling. With the admission policy on, the agent's pod-bound
+// token may remove only its own taint and write only its own condition. It runs in parallel with the
+// image-GC test's wait, after the other fleet tests.
+func TestFleetStartupTaintGatesANewNode(t *testing.T) {
+	t.Parallel()
+	f := requireFleet(t)
 	ctx := ctxFor(t, 12*time.Minute)
-	cs := env.Clientset(t)
-	node, err := cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+	cs := f.env.Clientset(t)
+	sfx := suffix(t)
+	name := "e2e-gate-" + sfx
+	gate := corev1.Taint{Key: labelPrefix + name, Effect: corev1.TaintEffectNoSchedule}
+	joined := f.addNode(t, "e2e-gated-"+sfx, clusterenv.RuntimeContainerd, gate.Key+":"+string(gate.Effect))
+	yes := "true"
+	if err := labelNodeValue(ctx, t, f, joined.Name, placementLabel, &yes); err != nil {
+		t.Fatal(err)
+	}
+	node, err := cs.CoreV1().Nodes().Get(ctx, joined.Name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !nodeHasTaint(node, gate) {
 		t.Fatalf("node %s does not carry the startup taint %s:%s it registered with (taints %v)", node.Name, gate.Key, gate.Effect, node.Spec.Taints)
 	}
-	_, images := env.CRI(t)
-	list := refs(t, env, "e2e/family:a", "e2e/random:4mib", "e2e/random:8mib")
-	missing := env.Registry + "/e2e/random:no-such-tag"
+	images := joined.CRI(t)
+	list := refs(t, f.env, "e2e/family:a", "e2e/random:4mib", "e2e/random:8mib")
+	missing := f.env.Registry + "/e2e/random:no-such-tag"
 	removeImages(ctx, t, images, list)
 
-	in := newNamedInstance(t, env, strings.TrimPrefix(gate.Key, labelPrefix), append(slices.Clone(list), missing),
-		"startup-taint")
+	in := f.instance(t, name, append(slices.Clone(list), missing), "startup-taint", "node-placement")
+	in.node = joined.Name
 	condType := in.labelKey()
 	in.apply()
-	createSleeper(ctx, t, in, "app", list[0], corev1.PullIfNotPresent, nil)
+	createSleeper(ctx, t, in, "app", list[0], corev1.PullIfNotPresent, map[string]string{corev1.LabelHostname: joined.Name})
 
 	// 1. A missing tag: the node stays gated and says why.
 	in.waitLabel(ctx, "failed")
@@ -119,12 +115,12 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 		t.Fatalf("no PrefetchNodeGated event naming %s: %v\n%s", missing, err, in.diagnose())
 	}
 	t.Logf("node event: %s", gated)
-	node, err = cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+	node, err = cs.CoreV1().Nodes().Get(ctx, joined.Name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !nodeHasTaint(node, gate) {
-		t.Fatalf("the startup taint went while %s is missing\n%s", missing, in.diagnose())
+		t.Fatalf("the startup taint went while %s is missing\n%s", missing, f.diagnose(t, in))
 	}
 	if c := nodeCondition(node, condType); c == nil || c.Status != corev1.ConditionFalse || c.Reason != "ImagesMissing" || !strings.Contains(c.Message, missing) {
 		t.Errorf("condition %s with an image missing: %+v, want False/ImagesMissing naming %s", condType, c, missing)
@@ -137,11 +133,11 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	var tl nodeTimeline
 	followCtx, stopFollowing := context.WithCancel(ctx)
 	followed := make(chan struct{})
-	go func() { defer close(followed); tl.follow(followCtx, cs, env.NodeName, in.labelKey(), gate) }()
+	go func() { defer close(followed); tl.follow(followCtx, cs, joined.Name, in.labelKey(), gate) }()
 	in.apply()
 	in.requireRollout(5 * time.Minute)
 	err = wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
-		n, err := cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+		n, err := cs.CoreV1().Nodes().Get(ctx, joined.Name, metav1.GetOptions{})
 		if err != nil {
 			return false, err
 		}
@@ -149,12 +145,12 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 		return !nodeHasTaint(n, gate), nil
 	})
 	if err != nil {
-		t.Fatalf("the startup taint is still there with the whole list present: %v\n%s", err, in.diagnose())
+		t.Fatalf("the startup taint is still there with the whole list present: %v\n%s", err, f.diagnose(t, in))
 	}
 	stopFollowing()
 	<-followed
 	requireStartedWithoutPull(ctx, t, in, "app", list[0], corev1.PullIfNotPresent)
-	node, err = cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+	node, err = cs.CoreV1().Nodes().Get(ctx, joined.Name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,10 +167,14 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 			tl.untaint.Sub(tl.succeeded).Round(time.Millisecond))
 	}
 	// The agent measures from the end of its pulls (the last image present) to the taint's removal.
-	if m := regexp.MustCompile(`startup taint removed.*sinceListPresent=(\S+)`).FindStringSubmatch(in.logs()); m != nil {
+	agentLog, err := f.agentLog(ctx, in, joined.Name)
+	if err != nil {
+		t.Errorf("agent log on %s: %v", joined.Name, err)
+	}
+	if m := regexp.MustCompile(`startup taint removed.*sinceListPresent=(\S+)`).FindStringSubmatch(agentLog); m != nil {
 		t.Logf("agent: startup taint removed %s after the last image was present", m[1])
 	} else {
-		t.Errorf("the agent's log does not say it removed the taint\n%s", in.diagnose())
+		t.Errorf("the agent's log does not say it removed the taint\n%s", f.diagnose(t, in))
 	}
 
 	// 3. The admission policy, with the agent's own pod-bound token.
@@ -182,11 +182,11 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	other := corev1.Taint{Key: "e2e.image-prefetcher.stackrox.io/other", Effect: corev1.TaintEffectNoSchedule}
 	setTaints := func(c kubernetes.Interface, taints []corev1.Taint) error {
 		body := mustJSON(t, map[string]any{"spec": map[string]any{"taints": taints}})
-		_, err := c.CoreV1().Nodes().Patch(ctx, env.NodeName, types.MergePatchType, body, metav1.PatchOptions{})
+		_, err := c.CoreV1().Nodes().Patch(ctx, joined.Name, types.MergePatchType, body, metav1.PatchOptions{})
 		return err
 	}
 	taintsNow := func() []corev1.Taint {
-		n, err := cs.CoreV1().Nodes().Get(ctx, env.NodeName, metav1.GetOptions{})
+		n, err := cs.CoreV1().Nodes().Get(ctx, joined.Name, metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -219,7 +219,7 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 	denied("add a taint", setTaints(agent, append(taintsNow(), corev1.Taint{Key: in.labelKey() + "-x", Effect: corev1.TaintEffectNoSchedule})),
 		"may only remove its own instance's startup taint")
 	denied("make the node unschedulable", func() error {
-		_, err := agent.CoreV1().Nodes().Patch(ctx, env.NodeName, types.MergePatchType, []byte(`{"spec":{"unschedulable":true}}`), metav1.PatchOptions{})
+		_, err := agent.CoreV1().Nodes().Patch(ctx, joined.Name, types.MergePatchType, []byte(`{"spec":{"unschedulable":true}}`), metav1.PatchOptions{})
 		return err
 	}(), "may not change the node's spec")
 	writeCondition := func(typ string) error {
@@ -227,7 +227,7 @@ func TestStartupTaintGatesANewNode(t *testing.T) {
 			"type": typ, "status": "True", "reason": "E2E", "message": "written by the e2e test with the agent's token",
 			"lastHeartbeatTime": time.Now().UTC().Format(time.RFC3339), "lastTransitionTime": time.Now().UTC().Format(time.RFC3339),
 		}}}})
-		_, err := agent.CoreV1().Nodes().Patch(ctx, env.NodeName, types.StrategicMergePatchType, body, metav1.PatchOptions{}, "status")
+		_, err := agent.CoreV1().Nodes().Patch(ctx, joined.Name, types.StrategicMergePatchType, body, metav1.PatchOptions{}, "status")
 		return err
 	}
 	denied("write another condition", writeCondition("e2e.image-prefetcher.stackrox.io/other"), "may write only its own instance's Node condition")
