@@ -27,7 +27,7 @@ build:
 
 # Everything, from cheap to real. CI runs exactly this. Needs root on Linux for the real cluster;
 # `make unit` is the quick loop without it.
-test: check fuzz e2e e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet
+test: flux-prepare check fuzz e2e e2e-disk-budget e2e-cri-o e2e-containerd-1.6 e2e-fleet
 
 # Static checks (gofmt, vet, a tidy go.mod, staticcheck), then the tests of every package but the
 # real-cluster ones under e2e/: with the race detector, but for the trees of single-goroutine rendering

@@ -4,17 +4,26 @@
 # CRDs beside them, so later runs and CI on the same machine reuse them. The e2e/flux tests run them as
 # processes against the harness's cluster.
 #
-#   e2e/flux/build-controllers.sh      # prints the directory (bin/, crds/) on stdout when done
+#   e2e/flux/build-controllers.sh            # prints the directory (bin/, crds/) on stdout when done
+#   e2e/flux/build-controllers.sh --prepare  # only the build modules (their downloads) and the CRDs
 #
 # Settings: FLUX_SOURCE_CONTROLLER_VERSION, FLUX_KUSTOMIZE_CONTROLLER_VERSION (default v1.9.6 both: the
 # newest releases that build with Go 1.26; v1.10.x need Go 1.27), IMAGE_PREFETCHER_CACHE.
 set -euo pipefail
+PREPARE=
+[ "${1:-}" = --prepare ] && PREPARE=1
 SC_VERSION=${FLUX_SOURCE_CONTROLLER_VERSION:-v1.9.6}
 KC_VERSION=${FLUX_KUSTOMIZE_CONTROLLER_VERSION:-v1.9.6}
 CACHE=${IMAGE_PREFETCHER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/image-prefetcher}
 DIR=$CACHE/flux/source-controller-$SC_VERSION+kustomize-controller-$KC_VERSION
 BIN=$DIR/bin
 export GOFLAGS=-buildvcs=false GOTOOLCHAIN=${GOTOOLCHAIN:-local}
+
+# One caller at a time: make test prepares the modules in the background while make check runs, and the
+# build that needs them waits here for that.
+mkdir -p "$DIR"
+exec 8>"$DIR/.lock"
+flock 8
 
 log() { echo "[$(date +%T)] build-flux-controllers: $*" >&2; }
 
@@ -33,8 +42,10 @@ build() {
       printf '%s\n' "$@"
     } >"$mod/go.mod"
     printf '//go:build tools\n\npackage fluxbuild\n\nimport _ "github.com/fluxcd/%s"\n' "$name" >"$mod/tools.go"
-    (cd "$mod" && go mod tidy -e >"$mod/tidy.log" 2>&1) || { log "go mod tidy failed: $(tail -5 "$mod/tidy.log")"; exit 1; }
+    # go.sum says the module is prepared (tidy writes it last); a failed tidy must not leave one
+    (cd "$mod" && go mod tidy -e >"$mod/tidy.log" 2>&1) || { rm -f "$mod/go.sum"; log "go mod tidy failed: $(tail -5 "$mod/tidy.log")"; exit 1; }
   fi
+  [ -n "$PREPARE" ] && return 0
   log "go build $name $version"
   local t0=$SECONDS
   # As the controllers' release images are built: static, no cgo.
@@ -66,4 +77,5 @@ if [ ! -f "$DIR/crds/.done" ]; then
   chmod -R u+w "$DIR/crds"
   touch "$DIR/crds/.done"
 fi
+[ -n "$PREPARE" ] && exit 0
 echo "$DIR"
