@@ -118,16 +118,23 @@ e2e-containerd-1.6:
 # The fleet: one cluster of nodes of every runtime (the first node containerd 2.x on Kubernetes's newest
 # kubelet; the others, each in a network and mount namespace of its own, CRI-O and containerd 1.6 on the
 # previous minor's), instances from the default overlay. The tests add and kill nodes of their own: among
-# them a node whose kubelet collects every unused image (the image-GC test, which waits for that collection
-# while the others run) and one that registers with a startup taint (the startup-taint gate).
+# them a node whose kubelet collects every unused image and one that registers with a startup taint (the
+# startup-taint gate). The image-GC test waits minutes for the kubelet's collection, so it runs as a go test
+# of its own beside the other fleet tests and Flux's; its output follows theirs.
 E2E_FLEET := cri-o containerd-1.6
 E2E_FLEET_TESTS := TestFleet
+E2E_FLEET_GC_TESTS := TestFleetImageGC
 
 e2e-fleet: fn-tools flux-controllers
-	@set -e; trap '$(E2E) down' EXIT; IMAGE_PREFETCHER_E2E_RUNTIME=containerd IMAGE_PREFETCHER_E2E_FLEET='$(E2E_FLEET)' \
+	@set -e; gc=; gclog=$$(mktemp); \
+	  trap 'if [ -n "$$gc" ]; then kill $$gc 2>/dev/null; wait $$gc; fi; cat $$gclog; rm -f $$gclog; $(E2E) down' EXIT; \
+	  IMAGE_PREFETCHER_E2E_RUNTIME=containerd IMAGE_PREFETCHER_E2E_FLEET='$(E2E_FLEET)' \
 	  IMAGE_PREFETCHER_E2E_FLEET_OLDER_KUBE_VERSION=$(E2E_PREVIOUS_K8S) $(E2E) up; \
-	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -v -run '^($(E2E_FLEET_TESTS))' ./e2e/; \
-	  $(MAKE) --no-print-directory e2e-flux-fleet
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -v -run '^($(E2E_FLEET_GC_TESTS))' ./e2e/ >$$gclog 2>&1 & gc=$$!; \
+	  IMAGE_PREFETCHER_E2E=1 KUSTOMIZE=$(FN_TOOLS)/kustomize $(GO) test -count=1 -timeout 30m -v -run '^($(E2E_FLEET_TESTS))' \
+	    -skip '^($(E2E_FLEET_GC_TESTS))' ./e2e/; \
+	  $(MAKE) --no-print-directory e2e-flux-fleet; \
+	  echo "e2e-fleet: waiting for $(E2E_FLEET_GC_TESTS)"; st=0; wait $$gc || st=$$?; gc=; exit $$st
 
 cluster-up:
 	$(E2E) up

@@ -183,12 +183,16 @@ up() {
   small_image_fs
   start_runtime "$rbin"
   if [ "$mode" = full ]; then
+    # The agent image (a Go build and a push, about 8 s) is built while the control plane and the nodes
+    # start, which mostly wait.
+    push_agent_image &
+    local image_pid=$!
     gen_pki
     start_control_plane "$kbin"
     start_kubelet "$kbin"
     local i=2 rt
     for rt in $FLEET; do add_node "e2e-node-$i" "$rt"; i=$((i + 1)); done
-    push_agent_image
+    wait "$image_pid" || die "the agent image was not built and pushed; see above"
   fi
   write_env "$mode" "$kbin"
   log "environment ($mode) up in $((SECONDS - T_START))s; env file: $ENV_FILE  (e2e/cluster.sh env)"

@@ -4,9 +4,10 @@
 // The kubelet collects images at its start and then every 5 minutes (ImageGCPeriod, fixed), and only images
 // it first saw at least imageMinimumGCAge before (2 minutes by default, which 0s also means); it sees images
 // at its start and at each collection. So the test puts the images in place, restarts the node's kubelet,
-// and the collection 5 minutes later is the first that may remove them. This file's name sorts before the
-// other fleet tests', so go test starts this test first: it does all that, then calls t.Parallel, and go
-// test resumes it once the other (sequential) fleet tests are done, by which time that collection is due.
+// and the collection 5 minutes later is the first that may remove them. make e2e-fleet runs this test as a
+// go test of its own beside the other fleet tests, so that wait overlaps them. Run in one go test with
+// them, it does the same: this file's name sorts first, so it does all that, then calls t.Parallel, and go
+// test resumes it once the other (sequential) fleet tests are done.
 package e2e_test
 
 import (

@@ -269,13 +269,27 @@ type fetchWindow struct {
 	requests    int
 }
 
-// fetchWindows reads the fleet registry's access log from offset: per node, the first and last request
-// for the repository repo.
+// fetchWindows reads the fleet registry's access log from offset: per node of the fleet, the first and
+// last request for the repository repo. Requests from nodes outside the test's fleet (the image-GC
+// test's node, which make e2e-fleet runs beside the others, prefetches through its own agent run) are
+// not the test's; any other address is kept under its own name.
 func (f *fleet) fetchWindows(t *testing.T, offset int64, repo string) []fetchWindow {
 	t.Helper()
 	byIP := map[string]string{f.env.FleetGateway(): f.env.NodeName}
 	for _, n := range f.nodes {
 		byIP[n.IP] = n.Name
+	}
+	others := map[string]bool{}
+	if env, err := clusterenv.Load(); err != nil {
+		t.Fatal(err)
+	} else if all, err := env.Nodes(); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, n := range all {
+			if byIP[n.IP] == "" {
+				others[n.IP] = true
+			}
+		}
 	}
 	entries, err := registrylog.ReadFrom(f.env.FleetRegistryLog(), offset)
 	if err != nil {
@@ -283,7 +297,7 @@ func (f *fleet) fetchWindows(t *testing.T, offset int64, repo string) []fetchWin
 	}
 	windows := map[string]*fetchWindow{}
 	for _, e := range entries {
-		if e.Repository() != repo {
+		if e.Repository() != repo || others[e.Addr] {
 			continue
 		}
 		node := byIP[e.Addr]
