@@ -18,6 +18,7 @@ import (
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
 	clocktesting "k8s.io/utils/clock/testing"
 	"k8s.io/utils/ptr"
 )
@@ -463,6 +464,52 @@ func TestLostSlotIsNotReleasedOverTheNewHolder(t *testing.T) {
 	release()
 	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "node-b" {
 		t.Errorf("holder %q, want node-b kept", h)
+	}
+}
+
+// A slot judged free is claimed over the version of its Lease that was judged:
+// when the informer brings another node's claim between the judgement and the
+// write, the write conflicts instead of landing over that claim. (Found by the
+// 200-agent scale test against a real API server: two nodes held one slot.)
+func TestClaimWritesOverTheVersionJudgedFree(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	c := newClient(t)
+	a, b := newSem(t, c, "node-a", 1, nil), newSem(t, c, "node-b", 1, nil)
+	free, err := c.CoordinationV1().Leases(ns).Create(ctx, &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: "my-images-pull-slot-0", Namespace: ns},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := cache.NewStore(cache.MetaNamespaceKeyFunc)
+	if err := store.Add(free); err != nil {
+		t.Fatal(err)
+	}
+	wb := &waiter{s: b, slots: make([]slotState, 1)}
+	cands, _ := wb.candidates(store)
+	if len(cands) != 1 {
+		t.Fatalf("candidates %v, want the free slot 0", cands)
+	}
+
+	// node-a claims the slot, and the informer's store has that claim before node-b writes.
+	wa := &waiter{s: a, slots: make([]slotState, 1)}
+	heldA, err := wa.claim(ctx, candidate{slot: 0, lease: free})
+	if err != nil || heldA == nil {
+		t.Fatalf("node-a's claim: %v, %v", heldA, err)
+	}
+	if err := store.Update(heldA); err != nil {
+		t.Fatal(err)
+	}
+	heldB, err := wb.claim(ctx, cands[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if heldB != nil {
+		t.Errorf("node-b claimed slot 0 over node-a's claim (resourceVersion %s)", heldB.ResourceVersion)
+	}
+	if h := holderOf(getLease(t, c, "my-images-pull-slot-0")); h != "node-a" {
+		t.Errorf("holder %q, want node-a kept", h)
 	}
 }
 

@@ -97,7 +97,7 @@ func (w *waiter) wait(ctx context.Context) (*coordinationv1.Lease, error) {
 				}
 			case claimNow || s.ClaimJitter == 0:
 				claimNow = false
-				held, err := w.claim(ctx, inf.GetStore(), cands[0])
+				held, err := w.claim(ctx, cands[0])
 				if held != nil || err != nil {
 					return held, err
 				}
@@ -251,11 +251,20 @@ func (w *waiter) free(i int, le *coordinationv1.Lease, now time.Time) (bool, tim
 	return !now.Before(expiry), expiry
 }
 
+// candidate is a slot judged claimable and the version of its Lease the
+// judgement was made on (nil: no Lease yet). The claim writes over exactly
+// that version: the informer may have brought another node's claim since, and
+// an Update carrying that newer resourceVersion would succeed over it.
+type candidate struct {
+	slot  int
+	lease *coordinationv1.Lease
+}
+
 // candidates returns the claimable slots in random order (so that waiters do
 // not all go for slot 0) and the earliest expiry of the held ones.
-func (w *waiter) candidates(store cache.Store) ([]int, time.Time) {
+func (w *waiter) candidates(store cache.Store) ([]candidate, time.Time) {
 	now := w.s.Clock.Now()
-	var out []int
+	var out []candidate
 	var next time.Time
 	slots := len(w.slots)
 	if w.seeding() && !w.seeded(store) {
@@ -266,7 +275,7 @@ func (w *waiter) candidates(store cache.Store) ([]int, time.Time) {
 		w.observe(i, le, now)
 		ok, exp := w.free(i, le, now)
 		if ok {
-			out = append(out, i)
+			out = append(out, candidate{slot: i, lease: le})
 		} else if !exp.IsZero() && (next.IsZero() || exp.Before(next)) {
 			next = exp
 		}
@@ -282,9 +291,9 @@ func (w *waiter) candidates(store cache.Store) ([]int, time.Time) {
 // wider claim jitter) instead of trying the next free slot at once: when many
 // slots free together, that is what keeps the losers from writing again and
 // again.
-func (w *waiter) claim(ctx context.Context, store cache.Store, i int) (*coordinationv1.Lease, error) {
-	s := w.s
-	got, err := w.claimOne(ctx, w.lease(store, i), i)
+func (w *waiter) claim(ctx context.Context, c candidate) (*coordinationv1.Lease, error) {
+	s, i := w.s, c.slot
+	got, err := w.claimOne(ctx, c.lease, i)
 	switch {
 	case got != nil:
 		return got, nil
@@ -310,7 +319,7 @@ func (w *waiter) claimWindow() time.Duration {
 }
 
 // claimOne writes this node as slot i's holder: current is the slot's Lease
-// as the informer has it (nil: none yet). A lost race returns (nil, nil) and
+// as the informer had it when the slot was judged free (nil: none yet). A lost race returns (nil, nil) and
 // marks the slot until the watch shows the winner.
 func (w *waiter) claimOne(ctx context.Context, current *coordinationv1.Lease, i int) (*coordinationv1.Lease, error) {
 	s := w.s
