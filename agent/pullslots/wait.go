@@ -319,8 +319,9 @@ func (w *waiter) claimWindow() time.Duration {
 }
 
 // claimOne writes this node as slot i's holder: current is the slot's Lease
-// as the informer had it when the slot was judged free (nil: none yet). A lost race returns (nil, nil) and
-// marks the slot until the watch shows the winner.
+// as the informer had it when the slot was judged free (nil: none yet). A
+// lost race returns (nil, nil) and marks the slot until the watch shows the
+// winner.
 func (w *waiter) claimOne(ctx context.Context, current *coordinationv1.Lease, i int) (*coordinationv1.Lease, error) {
 	s := w.s
 	st := &w.slots[i]

@@ -283,6 +283,11 @@ node_registry() {
   esac
 }
 
+# node_links: the host ends of the nodes' veths (ipfe2e-v<index>) on this machine
+node_links() {
+  ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^ipfe2e-v[0-9]/ {sub(/@.*/, "", $2); print $2}'
+}
+
 # fleet_down: every fleet node stopped in order (kubelet, pods through CRI, runtime), then the fleet's network
 fleet_down() {
   local name sock
@@ -299,9 +304,7 @@ fleet_down() {
   stop_many apiserver-fleet registry-fleet
   # a node veth whose namespace outlived an earlier run (see node_remove)
   local link
-  for link in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^ipfe2e-v[0-9]/ {sub(/@.*/, "", $2); print $2}'); do
-    ip link del "$link" 2>/dev/null || true
-  done
+  for link in $(node_links); do ip link del "$link" 2>/dev/null || true; done
   ip link del "$FLEET_BRIDGE" 2>/dev/null || true
   if mountpoint -q "$FLEET_NS" 2>/dev/null; then umount "$FLEET_NS" || umount -l "$FLEET_NS"; fi
   rm -rf --one-file-system "$FLEET_NODES"
@@ -316,7 +319,7 @@ fleet_leftovers() {
   local found=0 x
   for x in $(ip netns list 2>/dev/null | awk '$1 ~ /^ipfe2e-/ {print $1}'); do echo "netns: $x"; found=1; done
   ip link show "$FLEET_BRIDGE" >/dev/null 2>&1 && { echo "bridge: $FLEET_BRIDGE"; found=1; }
-  for x in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^ipfe2e-v[0-9]/ {sub(/@.*/, "", $2); print $2}'); do echo "link: $x"; found=1; done
+  for x in $(node_links); do echo "link: $x"; found=1; done
   for x in /sys/fs/cgroup/*/ipfe2e-* /sys/fs/cgroup/ipfe2e-*; do [ -d "$x" ] && { echo "cgroup: $x"; found=1; }; done
   return $found
 }
