@@ -3,6 +3,10 @@
 # then the real single-node cluster (needs root on Linux) and the end-to-end tests on it.
 SHELL := /bin/bash
 GO ?= go
+# -trimpath for every build and test: no path of this clone in a binary, so the Go build cache serves a
+# clone at another path (CI's clean clones) as it serves this one. bundle.Root finds the tree from the
+# working directory for that reason.
+export GOFLAGS := $(strip -trimpath $(GOFLAGS))
 BIN := bin
 PKGS := ./...
 # A count, not a duration: Go 1.26's fuzz coordinator can report a bare "context deadline exceeded" at

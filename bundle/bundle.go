@@ -5,12 +5,10 @@
 package bundle
 
 import (
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 
 	"sigs.k8s.io/kustomize/api/krusty"
@@ -43,18 +41,34 @@ type Build struct {
 	YAML []byte
 }
 
-// Root returns the repository root: the directory of this package's parent, found from the
-// source file so tests and e2e binaries work from any working directory.
+// Root returns the repository root: the nearest directory at or above the working directory that
+// holds go.mod and base/kustomization.yaml (go test runs a test in its package's directory). Not the
+// source file's path from runtime.Caller: the Makefile builds with -trimpath, which leaves no
+// absolute path in a binary and keeps the Go build cache valid for a clone at another path.
 func Root() (string, error) {
-	_, file, _, ok := runtime.Caller(0)
-	if !ok {
-		return "", errors.New("locate bundle package source")
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", fmt.Errorf("bundle root: %w", err)
 	}
-	root := filepath.Dir(filepath.Dir(file))
-	if _, err := os.Stat(filepath.Join(root, "base", "kustomization.yaml")); err != nil {
-		return "", fmt.Errorf("bundle root %s: %w", root, err)
+	for dir := wd; ; {
+		if isRoot(dir) {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("bundle root: no directory at or above %s holds go.mod and base/kustomization.yaml", wd)
+		}
+		dir = parent
 	}
-	return root, nil
+}
+
+func isRoot(dir string) bool {
+	for _, f := range []string{"go.mod", filepath.Join("base", "kustomization.yaml")} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			return false
+		}
+	}
+	return true
 }
 
 // Kustomize renders the kustomization in dir on disk with Flux's options.

@@ -542,3 +542,19 @@ func TestImageListChangeRollsDaemonSet(t *testing.T) {
 		t.Errorf("the pod template does not change with the list: %v", names)
 	}
 }
+
+func TestRootFromASubdirectoryAndOutsideTheTree(t *testing.T) {
+	root, err := Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(filepath.Join(root, "overlays", "vanilla"))
+	if got, err := Root(); err != nil || got != root {
+		t.Errorf("Root() from overlays/vanilla = %q, %v; want %q", got, err, root)
+	}
+	outside := t.TempDir()
+	t.Chdir(outside)
+	if got, err := Root(); err == nil || !strings.Contains(err.Error(), outside) {
+		t.Errorf("Root() outside the tree = %q, %v; want an error naming %s", got, err, outside)
+	}
+}

@@ -82,7 +82,7 @@ HOST_PATHS=(/run/containerd /var/lib/kubelet /var/log/containers /var/log/pods /
 # Kernel settings the kubelet (and the CNI bridge) change; restored on down.
 SYSCTLS=(vm/overcommit_memory kernel/panic kernel/panic_on_oops kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/ipv4/ip_forward)
 
-export GOFLAGS=${GOFLAGS:--buildvcs=false}
+export GOFLAGS="${GOFLAGS:+$GOFLAGS }-buildvcs=false"
 [ -x /usr/local/go/bin/go ] && PATH=$PATH:/usr/local/go/bin
 T_START=$SECONDS
 
