@@ -30,14 +30,15 @@ start_bg() { # start_bg <name> <cmd...>
   printf '%q ' "$@" >"$PIDS/$name.cmd"
 }
 
-stop_many() { # stop_many <name...>: SIGTERM all, wait up to 10 s for all, then SIGKILL the rest
-  local name pid st waiting
+stop_many() { # stop_many [-w <secs>] <name...>: SIGTERM all, wait up to 10 s (or secs) for all, then SIGKILL the rest
+  local name pid st waiting grace=10
+  if [ "${1:-}" = -w ]; then grace=$2; shift 2; fi
   for name in "$@"; do
     alive "$name" || continue
     read -r pid st <"$PIDS/$name.pid"
     kill -TERM "$pid" 2>/dev/null || true
   done
-  for _ in $(seq 100); do
+  for _ in $(seq $((grace * 10))); do
     waiting=0
     for name in "$@"; do alive "$name" && waiting=1; done
     [ $waiting = 0 ] && break
@@ -46,7 +47,7 @@ stop_many() { # stop_many <name...>: SIGTERM all, wait up to 10 s for all, then 
   for name in "$@"; do
     if alive "$name"; then
       read -r pid st <"$PIDS/$name.pid"
-      log "$name ($pid) ignored SIGTERM for 10 s: SIGKILL"
+      log "$name ($pid) ignored SIGTERM for $grace s: SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
       sleep 0.2
     fi
